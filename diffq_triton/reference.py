@@ -82,15 +82,17 @@ def noise_scale_from_logits(
     return torch.exp(t * log_min_noise + (1 - t) * log_max_noise)
 
 
-def initial_logit(init_bits: float, min_bits: float, max_bits: float, param: str = "bits") -> float:
-    """The logit whose bit width is exactly ``init_bits`` (requires min < init < max)."""
+def initial_fraction(
+    init_bits: float, min_bits: float, max_bits: float, param: str = "bits"
+) -> float:
+    """``σ(l)`` for the logit ``l`` whose width is exactly ``init_bits`` (min < init < max)."""
     if param == "noise":
         log_min_noise = math.log(1 / (2**max_bits - 1))
         log_max_noise = math.log(1 / (2**min_bits - 1))
         t = (math.log(1 / (2**init_bits - 1)) - log_max_noise) / (log_min_noise - log_max_noise)
     else:
         t = (init_bits - min_bits) / (max_bits - min_bits)
-    return math.log(t / (1 - t))
+    return t
 
 
 def step_unit(bits: torch.Tensor) -> torch.Tensor:
@@ -252,7 +254,9 @@ def diffq_tensor_size_bits(
     return payload + 2 * 32 + 8 + field * bits.numel()
 
 
-def lsq_quantize(w: torch.Tensor, step: torch.Tensor, bits: int) -> tuple[torch.Tensor, torch.Tensor]:
+def lsq_quantize(
+    w: torch.Tensor, step: torch.Tensor, bits: int
+) -> tuple[torch.Tensor, torch.Tensor]:
     """Learned step size quantization (Esser et al. 2020) with straight-through rounding.
 
     Args:

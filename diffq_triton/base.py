@@ -1,0 +1,449 @@
+"""Common machinery of all quantizers: finding parameters, swapping weights, saving state.
+
+A quantizer hooks the root model. Before a forward it puts a derived tensor (noisy in
+training, quantized in eval) in place of each quantized parameter in its module's
+``_parameters``; after the forward it puts the parameter back. The parameters themselves are
+never written to, so ``state_dict()`` keys stay the plain model's (plus the quantizer's own
+parameters), tied parameters get one derived tensor shared by every use, and the swap is made
+of plain torch operations, which ``torch.compile(fullgraph=True)`` traces without a break.
+"""
+
+from __future__ import annotations
+
+import io
+import weakref
+import zlib
+from collections.abc import Iterator, Sequence
+from contextlib import contextmanager
+from dataclasses import dataclass, field
+from fnmatch import fnmatch
+
+import torch
+from torch import nn
+
+from . import validation
+from .state import QuantizedTensor
+
+# Models that carry a quantizer: a second one on the same model is an error.
+_ATTACHED: weakref.WeakKeyDictionary[nn.Module, BaseQuantizer] = weakref.WeakKeyDictionary()
+
+MEGABYTE_BITS = 8 * 2**20
+
+
+@dataclass(eq=False)
+class QuantizedParam:
+    """One use of a quantized parameter.
+
+    ``first`` is None for the first use; later uses of a tied parameter point at the first
+    use's record, which owns the quantizer's state for it (logits, step, caches).
+    """
+
+    name: str
+    full_name: str
+    param: nn.Parameter
+    module: nn.Module
+    first: QuantizedParam | None = None
+    tied: list[QuantizedParam] = field(default_factory=list)
+
+    @property
+    def uses(self) -> list[QuantizedParam]:
+        return [self, *self.tied]
+
+
+def _is_compiling() -> bool:
+    return torch.compiler.is_compiling()
+
+
+class BaseQuantizer:
+    """Base of :class:`DiffQuantizer`, :class:`UniformQuantizer` and :class:`LSQ`.
+
+    Args:
+        model: the model to quantize; the quantizer hooks its forward.
+        min_size: parameters with at most ``min_size·2^20/4`` entries (``min_size`` MB in
+            float32) are not quantized.
+        float16: store the non-quantized parameters as float16 (counted 16 bits each).
+        exclude: fnmatch patterns matched against full and local parameter names; matches
+            are not quantized.
+        detect_bound: treat a parameter used by several modules as one (tied weights).
+    """
+
+    _param_suffix: str | None = None
+
+    def __init__(
+        self,
+        model: nn.Module,
+        min_size: float = 0.01,
+        float16: bool = False,
+        exclude: Sequence[str] | None = None,
+        detect_bound: bool = True,
+    ):
+        if not isinstance(model, nn.Module):
+            raise TypeError(f"model must be a torch.nn.Module, got {type(model).__name__}")
+        if model in _ATTACHED:
+            raise ValueError(
+                f"model already has a {type(_ATTACHED[model]).__name__}; call detach() on it "
+                "before creating a second quantizer"
+            )
+        if self._param_suffix is not None:
+            for name, _ in model.named_parameters():
+                if name.endswith(self._param_suffix):
+                    raise ValueError(
+                        f"model already has a parameter {name!r} ending with suffix "
+                        f"{self._param_suffix!r}: a second quantizer on the same model?"
+                    )
+        self.model = model
+        self.min_size = validation.check_number("min_size", min_size, low=0, high=float("inf"))
+        self.float16 = bool(float16)
+        if isinstance(exclude, str):
+            raise TypeError("exclude must be a list of patterns, not a string")
+        self.exclude = list(exclude or [])
+        self.detect_bound = bool(detect_bound)
+
+        self._qparams: list[QuantizedParam] = []
+        self._float16: list[tuple[str, nn.Parameter]] = []
+        self._others: list[tuple[str, nn.Parameter]] = []
+        self._rnns: list[nn.RNNBase] = []
+        self._swapped = False
+        self._quantized = False
+        self._saved: list[torch.Tensor] = []
+        self._find_params()
+        _ATTACHED[model] = self
+        self._pre_handle = model.register_forward_pre_hook(self._forward_pre_hook)
+        self._post_handle = model.register_forward_hook(self._forward_hook)
+
+    # ----------------------------------------------------------------- discovery
+    def _find_params(self) -> None:
+        min_params = self.min_size * 2**20 // 4
+        seen: dict[int, QuantizedParam | None] = {}
+        for module_name, module in self.model.named_modules():
+            if isinstance(module, nn.RNNBase):
+                self._rnns.append(module)
+            for name, param in list(module.named_parameters(recurse=False)):
+                full_name = f"{module_name}.{name}" if module_name else name
+                excluded = any(fnmatch(full_name, p) or fnmatch(name, p) for p in self.exclude)
+                if param.numel() <= min_params or excluded:
+                    if id(param) in seen:
+                        continue
+                    if self.detect_bound:
+                        seen[id(param)] = None
+                    target = self._float16 if self.float16 else self._others
+                    target.append((full_name, param))
+                    continue
+                validation.check_float_parameter(full_name, param)
+                first = seen.get(id(param))
+                record = QuantizedParam(name, full_name, param, module, first=first)
+                if first is None:
+                    self._register_param(record)
+                else:
+                    first.tied.append(record)
+                if self.detect_bound:
+                    seen[id(param)] = record if first is None else first
+                self._qparams.append(record)
+
+    def _register_param(self, record: QuantizedParam) -> None:
+        """Create the quantizer's state for a first use (logits, step...)."""
+
+    def _first_uses(self) -> Iterator[QuantizedParam]:
+        return (qp for qp in self._qparams if qp.first is None)
+
+    # ----------------------------------------------------------------- hooks
+    def _forward_pre_hook(self, module: nn.Module, inputs: object) -> None:
+        # A forward that raised leaves the swap in place: undo it first.
+        self._restore_params()
+        if self.model.training:
+            self.unquantize()
+            derived = self._train_weights()
+        else:
+            derived = None if self._quantized else self._eval_weights()
+        if derived is not None:
+            for record, tensor in zip(self._first_uses(), derived, strict=True):
+                for use in record.uses:
+                    use.module._parameters[use.name] = tensor
+            self._swapped = True
+            self._fix_rnns()
+
+    def _forward_hook(self, module: nn.Module, inputs: object, output: object) -> None:
+        self._restore_params()
+
+    def _restore_params(self) -> None:
+        if not self._swapped:
+            return
+        for record in self._qparams:
+            record.module._parameters[record.name] = record.param
+        self._swapped = False
+        self._fix_rnns()
+
+    def _fix_rnns(self) -> None:
+        # RNNs keep their own list of weight tensors, refreshed only by __setattr__.
+        for rnn in self._rnns:
+            rnn._flat_weights = [getattr(rnn, wn, None) for wn in rnn._flat_weights_names]
+
+    def _train_weights(self) -> list[torch.Tensor] | None:
+        """Weights for a training forward, one per first use, or None to keep the floats."""
+        return None
+
+    def _eval_weights(self) -> list[torch.Tensor]:
+        """Quantized weights for an eval forward, reused until the weights or bits change."""
+        out = []
+        for record in self._first_uses():
+            if _is_compiling():
+                out.append(self._quantized_weight(record))
+                continue
+            key = self._cache_key(record)
+            cached = getattr(record, "eval_cache", None)
+            if cached is None or cached[0] != key:
+                validation.check_finite(record.full_name, record.param.detach())
+                with torch.no_grad():
+                    cached = (key, self._quantized_weight(record))
+                record.eval_cache = cached
+            out.append(cached[1])
+        return out
+
+    def _cache_key(self, record: QuantizedParam) -> tuple:
+        p = record.param
+        return (p._version, p.data_ptr(), p.dtype, p.device)
+
+    def _quantized_weight(self, record: QuantizedParam) -> torch.Tensor:
+        """The quantized-then-dequantized weight of a first use (shape and dtype kept)."""
+        raise NotImplementedError
+
+    # ----------------------------------------------------------------- quantize in place
+    def quantize(self) -> bool:
+        """Write the quantized weights into the parameters (keeping the floats to restore).
+
+        Not needed for evaluation (``model.eval()`` does it on the fly); useful to inspect
+        the quantized weights. Returns True if the weights were changed.
+        """
+        if self._quantized:
+            return False
+        self._restore_params()
+        with torch.no_grad():
+            self._saved = [r.param.detach().clone() for r in self._first_uses()]
+            for record in self._first_uses():
+                validation.check_finite(record.full_name, record.param.detach())
+                record.param.copy_(self._quantized_weight(record))
+        self._quantized = True
+        self._fix_rnns()
+        return True
+
+    def unquantize(self) -> None:
+        """Undo :meth:`quantize`, putting the float weights back."""
+        if not self._quantized:
+            return
+        with torch.no_grad():
+            for record, saved in zip(self._first_uses(), self._saved, strict=True):
+                record.param.copy_(saved)
+        self._saved = []
+        self._quantized = False
+        self._fix_rnns()
+
+    @contextmanager
+    def enter_quantize(self) -> Iterator[None]:
+        """Context manager: quantized weights inside, float weights restored on exit."""
+        self.quantize()
+        try:
+            yield
+        finally:
+            self.unquantize()
+
+    def detach(self) -> None:
+        """Remove the hooks and the quantizer's parameters from the model."""
+        self._restore_params()
+        self.unquantize()
+        self._pre_handle.remove()
+        self._post_handle.remove()
+        self._unregister_params()
+        if _ATTACHED.get(self.model) is self:
+            del _ATTACHED[self.model]
+
+    def _unregister_params(self) -> None:
+        """Remove the quantizer's own parameters (logits, steps) from the modules."""
+
+    # ----------------------------------------------------------------- sizes
+    def _float_size_bits(self) -> float:
+        bits = sum(16 * p.numel() for _, p in self._float16)
+        return bits + sum(32 * p.numel() for _, p in self._others)
+
+    def model_size(self) -> torch.Tensor:
+        """Size of the quantized model in MB (2^23 bits), as a 0-dim float32 tensor."""
+        return torch.tensor(self._float_size_bits() / MEGABYTE_BITS)
+
+    def true_model_size(self) -> float:
+        """Size of the quantized model in MB, as stored without further compression."""
+        return float(self.model_size())
+
+    def packed_model_size(self) -> float:
+        """Size in MB of the file :func:`diffq_triton.save_quantized` writes."""
+        from .serialization import save_quantized
+
+        buffer = io.BytesIO()
+        save_quantized(self, buffer)
+        return len(buffer.getvalue()) / 2**20
+
+    def compressed_model_size(self, compress_level: int = -1, num_workers: int = 8) -> float:
+        """zlib-compressed size in MB of the quantized state (levels unpacked, as diffq).
+
+        Args:
+            compress_level: zlib level (-1: zlib's default).
+            num_workers: kept for diffq compatibility; compression runs on one thread.
+        """
+        compressor = zlib.compressobj(compress_level)
+        total = 0
+        for qt in self.export_quantized():
+            levels = qt.levels.cpu()
+            levels = levels.to(torch.uint8) if int(qt.bits.max()) <= 8 else levels
+            for chunk in (levels.numpy().tobytes(), qt.bits.cpu().numpy().tobytes()):
+                total += len(compressor.compress(chunk))
+        for _, tensor, as_half in self.export_float():
+            data = tensor.detach().cpu().to(torch.float16 if as_half else torch.float32)
+            total += len(compressor.compress(data.numpy().tobytes()))
+        total += len(compressor.flush())
+        return total / 2**20
+
+    # ----------------------------------------------------------------- export / state
+    def _quantize_record(self, record: QuantizedParam) -> QuantizedTensor:
+        raise NotImplementedError
+
+    def export_quantized(self) -> list[QuantizedTensor]:
+        """The quantized form of every quantized parameter, each counted once (ties named).
+
+        Raises:
+            ValueError: a weight holds NaN or Inf.
+        """
+        out = []
+        for record in self._first_uses():
+            validation.check_finite(record.full_name, record.param.detach())
+            qt = self._quantize_record(record)
+            qt.tied_names = [use.full_name for use in record.tied]
+            out.append(qt)
+        return out
+
+    def export_float(self) -> list[tuple[str, torch.Tensor, bool]]:
+        """The parameters kept in floating point: ``(full name, tensor, stored as float16)``."""
+        half = [(n, p.detach(), True) for n, p in self._float16]
+        return half + [(n, p.detach(), False) for n, p in self._others]
+
+    def _init_kwargs(self) -> dict:
+        raise NotImplementedError
+
+    def get_quantized_state(self, packed: bool = True, torch_pack: bool = False) -> dict:
+        """The quantized weights and the other parameters, enough to rebuild the model.
+
+        Args:
+            packed: bit-pack the levels (the format of :mod:`diffq_triton.bitpack`).
+            torch_pack: accepted for diffq compatibility; the packing is the same.
+
+        Returns:
+            A dict of tensors, numbers and strings (no classes: loadable with
+            ``torch.load(weights_only=True)``) for :meth:`restore_quantized_state`.
+        """
+        from . import bitpack
+
+        quantized = []
+        for qt in self.export_quantized():
+            entry = {
+                "shape": list(qt.shape),
+                "scheme": qt.scheme,
+                "group_size": qt.group_size,
+                "bits": qt.bits.cpu(),
+                "min": qt.mn,
+                "max": qt.mx,
+            }
+            levels = qt.levels.cpu()
+            if packed:
+                if qt.scheme == "lsq":
+                    levels = levels + (1 << (int(qt.bits[0]) - 1))
+                entry["packed"] = bitpack.pack_levels(levels, entry["bits"], qt.group_size)
+            else:
+                entry["levels"] = levels
+            quantized.append(entry)
+        return {
+            "quantized": quantized,
+            "float16": [p.half().cpu() for _, p, half in self.export_float() if half],
+            "others": [p.clone().cpu() for _, p, half in self.export_float() if not half],
+            "meta": {
+                "init_kwargs": self._init_kwargs(),
+                "klass": type(self).__name__,
+                "packed": packed,
+                "torch_pack": torch_pack,
+            },
+        }
+
+    def restore_quantized_state(self, state: dict) -> None:
+        """Load the weights of a state from :meth:`get_quantized_state` into the model.
+
+        Raises:
+            ValueError: the state does not match this model (counts, shapes, widths).
+        """
+        from . import bitpack
+
+        firsts = list(self._first_uses())
+        quantized = state["quantized"]
+        if len(quantized) != len(firsts):
+            raise ValueError(
+                f"state holds {len(quantized)} quantized tensors, the model has {len(firsts)}"
+            )
+        float16 = [p for _, p, half in self.export_float() if half]
+        others = [p for _, p, half in self.export_float() if not half]
+        for kind, params, saved in (("float16", float16, state["float16"]),
+                                    ("others", others, state["others"])):
+            if len(params) != len(saved):
+                raise ValueError(f"state holds {len(saved)} {kind} tensors, model {len(params)}")
+            for p, q in zip(params, saved, strict=True):
+                if p.shape != q.shape:
+                    raise ValueError(f"{kind} tensor shape {tuple(q.shape)} != {tuple(p.shape)}")
+        weights = []
+        for record, entry in zip(firsts, quantized, strict=True):
+            shape = tuple(entry["shape"])
+            if shape != tuple(record.param.shape):
+                raise ValueError(
+                    f"quantized tensor for {record.full_name!r} has shape {shape}, "
+                    f"the model's is {tuple(record.param.shape)}"
+                )
+            numel = record.param.numel()
+            bits = entry["bits"].to(torch.uint8)
+            if "packed" in entry:
+                levels = bitpack.unpack_levels(entry["packed"], bits, entry["group_size"], numel)
+                if entry["scheme"] == "lsq":
+                    levels = levels - (1 << (int(bits[0]) - 1))
+            else:
+                levels = entry["levels"].reshape(-1)
+            qt = QuantizedTensor(
+                record.full_name, shape, record.param.dtype, entry["scheme"],
+                entry["group_size"], levels, bits, entry["min"], entry["max"],
+            )
+            weights.append(qt.dequantize(record.param.device))
+        self._restore_params()
+        self.unquantize()
+        with torch.no_grad():
+            for record, w in zip(firsts, weights, strict=True):
+                record.param.copy_(w)
+            for p, q in zip(float16, state["float16"], strict=True):
+                p.copy_(q.to(p))
+            for p, q in zip(others, state["others"], strict=True):
+                p.copy_(q.to(p))
+        self._fix_rnns()
+
+
+def restore_quantized_state(model: nn.Module, state: dict) -> None:
+    """Load a state from ``get_quantized_state()`` into a plain model, no quantizer kept.
+
+    The quantizer named in ``state["meta"]`` is rebuilt with its arguments, restores the
+    weights, and is detached.
+    """
+    from . import diffq, lsq, uniform
+
+    classes = {cls.__name__: cls for cls in (diffq.DiffQuantizer, uniform.UniformQuantizer,
+                                             lsq.LSQ)}
+    meta = state.get("meta") if isinstance(state, dict) else None
+    if not meta or "klass" not in meta:
+        raise ValueError("state has no 'meta' entry naming its quantizer")
+    klass = meta["klass"]
+    name = klass if isinstance(klass, str) else getattr(klass, "__name__", None)
+    if name not in classes:
+        raise ValueError(f"unknown quantizer {klass!r} in state meta")
+    quantizer = classes[name](model, **meta["init_kwargs"])
+    try:
+        quantizer.restore_quantized_state(state)
+    finally:
+        quantizer.detach()

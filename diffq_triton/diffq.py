@@ -1,0 +1,215 @@
+"""DiffQuantizer: differentiable quantization by pseudo-quantization noise (paper §3)."""
+
+from __future__ import annotations
+
+from collections.abc import Sequence
+
+import torch
+from torch import nn
+
+from . import ops, reference, validation
+from .base import MEGABYTE_BITS, BaseQuantizer, QuantizedParam
+from .state import QuantizedTensor
+
+
+class DiffQuantizer(BaseQuantizer):
+    """Trains the bit width of each group of weights along with the model.
+
+    In training, every forward replaces each quantized weight ``w`` by
+    ``w + (max w - min w)·u(b_s)·ξ`` with fresh noise ``ξ`` and ``u(b) = 1/(2^b - 1)``: the
+    size of the quantization step for the group's ``b_s`` bits. The widths come from
+    trainable logits (one per group, registered on the module as ``<name><suffix>``), so
+    ``loss + λ·model_size()`` trades accuracy against size. In eval mode the forward uses
+    the truly quantized weights (widths rounded).
+
+    Args:
+        model: the model to quantize.
+        min_size: parameters of at most ``min_size`` MB (float32) are kept in float.
+        float16: keep the non-quantized parameters as float16.
+        group_size: consecutive entries sharing one width; 0 for one width per tensor. A
+            tensor whose size is not a multiple gets a shorter last group.
+        min_bits, max_bits: range of the widths, ``1 <= min_bits < max_bits <= 15``.
+        param: ``"bits"`` (logit maps linearly to bits) or ``"noise"`` (log-linearly to the
+            noise scale).
+        noise: ``"gaussian"`` (``N(0,1)/2``) or ``"uniform"`` (``U[-1/2, 1/2]``).
+        init_bits: initial width, strictly between ``min_bits`` and ``max_bits``.
+        extra_bits: added to the widths when quantizing for real and in the sizes.
+        suffix: suffix of the logit parameters' names.
+        exclude: fnmatch patterns of parameter names not to quantize.
+        detect_bound: share logits and noise between uses of a tied parameter.
+    """
+
+    def __init__(
+        self,
+        model: nn.Module,
+        min_size: float = 0.01,
+        float16: bool = False,
+        group_size: int = 1,
+        min_bits: float = 2,
+        max_bits: float = 15,
+        param: str = "bits",
+        noise: str = "gaussian",
+        init_bits: float = 8,
+        extra_bits: float = 0,
+        suffix: str = "_diffq",
+        exclude: Sequence[str] | None = None,
+        detect_bound: bool = True,
+    ):
+        self.group_size = validation.check_group_size(group_size)
+        self.min_bits = validation.check_number("min_bits", min_bits, low=1, high=15)
+        self.max_bits = validation.check_number("max_bits", max_bits, low=1, high=15)
+        if self.min_bits >= self.max_bits:
+            raise ValueError(f"min_bits ({min_bits}) must be < max_bits ({max_bits})")
+        self.init_bits = validation.check_number("init_bits", init_bits, low=1, high=15)
+        if not self.min_bits < self.init_bits < self.max_bits:
+            raise ValueError(
+                f"init_bits ({init_bits}) must lie strictly between min_bits ({min_bits}) "
+                f"and max_bits ({max_bits})"
+            )
+        self.extra_bits = validation.check_number("extra_bits", extra_bits, low=-15, high=15)
+        validation.check_choice("param", param, reference.PARAMS)
+        validation.check_choice("noise", noise, reference.NOISES)
+        if not isinstance(suffix, str) or not suffix:
+            raise ValueError(f"suffix must be a non-empty string, got {suffix!r}")
+        self.param = param
+        self.noise = noise
+        self.suffix = suffix
+        self._param_suffix = suffix
+        self._optimizer_setup = False
+        self._kwargs = dict(
+            min_size=min_size, float16=float16, group_size=group_size, min_bits=min_bits,
+            max_bits=max_bits, param=param, noise=noise, init_bits=init_bits,
+            extra_bits=extra_bits, suffix=suffix, exclude=list(exclude or []),
+            detect_bound=detect_bound,
+        )
+        super().__init__(model, min_size, float16, exclude, detect_bound)
+
+    def __repr__(self) -> str:
+        return f"DiffQuantizer({', '.join(f'{k}={v!r}' for k, v in self._kwargs.items())})"
+
+    def _init_kwargs(self) -> dict:
+        return dict(self._kwargs)
+
+    # ----------------------------------------------------------------- logits
+    def _register_param(self, record: QuantizedParam) -> None:
+        t = reference.initial_fraction(self.init_bits, self.min_bits, self.max_bits, self.param)
+        # The logit of the float32 fraction, so the logits equal diffq 0.2.4's bit for bit.
+        logit = torch.logit(torch.tensor(float(t)))
+        n = reference.num_groups(record.param.numel(), self.group_size)
+        record.logit = nn.Parameter(torch.full((n,), logit.item(), device=record.param.device))
+        record.module.register_parameter(record.name + self.suffix, record.logit)
+
+    def _unregister_params(self) -> None:
+        for record in self._first_uses():
+            name = record.name + self.suffix
+            if record.module._parameters.get(name) is record.logit:
+                delattr(record.module, name)
+
+    def _logits(self) -> list[nn.Parameter]:
+        return [record.logit for record in self._first_uses()]
+
+    def get_bits(self, logit: torch.Tensor) -> torch.Tensor:
+        """Widths ``[n_groups]`` (float, differentiable) from logits ``[n_groups]``."""
+        return reference.bits_from_logits(logit, self.min_bits, self.max_bits, self.param)
+
+    _get_bits = get_bits  # diffq 0.2.4 name
+
+    def _int_bits(self, record: QuantizedParam) -> torch.Tensor:
+        return reference.round_bits(self.extra_bits + self.get_bits(record.logit.detach()))
+
+    # ----------------------------------------------------------------- optimizer
+    def setup_optimizer(
+        self, optimizer: torch.optim.Optimizer, lr: float = 1e-3, **kwargs: object
+    ) -> None:
+        """Add the bit logits to ``optimizer`` as a new group without weight decay.
+
+        Args:
+            optimizer: created before the quantizer (it must not hold the logits already).
+            lr: learning rate of the logits (1e-3 suits Adam).
+            **kwargs: other overrides for the logits' param group.
+        """
+        if self._optimizer_setup:
+            raise ValueError("setup_optimizer() was already called on this quantizer")
+        logits = self._logits()
+        held = {id(p) for group in optimizer.param_groups for p in group["params"]}
+        if any(id(p) in held for p in logits):
+            raise ValueError(
+                "the optimizer already holds the bit logits: create the optimizer before the "
+                "quantizer (or pass only the model's other parameters)"
+            )
+        group = {"params": logits, "lr": lr, "weight_decay": 0}
+        group.update(kwargs)
+        optimizer.add_param_group(group)
+        self._optimizer_setup = True
+
+    def clear_optimizer(self, optimizer: torch.optim.Optimizer) -> None:
+        """Remove the bit logits from every param group of ``optimizer``."""
+        logits = {id(p) for p in self._logits()}
+        for group in optimizer.param_groups:
+            group["params"][:] = [p for p in group["params"] if id(p) not in logits]
+
+    def no_optimizer(self) -> None:
+        """Allow training forwards without an optimizer for the logits."""
+        self._optimizer_setup = True
+
+    def check_unused(self) -> None:
+        """Zero the logits' gradients of weights that got no gradient (unused this step)."""
+        for record in self._first_uses():
+            grad = record.param.grad
+            if record.logit.grad is not None and (grad is None or not bool(grad.any())):
+                record.logit.grad.zero_()
+
+    # ----------------------------------------------------------------- forward
+    def _train_weights(self) -> list[torch.Tensor]:
+        if not self._optimizer_setup:
+            raise RuntimeError(
+                "call setup_optimizer(optimizer) (or no_optimizer()) before training forwards"
+            )
+        return [
+            ops.pseudo_quantize(
+                record.param, record.logit, group_size=self.group_size,
+                min_bits=self.min_bits, max_bits=self.max_bits, param=self.param,
+                noise=self.noise,
+            )
+            for record in self._first_uses()
+        ]
+
+    def _cache_key(self, record: QuantizedParam) -> tuple:
+        return (*super()._cache_key(record), record.logit._version)
+
+    def _quantized_weight(self, record: QuantizedParam) -> torch.Tensor:
+        return ops.quantized_weight(record.param, self._int_bits(record), self.group_size)
+
+    def _quantize_record(self, record: QuantizedParam) -> QuantizedTensor:
+        bits = self._int_bits(record)
+        levels, mn, mx = reference.quantize(record.param, bits, self.group_size)
+        return QuantizedTensor(
+            record.full_name, tuple(record.param.shape), record.param.dtype, "minmax",
+            self.group_size, levels, bits, float(mn), float(mx),
+        )
+
+    # ----------------------------------------------------------------- sizes
+    def model_size(self, exact: bool = False) -> torch.Tensor:
+        """Size of the quantized model in MB (paper eq. 8), a 0-dim tensor.
+
+        Differentiable in the logits unless ``exact``, which rounds the widths as real
+        quantization does (then equal to :meth:`true_model_size`). Computed on the logits'
+        device without synchronising with the host.
+        """
+        total = None
+        for record in self._first_uses():
+            bits = self.extra_bits + self.get_bits(record.logit)
+            if exact:
+                bits = bits.detach().round().clamp(1, 15)
+            size = reference.diffq_tensor_size_bits(
+                bits, record.param.numel(), self.group_size, self.min_bits
+            )
+            total = size if total is None else total + size
+        floats = super().model_size()
+        if total is None:
+            return floats
+        return floats.to(total.device) + total / MEGABYTE_BITS
+
+    def true_model_size(self) -> float:
+        """Size in MB with the widths rounded, as stored without further compression."""
+        return float(self.model_size(exact=True))

@@ -1,0 +1,137 @@
+"""LSQ: learned step size quantization of the weights (Esser et al. 2020)."""
+
+from __future__ import annotations
+
+from collections.abc import Sequence
+
+import torch
+from torch import nn
+
+from . import reference, validation
+from .base import MEGABYTE_BITS, BaseQuantizer, QuantizedParam
+from .state import QuantizedTensor
+
+
+class LSQ(BaseQuantizer):
+    """Signed uniform quantization ``round(clamp(w/s))·s`` with a learned step ``s``.
+
+    One step per tensor, registered on the module as ``<name><suffix>`` and initialised to
+    ``2·mean|w| / sqrt(2^(bits-1))``; training forwards round with a straight-through
+    gradient and scale the step's gradient by ``1/sqrt(d·(2^(bits-1) - 1))``.
+
+    Args:
+        model: the model to quantize.
+        bits: width, a whole number in ``[2, 15]``; levels in ``[-2^(bits-1), 2^(bits-1) - 1]``.
+        min_size: parameters of at most ``min_size`` MB (float32) are kept in float.
+        float16: keep the non-quantized parameters as float16.
+        suffix: suffix of the step parameters' names.
+        exclude: fnmatch patterns of parameter names not to quantize.
+        detect_bound: treat a tied parameter once.
+    """
+
+    def __init__(
+        self,
+        model: nn.Module,
+        bits: int = 8,
+        min_size: float = 0.01,
+        float16: bool = False,
+        suffix: str = "_lsq",
+        exclude: Sequence[str] | None = None,
+        detect_bound: bool = True,
+    ):
+        self.bits = validation.check_bit_width("bits", bits)
+        if self.bits < 2:
+            raise ValueError(f"bits must be >= 2 for signed LSQ levels, got {bits}")
+        if not isinstance(suffix, str) or not suffix:
+            raise ValueError(f"suffix must be a non-empty string, got {suffix!r}")
+        self.suffix = suffix
+        self._param_suffix = suffix
+        self._optimizer_setup = False
+        self._kwargs = dict(
+            bits=bits, min_size=min_size, float16=float16, suffix=suffix,
+            exclude=list(exclude or []), detect_bound=detect_bound,
+        )
+        super().__init__(model, min_size, float16, exclude, detect_bound)
+
+    def __repr__(self) -> str:
+        return f"LSQ({', '.join(f'{k}={v!r}' for k, v in self._kwargs.items())})"
+
+    def _init_kwargs(self) -> dict:
+        return dict(self._kwargs)
+
+    def _register_param(self, record: QuantizedParam) -> None:
+        w = record.param.detach()
+        step = 2 * w.abs().mean() / (2 ** (self.bits - 1)) ** 0.5
+        record.step = nn.Parameter(step.float())
+        record.module.register_parameter(record.name + self.suffix, record.step)
+
+    def _unregister_params(self) -> None:
+        for record in self._first_uses():
+            name = record.name + self.suffix
+            if record.module._parameters.get(name) is record.step:
+                delattr(record.module, name)
+
+    def _steps(self) -> list[nn.Parameter]:
+        return [record.step for record in self._first_uses()]
+
+    def setup_optimizer(self, optimizer: torch.optim.Optimizer, **kwargs: object) -> None:
+        """Add the steps to ``optimizer`` as a new group with its own hyper-parameters.
+
+        Args:
+            optimizer: created before the quantizer (it must not hold the steps already).
+            **kwargs: overrides for the steps' param group (by default the optimizer's).
+        """
+        if self._optimizer_setup:
+            raise ValueError("setup_optimizer() was already called on this quantizer")
+        steps = self._steps()
+        held = {id(p) for group in optimizer.param_groups for p in group["params"]}
+        if any(id(p) in held for p in steps):
+            raise ValueError("the optimizer already holds the LSQ steps: create it first")
+        optimizer.add_param_group({"params": steps, **kwargs})
+        self._optimizer_setup = True
+
+    def clear_optimizer(self, optimizer: torch.optim.Optimizer) -> None:
+        """Remove the steps from every param group of ``optimizer``."""
+        steps = {id(p) for p in self._steps()}
+        for group in optimizer.param_groups:
+            group["params"][:] = [p for p in group["params"] if id(p) not in steps]
+
+    def no_optimizer(self) -> None:
+        """Allow training forwards without an optimizer for the steps."""
+        self._optimizer_setup = True
+
+    def _train_weights(self) -> list[torch.Tensor]:
+        if not self._optimizer_setup:
+            raise RuntimeError(
+                "call setup_optimizer(optimizer) (or no_optimizer()) before training forwards"
+            )
+        return [
+            reference.lsq_quantize(record.param, record.step, self.bits)[0].to(record.param.dtype)
+            for record in self._first_uses()
+        ]
+
+    def _cache_key(self, record: QuantizedParam) -> tuple:
+        return (*super()._cache_key(record), record.step._version)
+
+    def _quantized_weight(self, record: QuantizedParam) -> torch.Tensor:
+        with torch.no_grad():
+            w_q, _ = reference.lsq_quantize(record.param, record.step, self.bits)
+        return w_q.to(record.param.dtype)
+
+    def _quantize_record(self, record: QuantizedParam) -> QuantizedTensor:
+        with torch.no_grad():
+            _, index = reference.lsq_quantize(record.param.float(), record.step, self.bits)
+        bits = torch.full((1,), self.bits, dtype=torch.uint8)
+        return QuantizedTensor(
+            record.full_name, tuple(record.param.shape), record.param.dtype, "lsq", 0,
+            index.reshape(-1).to(torch.int16), bits, float(record.step), 0.0,
+        )
+
+    def model_size(self, exact: bool = False) -> torch.Tensor:
+        """Size in MB: ``bits·d + 32`` bits per quantized tensor plus the float parameters."""
+        quantized = sum(self.bits * r.param.numel() + 32 for r in self._first_uses())
+        return super().model_size() + quantized / MEGABYTE_BITS
+
+    def true_model_size(self) -> float:
+        """Size in MB as stored without further compression."""
+        return float(self.model_size(exact=True))

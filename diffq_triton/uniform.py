@@ -1,0 +1,78 @@
+"""UniformQuantizer: per-tensor min-max quantization at a fixed width, post-training or QAT."""
+
+from __future__ import annotations
+
+from collections.abc import Sequence
+
+import torch
+from torch import nn
+
+from . import ops, reference, validation
+from .base import MEGABYTE_BITS, BaseQuantizer, QuantizedParam
+from .state import QuantizedTensor
+
+
+class UniformQuantizer(BaseQuantizer):
+    """Quantizes every weight tensor to ``bits`` bits between its min and max.
+
+    Args:
+        model: the model to quantize.
+        bits: width of every quantized entry, a whole number in ``[1, 15]``.
+        min_size: parameters of at most ``min_size`` MB (float32) are kept in float.
+        float16: keep the non-quantized parameters as float16.
+        qat: quantization-aware training: training forwards use the quantized weights with
+            a straight-through gradient.
+        exclude: fnmatch patterns of parameter names not to quantize.
+        detect_bound: treat a tied parameter once.
+    """
+
+    def __init__(
+        self,
+        model: nn.Module,
+        bits: float = 8.0,
+        min_size: float = 0.01,
+        float16: bool = False,
+        qat: bool = False,
+        exclude: Sequence[str] | None = None,
+        detect_bound: bool = True,
+    ):
+        self.bits = float(validation.check_bit_width("bits", bits))
+        self.qat = bool(qat)
+        self._kwargs = dict(
+            bits=bits, min_size=min_size, float16=float16, qat=qat,
+            exclude=list(exclude or []), detect_bound=detect_bound,
+        )
+        super().__init__(model, min_size, float16, exclude, detect_bound)
+
+    def __repr__(self) -> str:
+        return f"UniformQuantizer({', '.join(f'{k}={v!r}' for k, v in self._kwargs.items())})"
+
+    def _init_kwargs(self) -> dict:
+        return dict(self._kwargs)
+
+    def _int_bits(self, record: QuantizedParam) -> torch.Tensor:
+        return torch.full((1,), int(self.bits), dtype=torch.uint8, device=record.param.device)
+
+    def _train_weights(self) -> list[torch.Tensor] | None:
+        if not self.qat:
+            return None
+        return [
+            reference.straight_through(record.param, self._quantized_weight(record))
+            for record in self._first_uses()
+        ]
+
+    def _quantized_weight(self, record: QuantizedParam) -> torch.Tensor:
+        return ops.quantized_weight(record.param, self._int_bits(record), 0)
+
+    def _quantize_record(self, record: QuantizedParam) -> QuantizedTensor:
+        bits = self._int_bits(record)
+        levels, mn, mx = reference.quantize(record.param, bits, 0)
+        return QuantizedTensor(
+            record.full_name, tuple(record.param.shape), record.param.dtype, "minmax", 0,
+            levels, bits, float(mn), float(mx),
+        )
+
+    def model_size(self) -> torch.Tensor:
+        """Size in MB: ``bits·d + 64`` bits per quantized tensor plus the float parameters."""
+        quantized = sum(self.bits * r.param.numel() + 64 for r in self._first_uses())
+        return super().model_size() + quantized / MEGABYTE_BITS
