@@ -109,7 +109,7 @@ class BaseQuantizer:
         self._find_params()
         _ATTACHED[model] = self
         self._pre_handle = model.register_forward_pre_hook(self._forward_pre_hook)
-        self._post_handle = model.register_forward_hook(self._forward_hook)
+        self._post_handle = model.register_forward_hook(self._forward_hook, always_call=True)
 
     # ----------------------------------------------------------------- discovery
     def _find_params(self) -> None:
@@ -337,8 +337,6 @@ class BaseQuantizer:
             A dict of tensors, numbers and strings (no classes: loadable with
             ``torch.load(weights_only=True)``) for :meth:`restore_quantized_state`.
         """
-        from . import bitpack
-
         quantized = []
         for qt in self.export_quantized():
             entry = {
@@ -351,6 +349,8 @@ class BaseQuantizer:
             }
             levels = qt.levels.cpu()
             if packed:
+                from . import bitpack
+
                 if qt.scheme == "lsq":
                     levels = levels + (1 << (int(qt.bits[0]) - 1))
                 entry["packed"] = bitpack.pack_levels(levels, entry["bits"], qt.group_size)
@@ -375,8 +375,6 @@ class BaseQuantizer:
         Raises:
             ValueError: the state does not match this model (counts, shapes, widths).
         """
-        from . import bitpack
-
         firsts = list(self._first_uses())
         quantized = state["quantized"]
         if len(quantized) != len(firsts):
@@ -403,6 +401,8 @@ class BaseQuantizer:
             numel = record.param.numel()
             bits = entry["bits"].to(torch.uint8)
             if "packed" in entry:
+                from . import bitpack
+
                 levels = bitpack.unpack_levels(entry["packed"], bits, entry["group_size"], numel)
                 if entry["scheme"] == "lsq":
                     levels = levels - (1 << (int(bits[0]) - 1))
