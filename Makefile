@@ -1,0 +1,32 @@
+# Set-up is part of every target: a fresh clone needs only `make demo` or `make test`.
+VENV ?= .venv
+PY := $(VENV)/bin/python
+PIP := $(PY) -m pip install --quiet --disable-pip-version-check
+
+.PHONY: setup test test-all demo bench lint
+
+setup: $(VENV)/.installed
+
+$(VENV)/.installed: pyproject.toml
+	python3 -m venv $(VENV)
+	# The CPU build of torch (a bare `torch` would pull a multi-GB CUDA build).
+	$(PIP) torch==2.13.0
+	$(PIP) -e ".[triton,test]"
+	# Optional: the original diffq, for side-by-side parity tests and benchmarks.
+	-$(PIP) cython && $(PIP) --no-build-isolation diffq==0.2.4
+	touch $@
+
+test: setup
+	$(PY) -m pytest
+
+test-all: setup
+	$(PY) -m pytest -m ""
+
+demo: setup
+	$(VENV)/bin/diffq-triton demo
+
+bench: setup
+	$(PY) -m pytest bench -p no:cacheprovider -m "" --benchmark-disable-gc
+
+lint: setup
+	$(VENV)/bin/ruff check .
