@@ -101,6 +101,8 @@ class BaseQuantizer:
 
         self._qparams: list[QuantizedParam] = []
         self._float16: list[tuple[str, nn.Parameter]] = []
+        # Every (module, local name) where a float16-stored parameter is used, for eval.
+        self._float16_uses: list[tuple[nn.Module, str, nn.Parameter]] = []
         self._others: list[tuple[str, nn.Parameter]] = []
         self._rnns: list[nn.RNNBase] = []
         self._swapped = False
@@ -122,6 +124,8 @@ class BaseQuantizer:
                 full_name = f"{module_name}.{name}" if module_name else name
                 excluded = any(fnmatch(full_name, p) or fnmatch(name, p) for p in self.exclude)
                 if param.numel() <= min_params or excluded:
+                    if self.float16:
+                        self._float16_uses.append((module, name, param))
                     if id(param) in seen:
                         continue
                     if self.detect_bound:
@@ -159,6 +163,10 @@ class BaseQuantizer:
             for record, tensor in zip(self._first_uses(), derived, strict=True):
                 for use in record.uses:
                     use.module._parameters[use.name] = tensor
+            if not self.model.training:
+                # Eval shows the stored model: float16-stored parameters are rounded too.
+                for module, name, param in self._float16_uses:
+                    module._parameters[name] = param.detach().half().to(param.dtype)
             self._swapped = True
             self._fix_rnns()
 
@@ -170,6 +178,8 @@ class BaseQuantizer:
             return
         for record in self._qparams:
             record.module._parameters[record.name] = record.param
+        for module, name, param in self._float16_uses:
+            module._parameters[name] = param
         self._swapped = False
         self._fix_rnns()
 
@@ -219,9 +229,12 @@ class BaseQuantizer:
         self._restore_params()
         with torch.no_grad():
             self._saved = [r.param.detach().clone() for r in self._first_uses()]
+            self._saved += [p.detach().clone() for _, p in self._float16]
             for record in self._first_uses():
                 validation.check_finite(record.full_name, record.param.detach())
                 record.param.copy_(self._quantized_weight(record))
+            for _, p in self._float16:
+                p.copy_(p.half())
         self._quantized = True
         self._fix_rnns()
         return True
@@ -230,9 +243,10 @@ class BaseQuantizer:
         """Undo :meth:`quantize`, putting the float weights back."""
         if not self._quantized:
             return
+        params = [r.param for r in self._first_uses()] + [p for _, p in self._float16]
         with torch.no_grad():
-            for record, saved in zip(self._first_uses(), self._saved, strict=True):
-                record.param.copy_(saved)
+            for param, saved in zip(params, self._saved, strict=True):
+                param.copy_(saved)
         self._saved = []
         self._quantized = False
         self._fix_rnns()

@@ -98,3 +98,16 @@ def test_noise_statistics_match_diffq_in_training():
     std_ref = (seen["ref"] - w).std()
     std_ours = (seen["ours"] - w).std()
     assert std_ours == pytest.approx(std_ref.item(), rel=0.05)
+
+
+def test_float16_small_parameters_match_in_eval_and_size():
+    m_ref, m_ours = _twins(conv_net)
+    kwargs = dict(min_size=0.005, float16=True, group_size=4)
+    q_ref = diffq.DiffQuantizer(m_ref, **kwargs)
+    q_ours = diffq_triton.DiffQuantizer(m_ours, **kwargs)
+    assert q_ours.true_model_size() == pytest.approx(q_ref.true_model_size(), rel=1e-6)
+    x = torch.randn(2, 3, 8, 8)
+    m_ref.eval()
+    m_ours.eval()
+    with torch.no_grad():
+        torch.testing.assert_close(m_ours(x), m_ref(x), rtol=0, atol=0)
