@@ -1,0 +1,93 @@
+"""Per-tensor range: min, max and their first indices, in two deterministic stages.
+
+Stage one (:func:`range_partial_kernel`) writes one (min, max, argmin, argmax) per program;
+stage two (:func:`reduce_range`) is a ``@triton.jit`` helper that the consuming kernel (noise
+forward, eval quantize) runs at its start, so the range costs one launch of its own.
+"""
+
+from __future__ import annotations
+
+import torch
+import triton
+import triton.language as tl
+
+from .common import INTERPRET, next_pow2
+
+# At most this many partial results: the consumers load them all in one block.
+MAX_PARTIALS = 1024
+BLOCK = 8192 if INTERPRET else 2048
+NUM_WARPS = 4 if INTERPRET else 8
+
+
+@triton.jit
+def range_partial_kernel(
+    p_w, p_part_v, p_part_i, n, span, P: tl.constexpr, BLOCK: tl.constexpr
+):
+    """Min, max, argmin, argmax of entries ``[pid·span, (pid+1)·span)`` of ``w``.
+
+    ``span`` is a multiple of ``BLOCK``. Ties keep the smallest index (as torch.argmax).
+    Writes ``part_v[0, pid] = min``, ``part_v[1, pid] = max`` (float32) and the indices in
+    ``part_i`` (int64). Bytes per entry: reads ``w`` once (4 fp32, 2 bf16/fp16), writes none.
+    """
+    i_p = tl.program_id(0).to(tl.int64)
+    o_start = i_p * span
+    o_b = tl.arange(0, BLOCK)
+    b_mn = tl.full([BLOCK], float("inf"), tl.float32)
+    b_mx = tl.full([BLOCK], float("-inf"), tl.float32)
+    b_imn = tl.zeros([BLOCK], tl.int64)
+    b_imx = tl.zeros([BLOCK], tl.int64)
+    for i_s in range(0, span, BLOCK):
+        o_w = o_start + i_s + o_b
+        m_w = o_w < n
+        b_w = tl.load(p_w + o_w, mask=m_w, other=0.0).to(tl.float32)
+        # Strict comparisons keep the earliest index of a value within each lane.
+        m_lt = m_w & (b_w < b_mn)
+        m_gt = m_w & (b_w > b_mx)
+        b_mn = tl.where(m_lt, b_w, b_mn)
+        b_imn = tl.where(m_lt, o_w, b_imn)
+        b_mx = tl.where(m_gt, b_w, b_mx)
+        b_imx = tl.where(m_gt, o_w, b_imx)
+    mn = tl.min(b_mn, axis=0)
+    mx = tl.max(b_mx, axis=0)
+    big = 0x7FFFFFFFFFFFFFFF
+    imn = tl.min(tl.where(b_mn == mn, b_imn, big), axis=0)
+    imx = tl.min(tl.where(b_mx == mx, b_imx, big), axis=0)
+    tl.store(p_part_v + i_p, mn)
+    tl.store(p_part_v + P + i_p, mx)
+    tl.store(p_part_i + i_p, imn)
+    tl.store(p_part_i + P + i_p, imx)
+
+
+@triton.jit
+def reduce_range(p_part_v, p_part_i, P: tl.constexpr):
+    """Combine the ``P`` partial results: ``(mn, mx, imn, imx)``, first index on ties."""
+    o_p = tl.arange(0, P)
+    b_mn = tl.load(p_part_v + o_p)
+    b_mx = tl.load(p_part_v + P + o_p)
+    b_imn = tl.load(p_part_i + o_p)
+    b_imx = tl.load(p_part_i + P + o_p)
+    mn = tl.min(b_mn, axis=0)
+    mx = tl.max(b_mx, axis=0)
+    big = 0x7FFFFFFFFFFFFFFF
+    imn = tl.min(tl.where(b_mn == mn, b_imn, big), axis=0)
+    imx = tl.min(tl.where(b_mx == mx, b_imx, big), axis=0)
+    return mn, mx, imn, imx
+
+
+def range_partials(w: torch.Tensor) -> tuple[torch.Tensor, torch.Tensor, int]:
+    """Launch stage one of the range of ``w`` (contiguous, non-empty).
+
+    Returns:
+        ``(part_v, part_i, P)``: float32 ``[2, P]`` (mins, maxes), int64 ``[2, P]``
+        (argmins, argmaxes as flat indices), ``P`` a power of two ≤ :data:`MAX_PARTIALS`
+        (programs past the end write (+inf, -inf), neutral for the reduction).
+    """
+    n = w.numel()
+    blocks = triton.cdiv(n, BLOCK)
+    P = min(next_pow2(blocks), MAX_PARTIALS)
+    span = triton.cdiv(blocks, P) * BLOCK
+    part_v = torch.empty((2, P), dtype=torch.float32, device=w.device)
+    part_i = torch.empty((2, P), dtype=torch.int64, device=w.device)
+    range_partial_kernel[(P,)](w, part_v, part_i, n, span, P=P, BLOCK=BLOCK,
+                               num_warps=NUM_WARPS)
+    return part_v, part_i, P
