@@ -1,0 +1,129 @@
+"""Append benchmark rows, tagged with machine, versions and commit, to ``bench/RESULTS.md``.
+
+Usage from any benchmark::
+
+    from results import record
+    record("training step", [{"model": "mlp", "ms": 3.2, "vs plain": 1.4}])
+
+Each call adds a Markdown section (title, date) holding one table; every row carries the
+machine, device, torch and triton versions and the git commit, so rows stay comparable
+after they are copied elsewhere.
+"""
+
+from __future__ import annotations
+
+import datetime
+import os
+import platform
+import subprocess
+from collections.abc import Mapping, Sequence
+from functools import cache
+from pathlib import Path
+
+RESULTS = Path(__file__).resolve().parent / "RESULTS.md"
+
+_HEADER = (
+    "# Benchmark results\n\n"
+    "Rows are appended by the benchmarks in `bench/` (`make bench`). Each row names the machine, "
+    "the device, the torch and triton versions and the git commit it was measured at.\n"
+)
+
+
+@cache
+def environment() -> dict[str, str]:
+    """machine, device, torch, triton, commit: the columns added to every row."""
+    import torch
+
+    try:
+        import triton
+
+        triton_version = triton.__version__
+    except ImportError:
+        triton_version = "absent"
+    if torch.cuda.is_available():
+        device = torch.cuda.get_device_name()
+    elif os.environ.get("TRITON_INTERPRET") == "1":
+        device = "cpu (triton interpreter)"
+    else:
+        device = "cpu"
+    return {
+        "machine": f"{platform.machine()} {os.cpu_count()} cpu",
+        "device": device,
+        "torch": torch.__version__,
+        "triton": triton_version,
+        "commit": _commit(),
+    }
+
+
+def _commit() -> str:
+    root = Path(__file__).resolve().parent.parent
+    try:
+        sha = subprocess.run(
+            ["git", "rev-parse", "--short", "HEAD"], cwd=root, capture_output=True, text=True,
+            check=True,
+        ).stdout.strip()
+        dirty = subprocess.run(
+            ["git", "status", "--porcelain", "--untracked-files=no"], cwd=root,
+            capture_output=True, text=True, check=True,
+        ).stdout.strip()
+    except (OSError, subprocess.CalledProcessError):
+        return "unknown"
+    return f"{sha}+dirty" if dirty else sha
+
+
+def _cell(value: object) -> str:
+    if isinstance(value, float):
+        return f"{value:.4g}"
+    return str(value).replace("|", "\\|")
+
+
+def format_rows(rows: Sequence[Mapping[str, object]]) -> str:
+    """A Markdown table of ``rows`` followed by the environment columns.
+
+    Columns are the union of the rows' keys in first-seen order; a missing value is blank.
+    """
+    columns: list[str] = []
+    for row in rows:
+        columns += [key for key in row if key not in columns]
+    env = environment()
+    columns += [key for key in env if key not in columns]
+    lines = ["| " + " | ".join(columns) + " |", "|" + "---|" * len(columns)]
+    for row in rows:
+        merged = {**env, **row}
+        lines.append("| " + " | ".join(_cell(merged.get(c, "")) for c in columns) + " |")
+    return "\n".join(lines)
+
+
+def record(
+    title: str,
+    rows: Sequence[Mapping[str, object]],
+    note: str = "",
+    path: Path | str | None = None,
+) -> Path:
+    """Append a section ``title`` with a table of ``rows`` (and an optional ``note``).
+
+    Args:
+        title: what was measured, e.g. ``"training step, eager"``.
+        rows: one mapping per row, column name to value (floats shown with 4 digits).
+        note: a sentence under the title (method, units, what the ratio is against).
+        path: the file to append to (``bench/RESULTS.md`` by default).
+
+    Returns:
+        the path written.
+    """
+    if not isinstance(title, str) or not title:
+        raise ValueError(f"title must be a non-empty string, got {title!r}")
+    if not rows:
+        raise ValueError("rows must hold at least one row")
+    target = Path(path) if path is not None else RESULTS
+    stamp = datetime.datetime.now(datetime.timezone.utc).strftime("%Y-%m-%d %H:%M UTC")
+    parts = [f"\n## {title} ({stamp})\n"]
+    if note:
+        parts.append(f"\n{note}\n")
+    parts.append("\n" + format_rows(rows) + "\n")
+    new_file = not target.exists()
+    with open(target, "a", encoding="utf-8") as f:
+        if new_file:
+            f.write(_HEADER)
+        f.write("".join(parts))
+    return target

@@ -1,0 +1,7 @@
+"""``python -m diffq_triton demo``: the same commands as the ``diffq-triton`` script."""
+
+import sys
+
+from .cli import main
+
+sys.exit(main())

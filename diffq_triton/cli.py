@@ -1,0 +1,109 @@
+"""Command line: ``diffq-triton demo`` (also ``python -m diffq_triton demo``)."""
+
+from __future__ import annotations
+
+import argparse
+import sys
+from collections.abc import Sequence
+from pathlib import Path
+
+
+def _positive_int(text: str) -> int:
+    value = int(text)
+    if value < 1:
+        raise argparse.ArgumentTypeError(f"must be a positive integer, got {text}")
+    return value
+
+
+def _penalties(text: str) -> list[float]:
+    try:
+        values = [float(part) for part in text.split(",") if part.strip()]
+    except ValueError:
+        raise argparse.ArgumentTypeError(
+            f"expected numbers separated by commas, got {text!r}"
+        ) from None
+    if not values or any(not v > 0 for v in values):
+        raise argparse.ArgumentTypeError(f"penalties must be positive numbers, got {text!r}")
+    return values
+
+
+def build_parser() -> argparse.ArgumentParser:
+    """The ``diffq-triton`` argument parser (one sub-command per tool)."""
+    from .demo import TrainConfig, default_methods
+
+    train = TrainConfig()
+    penalties = ",".join(f"{m.penalty:g}" for m in default_methods() if m.kind == "diffq")
+    parser = argparse.ArgumentParser(
+        prog="diffq-triton", description="Differentiable quantization (DiffQ) tools."
+    )
+    commands = parser.add_subparsers(dest="command", required=True)
+    demo = commands.add_parser(
+        "demo",
+        help="train a small language model unquantized, with QAT and with DiffQ, and compare",
+        description=(
+            "Train a character-level Transformer on this Python's standard library sources: "
+            "a float32 baseline, 4-bit QAT and DiffQ at a few size penalties; print size and "
+            "validation perplexity, plot them, save and reload the DiffQ models. No download."
+        ),
+    )
+    demo.add_argument("--steps", type=_positive_int, default=None,
+                      help=f"training steps per method (default {train.steps})")
+    demo.add_argument("--device", default="cpu", help="torch device, e.g. cpu or cuda")
+    demo.add_argument("--seed", type=int, default=0, help="seed of weights, batches and noise")
+    demo.add_argument("--out", type=Path, default=Path("diffq_demo_out"),
+                      help="output directory (default ./diffq_demo_out)")
+    demo.add_argument("--penalties", type=_penalties, default=None,
+                      help=f"DiffQ size penalties λ, comma-separated (default {penalties})")
+    demo.add_argument("--qat-bits", type=_positive_int, default=4,
+                      help="bit width of the QAT baseline (default 4)")
+    demo.add_argument("--batch", type=_positive_int, default=None,
+                      help=f"windows per step (default {train.batch})")
+    demo.add_argument("--dim", type=_positive_int, default=128, help="model width")
+    demo.add_argument("--layers", type=_positive_int, default=2, help="Transformer blocks")
+    demo.add_argument("--eval-windows", type=_positive_int, default=None,
+                      help=f"validation windows of 64 characters (default {train.eval_windows})")
+    demo.add_argument("--max-chars", type=_positive_int, default=2_000_000,
+                      help="training characters to read (default 2,000,000)")
+    return parser
+
+
+def demo_config(args: argparse.Namespace):
+    """The :class:`~diffq_triton.demo.DemoConfig` the parsed ``demo`` arguments describe."""
+    from .demo import DemoConfig, ModelConfig, TrainConfig, default_methods
+    from .demo.data import VOCAB_SIZE
+
+    given = {"steps": args.steps, "batch": args.batch, "eval_windows": args.eval_windows}
+    train = TrainConfig(
+        device=args.device, seed=args.seed, **{k: v for k, v in given.items() if v is not None}
+    )
+    penalties = {} if args.penalties is None else {"penalties": args.penalties}
+    # Other kinds of runs (e.g. a size budget) are appended to this list.
+    methods = default_methods(qat_bits=args.qat_bits, **penalties)
+    return DemoConfig(
+        out=args.out, methods=methods, train=train,
+        model=ModelConfig(vocab=VOCAB_SIZE, dim=args.dim, layers=args.layers),
+        max_train_chars=args.max_chars,
+    )
+
+
+def main(argv: Sequence[str] | None = None) -> int:
+    """Entry point of the ``diffq-triton`` console script; returns the exit status."""
+    parser = build_parser()
+    args = parser.parse_args(argv)
+    if args.command == "demo":
+        from .demo import run_demo
+
+        try:
+            config = demo_config(args)
+            run_demo(config)
+        except ValueError as err:
+            print(f"diffq-triton demo: error: {err}", file=sys.stderr)
+            return 2
+        except KeyboardInterrupt:
+            print("\ninterrupted", file=sys.stderr)
+            return 130
+    return 0
+
+
+if __name__ == "__main__":
+    sys.exit(main())

@@ -1,0 +1,102 @@
+"""The demo's outputs: the results table, a JSON record and the size-against-perplexity plot."""
+
+from __future__ import annotations
+
+import json
+from collections.abc import Sequence
+from pathlib import Path
+
+from .train import RunResult
+
+COLUMNS = ("method", "bits/weight", "size MB", "compression ×", "val ppl", "time s")
+
+
+def table_rows(results: Sequence[RunResult]) -> list[list[str]]:
+    """One row of formatted cells per result; compression is against the first (float) run."""
+    reference = results[0].size_mb
+    return [
+        [
+            r.method.name,
+            f"{r.bits_per_weight:.2f}",
+            f"{r.size_mb:.3f}",
+            f"{reference / r.size_mb:.1f}",
+            f"{r.val_ppl:.3f}",
+            f"{r.seconds:.0f}",
+        ]
+        for r in results
+    ]
+
+
+def format_table(results: Sequence[RunResult], markdown: bool = False) -> str:
+    """The table as aligned plain text, or as a Markdown table when ``markdown``."""
+    rows = [list(COLUMNS), *table_rows(results)]
+    if markdown:
+        lines = ["| " + " | ".join(row) + " |" for row in rows]
+        lines.insert(1, "|" + "|".join("---" for _ in COLUMNS) + "|")
+        return "\n".join(lines)
+    widths = [max(len(row[i]) for row in rows) for i in range(len(COLUMNS))]
+    # Names left-aligned, numbers right-aligned.
+    lines = [
+        "  ".join(
+            cell.ljust(w) if i == 0 else cell.rjust(w)
+            for i, (cell, w) in enumerate(zip(row, widths, strict=True))
+        )
+        for row in rows
+    ]
+    lines.insert(1, "-" * len(lines[0]))
+    return "\n".join(lines)
+
+
+def to_records(results: Sequence[RunResult]) -> list[dict]:
+    """Plain-data form of the results (for ``results.json``)."""
+    return [
+        {
+            "method": r.method.name,
+            "kind": r.method.kind,
+            "penalty": r.method.penalty,
+            "params": r.params,
+            "size_mb": r.size_mb,
+            "bits_per_weight": r.bits_per_weight,
+            "val_ppl": r.val_ppl,
+            "seconds": r.seconds,
+        }
+        for r in results
+    ]
+
+
+def write_json(path: Path, results: Sequence[RunResult], extra: dict) -> None:
+    """Write the results and ``extra`` (settings, reload checks) as indented JSON."""
+    path.write_text(json.dumps({"results": to_records(results), **extra}, indent=2) + "\n")
+
+
+def plot_size_vs_ppl(results: Sequence[RunResult], path: Path) -> str | None:
+    """Scatter of size (MB, log scale) against validation perplexity, saved as PNG.
+
+    Returns None on success, or a message saying why no plot was written (matplotlib is an
+    optional extra: ``pip install diffq-triton[plot]``).
+    """
+    try:
+        import matplotlib
+
+        matplotlib.use("Agg")
+        import matplotlib.pyplot as plt
+    except ImportError:
+        return (
+            "no plot: matplotlib is not installed "
+            "(pip install 'diffq-triton[plot]' or pip install matplotlib)"
+        )
+    markers = {"float": "s", "qat": "^", "diffq": "o"}
+    fig, ax = plt.subplots(figsize=(6, 4), dpi=120)
+    for r in results:
+        ax.scatter(r.size_mb, r.val_ppl, marker=markers.get(r.method.kind, "x"), s=60)
+        ax.annotate(r.method.name, (r.size_mb, r.val_ppl), textcoords="offset points",
+                    xytext=(6, 4), fontsize=8)
+    ax.set_xscale("log")
+    ax.set_xlabel("model size (MB, log scale)")
+    ax.set_ylabel("validation perplexity (lower is better)")
+    ax.set_title("DiffQ demo: size against quality")
+    ax.grid(True, which="both", alpha=0.3)
+    fig.tight_layout()
+    fig.savefig(path)
+    plt.close(fig)
+    return None
