@@ -1,0 +1,598 @@
+"""Dense bitstreams of quantized levels with per-group widths (layout in docs/format.md).
+
+Layout: entry ``i`` of width ``b_i`` (its group's width) occupies stream bits
+``[o_i, o_i + b_i)`` with ``o_i = Σ_{j<i} b_j``, least significant bit first; stream bit ``k``
+is bit ``k % 8`` of byte ``k // 8``; the last byte is padded with zero bits. The stream is
+the little-endian integer ``Σ_i q_i · 2^{o_i}`` written in ``ceil(Σ b_i / 8)`` bytes.
+
+The CPU path is vectorized torch: rows of 8 entries of one width are exactly ``b`` bytes, so
+fixed-width runs pack with a handful of whole-tensor shifts; when every group starts on a byte
+(``group_size % 8 == 0``, or a single group) each width is packed on its own (a loop over at
+most 15 widths); other group sizes go through 32-bit words and a scatter-add. CUDA tensors
+use the Triton kernels of :mod:`diffq_triton.kernels.bitpack`.
+"""
+
+from __future__ import annotations
+
+import math
+import sys
+import threading
+from collections.abc import Callable, Iterator
+from concurrent.futures import ThreadPoolExecutor
+from contextlib import contextmanager
+
+import numpy as np
+import torch
+
+from .reference import num_groups
+
+MAX_WIDTH = 15
+
+if sys.byteorder != "little":  # pragma: no cover - the byte views below assume it
+    raise ImportError("diffq_triton.bitpack needs a little-endian host")
+
+
+# ----------------------------------------------------------------------------- public API
+def packed_nbytes(bits: torch.Tensor, group_size: int, numel: int) -> int:
+    """Bytes of the stream of ``numel`` entries with per-group widths ``bits`` (host sync)."""
+    n_groups = bits.numel()
+    if n_groups == 1:
+        return (numel * int(bits.reshape(-1)[0]) + 7) // 8
+    last = numel - group_size * (n_groups - 1)
+    total = group_size * int(bits.sum(dtype=torch.int64)) + (last - group_size) * int(bits[-1])
+    return (total + 7) // 8
+
+
+def pack_levels(levels: torch.Tensor, bits: torch.Tensor, group_size: int) -> torch.Tensor:
+    """Pack unsigned levels into a dense bitstream.
+
+    Args:
+        levels: ``[numel]`` integer tensor (int16 usually), ``0 <= q < 2^b`` of its group.
+        bits: ``[n_groups]`` integer widths in ``[1, 15]`` (uint8 usually).
+        group_size: entries per group (0: one group); the last group may be shorter.
+
+    Returns:
+        ``[ceil(Σ b_i / 8)]`` uint8 tensor on ``levels.device``. Moves 2 bytes read +
+        ``b/8`` bytes written per entry.
+
+    Raises:
+        ValueError: widths out of range, wrong number of groups, levels out of range.
+    """
+    levels, bits = _check_args(levels, bits, group_size)
+    numel = levels.numel()
+    bits = bits.to(levels.device)
+    if numel == 0:
+        return torch.zeros(0, dtype=torch.uint8, device=levels.device)
+    if levels.is_cuda:
+        from .kernels import bitpack as kernels
+
+        _check_levels_range(levels, bits, group_size)
+        return kernels.pack(levels, bits, group_size)
+    with _cpu_threads():
+        return _pack_cpu(levels, bits, group_size)
+
+
+def unpack_levels(
+    packed: torch.Tensor, bits: torch.Tensor, group_size: int, numel: int
+) -> torch.Tensor:
+    """Inverse of :func:`pack_levels`.
+
+    Args:
+        packed: ``[nbytes]`` uint8 stream (exactly :func:`packed_nbytes` long).
+        bits: ``[n_groups]`` integer widths in ``[1, 15]``.
+        group_size: entries per group (0: one group).
+        numel: number of entries.
+
+    Returns:
+        ``[numel]`` int16 levels on ``packed.device``. Moves ``b/8`` bytes read + 2 bytes
+        written per entry.
+
+    Raises:
+        ValueError: widths out of range, or a stream of the wrong length.
+    """
+    if packed.dtype != torch.uint8 or packed.dim() != 1:
+        raise ValueError(f"packed must be a 1-D uint8 tensor, got {packed.dtype} {packed.shape}")
+    if numel < 0:
+        raise ValueError(f"numel must be >= 0, got {numel}")
+    bits = _check_bits(bits, group_size, numel).to(packed.device)
+    expected = packed_nbytes(bits, group_size, numel) if numel else 0
+    if packed.numel() != expected:
+        raise ValueError(f"packed stream holds {packed.numel()} bytes, expected {expected}")
+    if numel == 0:
+        return torch.zeros(0, dtype=torch.int16, device=packed.device)
+    if packed.is_cuda:
+        from .kernels import bitpack as kernels
+
+        return kernels.unpack(packed, bits, group_size, numel)
+    with _cpu_threads():
+        return _unpack_cpu(packed, bits, group_size, numel)
+
+
+def width_field_bits(bits: torch.Tensor, min_bits: int) -> int:
+    """Spec §3 field width ``ceil(log2(1 + max(bits) - min_bits))`` (0 when all equal)."""
+    span = int(bits.max()) - min_bits if bits.numel() else 0
+    if span < 0:
+        raise ValueError(f"min_bits={min_bits} exceeds the largest width {span + min_bits}")
+    return math.ceil(math.log2(1 + span))
+
+
+def pack_widths(bits: torch.Tensor, min_bits: int) -> tuple[torch.Tensor, int]:
+    """Pack per-group widths as ``bits - min_bits`` in fields of spec §3's size.
+
+    Args:
+        bits: ``[n_groups]`` integer widths, each ``>= min_bits``.
+        min_bits: the smallest width representable (the field stores the excess).
+
+    Returns:
+        ``(packed, field_bits)``: uint8 stream of ``ceil(n_groups·field_bits / 8)`` bytes and
+        the field width (0 to 4; 0 means every width is ``min_bits`` and the stream is empty).
+    """
+    if bits.dim() != 1:
+        raise ValueError(f"bits must be 1-D, got shape {tuple(bits.shape)}")
+    if bits.numel() and int(bits.min()) < min_bits:
+        raise ValueError(f"bits holds a width below min_bits={min_bits}")
+    field = width_field_bits(bits, min_bits)
+    excess = bits.to(torch.int64) - min_bits
+    if field == 0:
+        return torch.zeros(0, dtype=torch.uint8, device=bits.device), 0
+    if bits.is_cuda:
+        from .kernels import bitpack as kernels
+
+        return kernels.pack_fixed(excess, field), field
+    with _cpu_threads():
+        return _pack_fixed(excess, field), field
+
+
+def unpack_widths(
+    packed: torch.Tensor, field_bits: int, n_groups: int, min_bits: int
+) -> torch.Tensor:
+    """Inverse of :func:`pack_widths`: ``[n_groups]`` uint8 widths.
+
+    Raises:
+        ValueError: a field width outside ``[0, 4]`` or a stream of the wrong length.
+    """
+    if not 0 <= field_bits <= 4:
+        raise ValueError(f"field_bits must lie in [0, 4], got {field_bits}")
+    if packed.dtype != torch.uint8 or packed.dim() != 1:
+        raise ValueError(f"packed widths must be a 1-D uint8 tensor, got {packed.dtype}")
+    expected = (n_groups * field_bits + 7) // 8
+    if packed.numel() != expected:
+        raise ValueError(f"packed widths hold {packed.numel()} bytes, expected {expected}")
+    if field_bits == 0:
+        return torch.full((n_groups,), min_bits, dtype=torch.uint8, device=packed.device)
+    if packed.is_cuda:
+        from .kernels import bitpack as kernels
+
+        excess = kernels.unpack_fixed(packed, field_bits, n_groups)
+    else:
+        with _cpu_threads():
+            excess = _unpack_fixed(packed, field_bits, n_groups)
+    return (excess.to(torch.int16) + min_bits).to(torch.uint8)
+
+
+# ----------------------------------------------------------------------------- checks
+def _check_bits(bits: torch.Tensor, group_size: int, numel: int) -> torch.Tensor:
+    if not isinstance(bits, torch.Tensor) or bits.dim() != 1:
+        raise ValueError("bits must be a 1-D integer tensor of per-group widths")
+    if bits.is_floating_point():
+        raise ValueError(f"bits must be an integer tensor, got {bits.dtype}")
+    if group_size < 0:
+        raise ValueError(f"group_size must be >= 0, got {group_size}")
+    expected = num_groups(numel, group_size)
+    if bits.numel() != expected:
+        raise ValueError(f"bits holds {bits.numel()} widths, {numel} entries need {expected}")
+    low, high = torch.aminmax(bits)
+    if int(low) < 1 or int(high) > MAX_WIDTH:
+        raise ValueError(f"bit widths must lie in [1, {MAX_WIDTH}], got [{int(low)}, {int(high)}]")
+    return bits
+
+
+def _check_args(
+    levels: torch.Tensor, bits: torch.Tensor, group_size: int
+) -> tuple[torch.Tensor, torch.Tensor]:
+    if not isinstance(levels, torch.Tensor) or levels.is_floating_point():
+        raise ValueError("levels must be an integer tensor")
+    levels = levels.reshape(-1)
+    return levels, _check_bits(bits, group_size, levels.numel())
+
+
+def _check_levels_range(levels: torch.Tensor, bits: torch.Tensor, group_size: int) -> None:
+    """Raise unless ``0 <= q < 2^b`` for every entry (one pass per distinct width)."""
+    if int(levels.min()) < 0:
+        raise ValueError("levels must be >= 0 (unsigned); offset signed levels first")
+    per_entry = _expand(bits, group_size, levels.numel())
+    if bool(((levels.to(torch.int32) >> per_entry.to(torch.int32)) != 0).any()):
+        raise ValueError("a level does not fit in its group's bit width")
+
+
+# ----------------------------------------------------------------------------- helpers
+def _expand(values: torch.Tensor, group_size: int, numel: int) -> torch.Tensor:
+    if values.numel() == 1:
+        return values.expand(numel)
+    return values.repeat_interleave(group_size)[:numel]
+
+
+def _aligned(group_size: int, n_groups: int) -> bool:
+    """Whether every group starts on a byte boundary of the stream."""
+    return n_groups == 1 or group_size % 8 == 0
+
+
+# ----------------------------------------------------------------------------- fixed width
+# L = 8 / gcd(b, 8) entries of width b fill a whole number of bytes. Entries start one per
+# byte (b <= 8) or per int16 (b > 8); each step views pairs of lanes as one lane of twice the
+# width and slides the upper half down next to the lower one: x + hi·(2^s - 2^half) with
+# hi = x >> half, one shift and one fused multiply-add per step, log2(L) steps. Odd widths
+# above 8 would need 128-bit lanes: they stop at 4 entries per int64 and pair words by hand.
+_LANES = {8: torch.uint8, 16: torch.int16, 32: torch.int32, 64: torch.int64}
+
+
+def _plan(width: int) -> tuple[int, int, int]:
+    """(entry bits, entries per lane reached by the doubling steps, entries per byte-row)."""
+    entry = 8 if width <= 8 else 16
+    per_row = 8 // math.gcd(width, 8)
+    return entry, min(per_row, 64 // entry), per_row
+
+
+# Work in chunks that stay in cache: whole-tensor temporaries would each cost a trip to
+# memory plus fresh pages from the allocator, which dominate at these speeds. Chunks run
+# on a few Python threads (torch releases the GIL) with torch itself on one thread: its own
+# parallel regions over chunk-sized ops cost more than they save, badly so on a busy host.
+_CHUNK = 1 << 17
+_POOL: ThreadPoolExecutor | None = None
+_SCOPE = threading.local()
+_THREADS_LOCK = threading.Lock()
+
+
+@contextmanager
+def _cpu_threads() -> Iterator[None]:
+    """Torch on one thread inside; chunks then run on as many Python threads as torch had.
+
+    Only the main thread changes torch's setting (it is process-wide); elsewhere chunks
+    run one after another.
+    """
+    if getattr(_SCOPE, "workers", None) is not None:
+        yield
+        return
+    threads = torch.get_num_threads()
+    main = threading.current_thread() is threading.main_thread()
+    _SCOPE.workers = min(threads, 8) if main else 1
+    try:
+        if main and threads > 1:
+            with _THREADS_LOCK:
+                torch.set_num_threads(1)
+                try:
+                    yield
+                finally:
+                    torch.set_num_threads(threads)
+        else:
+            yield
+    finally:
+        _SCOPE.workers = None
+
+
+def _run_chunks(n: int, chunk: int, work: Callable[[list[int]], None]) -> None:
+    """Call ``work`` on the chunk starts of ``range(0, n, chunk)``, split across threads."""
+    global _POOL
+    starts = list(range(0, n, chunk))
+    workers = min(getattr(_SCOPE, "workers", None) or 1, len(starts))
+    if workers <= 1:
+        work(starts)
+        return
+    if _POOL is None:
+        _POOL = ThreadPoolExecutor(8, thread_name_prefix="diffq-bitpack")
+    jobs = [_POOL.submit(work, starts[i::workers]) for i in range(workers)]
+    for job in jobs:
+        job.result()
+
+
+def _pack_fixed(values: torch.Tensor, width: int) -> torch.Tensor:
+    """``[n]`` non-negative integers < 2^width → ``[ceil(n·width/8)]`` uint8, LSB first."""
+    n = values.numel()
+    entry, per_lane, per_row = _plan(width)
+    rows_total = -(-n // per_row)
+    row_bytes = per_row * width // 8
+    out = torch.empty(rows_total * row_bytes, dtype=torch.uint8)
+    chunk = min(_CHUNK, rows_total * per_row)
+
+    def work(starts: list[int]) -> None:
+        x_buf = torch.empty(chunk, dtype=_LANES[entry])
+        hi_buf = torch.empty(chunk, dtype=_LANES[entry])
+        for start in starts:
+            stop = min(start + chunk, n)
+            rows = -(-(stop - start) // per_row)
+            x = x_buf[: rows * per_row]
+            part = values[start:stop]
+            low, high = torch.aminmax(part)
+            if int(low) < 0 or int(high) >> width:
+                raise ValueError(f"a level does not fit in {width} bits")
+            x[: stop - start].copy_(part)
+            x[stop - start :] = 0
+            lane, count = entry, 1
+            while count < per_lane:
+                xv, hv = x.view(_LANES[2 * lane]), hi_buf[: x.numel()].view(_LANES[2 * lane])
+                torch.bitwise_right_shift(xv, lane, out=hv)
+                xv.add_(hv, alpha=(1 << count * width) - (1 << lane))
+                lane, count = 2 * lane, 2 * count
+            dest = out[start // per_row * row_bytes :][: rows * row_bytes].view(rows, row_bytes)
+            if per_lane < per_row:
+                # Odd width > 8: two int64 lanes of 4 entries (4b bits each) make a row.
+                h = x.view(torch.int64).view(-1, 2)
+                lo = h[:, 0] | (h[:, 1] << 4 * width)
+                hi = h[:, 1] >> (64 - 4 * width)
+                dest.copy_(torch.stack((lo, hi), 1).view(torch.uint8).view(-1, 16)[:, :width])
+            else:
+                dest.copy_(x.view(torch.uint8).view(rows, lane // 8)[:, :row_bytes])
+
+    _run_chunks(n, chunk, work)
+    return out[: (n * width + 7) // 8]
+
+
+def _unpack_fixed(packed: torch.Tensor, width: int, n: int) -> torch.Tensor:
+    """Inverse of :func:`_pack_fixed`: ``[n]`` int16."""
+    entry, per_lane, per_row = _plan(width)
+    row_bytes = per_row * width // 8
+    lane_top = entry * per_lane if per_lane == per_row else 128
+    out = torch.empty(n, dtype=torch.int16)
+    chunk = min(_CHUNK, -(-n // per_row) * per_row)
+
+    def work(starts: list[int]) -> None:
+        buf = torch.empty(chunk // per_row, lane_top // 8, dtype=torch.uint8)
+        hi_buf = torch.empty(chunk * entry // 8, dtype=torch.uint8)
+        for start in starts:
+            stop = min(start + chunk, n)
+            rows = -(-(stop - start) // per_row)
+            src = packed[start // per_row * row_bytes :][: rows * row_bytes]
+            b = buf[:rows]
+            b.zero_()
+            if src.numel() == rows * row_bytes:
+                b[:, :row_bytes] = src.view(rows, row_bytes)
+            else:  # the stream's last bytes: the final row is cut short
+                body = (rows - 1) * row_bytes
+                b[:-1, :row_bytes] = src[:body].view(rows - 1, row_bytes)
+                b[-1, : src.numel() - body] = src[body:]
+            lane = lane_top
+            if lane == 128:
+                words = b.view(torch.int64)
+                lo, hi = words[:, 0], words[:, 1]
+                quad = 4 * width
+                h1 = ((lo >> quad) & ((1 << (64 - quad)) - 1)) | (hi << (64 - quad))
+                x = torch.stack((lo & ((1 << quad) - 1), h1), 1).reshape(-1)
+                lane = 64
+            else:
+                x = b.view(_LANES[lane]).reshape(-1)
+            count = per_lane
+            while count > 1:
+                half, count = lane // 2, count // 2
+                hv = hi_buf.view(_LANES[lane])[: x.numel()]
+                torch.bitwise_right_shift(x, count * width, out=hv)
+                x.add_(hv, alpha=(1 << half) - (1 << count * width))
+                x = x.view(_LANES[half])
+                lane = half
+            out[start:stop].copy_(x[: stop - start])
+
+    _run_chunks(n, chunk, work)
+    return out
+
+
+# ----------------------------------------------------------------------------- CPU paths
+def _pack_cpu(levels: torch.Tensor, bits: torch.Tensor, group_size: int) -> torch.Tensor:
+    # Each path checks 0 <= q < 2^b chunk by chunk, while the data is in cache.
+    low, high = torch.aminmax(bits)
+    if int(low) == int(high):
+        return _pack_fixed(levels, int(low))
+    if _aligned(group_size, bits.numel()):
+        return _pack_aligned(levels, bits, group_size)
+    _check_levels_range(levels, bits, group_size)
+    return _pack_words(levels, bits, group_size)
+
+
+def _unpack_cpu(
+    packed: torch.Tensor, bits: torch.Tensor, group_size: int, numel: int
+) -> torch.Tensor:
+    low, high = torch.aminmax(bits)
+    if int(low) == int(high):
+        return _unpack_fixed(packed, int(low), numel)
+    if _aligned(group_size, bits.numel()):
+        return _unpack_aligned(packed, bits, group_size, numel)
+    return _unpack_words(packed, bits, group_size, numel)
+
+
+# Aligned layout with mixed widths: a group of g entries (g % 8 == 0) is g/8 rows of 8
+# entries, each row exactly b_s bytes. A row is built in a 128-bit lane (two int64) with
+# per-row shifts, and its first b_s bytes are kept: row-major selection of those bytes is
+# the stream, written at the chunk's byte offset.
+def _row_widths(bits: torch.Tensor, group_size: int, full: int) -> torch.Tensor:
+    return bits[:full].to(torch.int64).repeat_interleave(max(group_size, 8) // 8)
+
+
+# Byte masks "first w of 8 bytes" as one uint64 each, for w in 0..8: a gather, not a compare.
+_FIRST_BYTES = np.array([(1 << 8 * w) // 255 for w in range(9)], dtype=np.uint64)
+
+
+def _pack_rows_narrow(rows: torch.Tensor, w: torch.Tensor) -> torch.Tensor:
+    """Rows of 8 levels ``[R, 8]`` int16 with per-row widths ``w`` ``[R]`` (all <= 8) →
+    their ``w`` bytes each, concatenated (numpy: cheaper per call than torch at chunk size).
+
+    Same doubling steps as the fixed path, with the per-row slide factor as an array."""
+    r = rows.numpy()
+    wn = w.numpy()
+    if (r >> wn.astype(np.int16)[:, None]).any():
+        raise ValueError("a level does not fit in its group's bit width")
+    x = r.astype(np.uint8)
+    w64 = wn.astype(np.int64)[:, None]
+    for lane, dtype, count in ((8, np.int16, 1), (16, np.int32, 2), (32, np.int64, 4)):
+        x = x.view(dtype)
+        factor = ((np.int64(1) << count * w64) - (1 << lane)).astype(dtype)
+        x = x + (x >> lane) * factor
+    keep = _FIRST_BYTES[wn].view(np.bool_)
+    return torch.from_numpy(np.compress(keep, x.view(np.uint8).reshape(-1)))
+
+
+def _unpack_rows_narrow(stream: torch.Tensor, w: torch.Tensor) -> torch.Tensor:
+    """Inverse of :func:`_pack_rows_narrow`: ``[R, 8]`` int16."""
+    wn = w.numpy()
+    keep = _FIRST_BYTES[wn].view(np.bool_)
+    lanes = np.zeros(wn.size * 8, dtype=np.uint8)
+    lanes[keep] = stream.numpy()
+    x = lanes.view(np.int64)[:, None]
+    w64 = wn.astype(np.int64)[:, None]
+    for half, dtype, count in ((32, np.int64, 2), (16, np.int32, 1), (8, np.int16, 0)):
+        x = x.view(dtype)
+        shift = (w64 << count).astype(dtype)
+        factor = ((1 << half) - (np.int64(1) << (w64 << count))).astype(dtype)
+        x = x + (x >> shift) * factor
+    return torch.from_numpy(x.view(np.uint8).reshape(-1, 8).astype(np.int16))
+
+
+def _pack_aligned(levels: torch.Tensor, bits: torch.Tensor, group_size: int) -> torch.Tensor:
+    numel = levels.numel()
+    full = numel // group_size if group_size else 0
+    widths = _row_widths(bits, group_size, full)
+    n_rows = widths.numel()
+    row_start = torch.cumsum(widths, 0) - widths
+    body = int(widths.sum())
+    out = torch.empty(packed_nbytes(bits, group_size, numel), dtype=torch.uint8)
+    rows = levels[: n_rows * 8].view(n_rows, 8)
+    chunk = max(1, _CHUNK // 8)
+    quarter = torch.arange(4, dtype=torch.int64)
+    column = torch.arange(16)
+
+    narrow = n_rows and int(widths.max()) <= 8
+
+    def work(starts: list[int]) -> None:
+        for start in starts:
+            stop = min(start + chunk, n_rows)
+            w = widths[start:stop]
+            first = int(row_start[start])
+            last = body if stop == n_rows else int(row_start[stop])
+            if narrow:
+                out[first:last] = _pack_rows_narrow(rows[start:stop], w)
+                continue
+            v = rows[start:stop].to(torch.int64).view(-1, 2, 4)
+            if bool((v >> w[:, None, None]).any()) or bool((v < 0).any()):
+                raise ValueError("a level does not fit in its group's bit width")
+            h = (v << (w[:, None, None] * quarter)).sum(-1)
+            quad = 4 * w
+            lo = h[:, 0] | (h[:, 1] << quad)
+            hi = h[:, 1] >> (64 - quad)
+            lanes = torch.stack((lo, hi), 1).view(torch.uint8).view(-1, 16)
+            out[first:last] = lanes[column < w[:, None]]
+
+    if n_rows:
+        _run_chunks(n_rows, chunk, work)
+    if full < bits.numel():
+        width = int(bits[-1])
+        tail = levels[full * group_size :]
+        if int(tail.max()) >= 1 << width or int(tail.min()) < 0:
+            raise ValueError(f"a level does not fit in its group's {width} bits")
+        out[body:] = _pack_fixed(tail, width)
+    return out
+
+
+def _unpack_aligned(
+    packed: torch.Tensor, bits: torch.Tensor, group_size: int, numel: int
+) -> torch.Tensor:
+    full = numel // group_size if group_size else 0
+    widths = _row_widths(bits, group_size, full)
+    n_rows = widths.numel()
+    row_start = torch.cumsum(widths, 0) - widths
+    body = int(widths.sum())
+    out = torch.empty(numel, dtype=torch.int16)
+    rows = out[: n_rows * 8].view(n_rows, 8)
+    chunk = max(1, _CHUNK // 8)
+    quarter = torch.arange(4, dtype=torch.int64)
+    column = torch.arange(16)
+
+    narrow = n_rows and int(widths.max()) <= 8
+
+    def work(starts: list[int]) -> None:
+        for start in starts:
+            stop = min(start + chunk, n_rows)
+            w = widths[start:stop]
+            first = int(row_start[start])
+            last = body if stop == n_rows else int(row_start[stop])
+            if narrow:
+                rows[start:stop] = _unpack_rows_narrow(packed[first:last], w)
+                continue
+            lanes = torch.zeros(stop - start, 16, dtype=torch.uint8)
+            lanes[column < w[:, None]] = packed[first:last]
+            words = lanes.view(torch.int64)
+            lo, hi = words[:, 0], words[:, 1]
+            quad = 4 * w
+            ones = torch.ones_like(quad)
+            h0 = lo & ((ones << quad) - 1)
+            h1 = ((lo >> quad) & ((ones << (64 - quad)) - 1)) | (hi << (64 - quad))
+            h = torch.stack((h0, h1 & ((ones << quad) - 1)), 1)
+            v = (h[:, :, None] >> (w[:, None, None] * quarter)) & ((ones << w) - 1)[:, None, None]
+            rows[start:stop] = v.view(-1, 8)
+
+    if n_rows:
+        _run_chunks(n_rows, chunk, work)
+    if full < bits.numel():
+        width = int(bits[-1])
+        out[full * group_size :] = _unpack_fixed(packed[body:], width, numel - full * group_size)
+    return out
+
+
+def _entry_offsets(bits: torch.Tensor, group_size: int, numel: int):
+    """Per-entry widths (int64) and exclusive bit offsets (int64) of the stream."""
+    per_entry = _expand(bits.to(torch.int64), group_size, numel)
+    offsets = torch.cumsum(per_entry, 0) - per_entry
+    return per_entry, offsets
+
+
+def _pack_words(levels: torch.Tensor, bits: torch.Tensor, group_size: int) -> torch.Tensor:
+    """Any layout: each entry lands in one or two 32-bit words; disjoint bits add like OR.
+
+    Chunks run in order, each into its own small word buffer added onto the output words,
+    so the words shared by two chunks simply receive both contributions.
+    """
+    numel = levels.numel()
+    nbytes = packed_nbytes(bits, group_size, numel)
+    _, offsets = _entry_offsets(bits, group_size, numel)
+    words = torch.zeros(nbytes // 4 + 2, dtype=torch.int64)
+    for start in range(0, numel, _CHUNK):
+        stop = min(start + _CHUNK, numel)
+        off = offsets[start:stop]
+        base = int(off[0]) >> 5
+        word = (off >> 5) - base
+        shifted = levels[start:stop].to(torch.int64) << (off & 31)
+        span = int(word[-1]) + 2
+        local = torch.zeros(span, dtype=torch.int64)
+        local.index_add_(0, word, shifted & 0xFFFFFFFF)
+        local.index_add_(0, word + 1, shifted >> 32)
+        words[base : base + span] += local
+    return _words_to_bytes(words)[:nbytes].clone()
+
+
+def _unpack_words(
+    packed: torch.Tensor, bits: torch.Tensor, group_size: int, numel: int
+) -> torch.Tensor:
+    per_entry, offsets = _entry_offsets(bits, group_size, numel)
+    n_words = packed.numel() // 4 + 2
+    buf = torch.zeros(n_words * 4, dtype=torch.uint8)
+    buf[: packed.numel()] = packed
+    words = _bytes_to_words(buf)
+    out = torch.empty(numel, dtype=torch.int16)
+
+    def work(starts: list[int]) -> None:
+        for start in starts:
+            stop = min(start + _CHUNK, numel)
+            off = offsets[start:stop]
+            word = off >> 5
+            pair = words[word] | (words[word + 1] << 32)
+            mask = (torch.ones_like(off) << per_entry[start:stop]) - 1
+            out[start:stop] = (pair >> (off & 31)) & mask
+
+    _run_chunks(numel, _CHUNK, work)
+    return out
+
+
+def _words_to_bytes(words: torch.Tensor) -> torch.Tensor:
+    """int64 words holding values < 2^32 → their 4 low bytes each, little-endian."""
+    return words.to(torch.int32).view(torch.uint8)
+
+
+def _bytes_to_words(buf: torch.Tensor) -> torch.Tensor:
+    """Little-endian 4-byte words → int64 values in [0, 2^32)."""
+    return buf.view(torch.int32).to(torch.int64) & 0xFFFFFFFF
