@@ -1,0 +1,254 @@
+"""The offline demo: data, model, progress bar, methods, report, and one tiny end-to-end run."""
+
+from __future__ import annotations
+
+import io
+import json
+import sys
+
+import pytest
+import torch
+
+import diffq_triton
+from diffq_triton.demo import (
+    DemoConfig,
+    Method,
+    ModelConfig,
+    QuantSettings,
+    TrainConfig,
+    data,
+    default_methods,
+    report,
+    run_demo,
+)
+from diffq_triton.demo.methods import attach
+from diffq_triton.demo.model import CharTransformer
+from diffq_triton.demo.progress import ProgressBar
+
+TINY_MODEL = ModelConfig(vocab=data.VOCAB_SIZE, context=16, dim=16, layers=1, heads=2)
+
+
+def _write_sources(root, count=12, size=3000):
+    for i in range(count):
+        (root / f"mod_{i:02d}.py").write_text(f"# module {i}\n" + "x = 1\n" * (size // 6))
+
+
+# ------------------------------------------------------------------------------ data
+def test_encode_decode_round_trip_and_unknown():
+    text = "def f(x):\n\treturn x + 1  # ok"
+    ids = data.encode(text)
+    assert ids.dtype == torch.int64 and ids.shape == (len(text),)
+    assert data.decode(ids) == text
+    unknown = data.encode("é€")
+    assert unknown.tolist() == [data.VOCAB_SIZE - 1] * 2
+    assert int(data.encode("".join(chr(c) for c in range(32, 127))).max()) < data.VOCAB_SIZE - 1
+
+
+def test_corpus_split_is_deterministic_and_disjoint(tmp_path):
+    _write_sources(tmp_path)
+    (tmp_path / "notes.txt").write_text("not python " * 1000)
+    a = data.load_corpus(tmp_path, val_every=4)
+    b = data.load_corpus(tmp_path, val_every=4)
+    assert a.train_files == b.train_files and torch.equal(a.train, b.train)
+    assert not set(a.train_files) & set(a.val_files)
+    assert a.val_files == ["mod_03.py", "mod_07.py", "mod_11.py"]
+    assert "notes.txt" not in a.train_files
+    assert data.decode(a.train[:12]) == "# module 0\nx"
+
+
+def test_corpus_caps_and_errors(tmp_path):
+    _write_sources(tmp_path)
+    capped = data.load_corpus(tmp_path, max_train_chars=10_000, val_every=4)
+    assert capped.train.numel() == 10_000
+    with pytest.raises(ValueError, match="too little"):
+        data.load_corpus(tmp_path / "missing")
+    with pytest.raises(ValueError, match="val_every"):
+        data.load_corpus(tmp_path, val_every=1)
+    with pytest.raises(ValueError, match="max_train_chars"):
+        data.load_corpus(tmp_path, max_train_chars=0)
+
+
+def test_stdlib_corpus_loads():
+    corpus = data.load_corpus(max_train_chars=20_000, max_val_chars=5_000)
+    assert corpus.train.numel() == 20_000 and corpus.val.numel() == 5_000
+    assert all(name.endswith(".py") for name in corpus.train_files)
+
+
+def test_batches_are_shifted_windows_and_reproducible():
+    stream = torch.arange(1000)
+    x, y = data.random_batch(stream, 5, 16, torch.Generator().manual_seed(3))
+    x2, _ = data.random_batch(stream, 5, 16, torch.Generator().manual_seed(3))
+    assert x.shape == y.shape == (5, 16)
+    assert torch.equal(y, x + 1) and torch.equal(x, x2)
+
+
+def test_eval_windows_cover_the_stream_once():
+    stream = torch.arange(100)
+    windows = data.eval_windows(stream, 16, max_windows=100)
+    assert windows.shape == (6, 17)
+    # Window i's last target is window i+1's first input: each token predicted once.
+    assert torch.equal(windows[:-1, -1], windows[1:, 0])
+    assert data.eval_windows(stream, 16, max_windows=2).shape == (2, 17)
+
+
+# ------------------------------------------------------------------------------ model
+def test_model_is_causal_and_shaped():
+    torch.manual_seed(0)
+    model = CharTransformer(TINY_MODEL).eval()
+    tokens = torch.randint(0, data.VOCAB_SIZE, (2, 10))
+    logits = model(tokens)
+    assert logits.shape == (2, 10, data.VOCAB_SIZE)
+    changed = tokens.clone()
+    changed[:, 6:] = (changed[:, 6:] + 1) % data.VOCAB_SIZE
+    # Positions before the change cannot see it.
+    torch.testing.assert_close(model(changed)[:, :6], logits[:, :6], rtol=0, atol=1e-6)
+    assert not torch.allclose(model(changed)[:, 6:], logits[:, 6:])
+
+
+@pytest.mark.parametrize("kwargs, name", [
+    (dict(vocab=0), "vocab"), (dict(vocab=10, dim=10, heads=3), "heads"),
+    (dict(vocab=10, layers=1.5), "layers"),
+])
+def test_model_config_errors(kwargs, name):
+    with pytest.raises(ValueError, match=name):
+        ModelConfig(**kwargs)
+
+
+# ------------------------------------------------------------------------------ progress
+def test_progress_bar_on_a_pipe_writes_one_final_line():
+    stream = io.StringIO()
+    with ProgressBar(4, "run", stream, width=8) as bar:
+        for _ in range(4):
+            bar.update(loss=1.23456)
+    out = stream.getvalue()
+    assert out.count("\n") == 1 and "\r" not in out
+    assert "run  [########]  4/4  loss=1.23" in out
+
+
+def test_progress_bar_redraws_on_a_terminal():
+    class Tty(io.StringIO):
+        def isatty(self):
+            return True
+
+    stream = Tty()
+    bar = ProgressBar(2, "t", stream, width=4, refresh=1e9)
+    bar.update()
+    assert "[##..]  1/2" in stream.getvalue()
+    bar.update()
+    bar.close()
+    assert stream.getvalue().count("\r") >= 3 and stream.getvalue().endswith("\n")
+    with pytest.raises(ValueError, match="total"):
+        ProgressBar(0)
+
+
+# ------------------------------------------------------------------------------ methods
+def test_methods_validate_and_attach():
+    with pytest.raises(ValueError, match="kind"):
+        Method("x", "int8")
+    with pytest.raises(ValueError, match="penalty"):
+        Method("x", "diffq")
+    names = [m.name for m in default_methods((1.0, 3.0), qat_bits=3)]
+    assert names == ["float32 baseline", "QAT 3-bit", "DiffQ λ=1", "DiffQ λ=3"]
+
+    settings = QuantSettings(min_size=0.0)
+    for method, cls in [(Method("q", "qat", bits=3), diffq_triton.UniformQuantizer),
+                        (Method("d", "diffq", penalty=2.0), diffq_triton.DiffQuantizer)]:
+        model = CharTransformer(TINY_MODEL)
+        opt = torch.optim.Adam(model.parameters())
+        quantizer, penalty = attach(method, model, opt, settings)
+        assert isinstance(quantizer, cls)
+        if penalty is not None:
+            torch.testing.assert_close(penalty(), 2.0 * quantizer.model_size())
+            assert len(opt.param_groups) == 2  # the bit logits were added
+    model = CharTransformer(TINY_MODEL)
+    assert attach(Method("f", "float"), model, torch.optim.Adam(model.parameters()),
+                  settings) == (None, None)
+
+
+def test_train_config_errors():
+    with pytest.raises(ValueError, match="steps"):
+        TrainConfig(steps=0)
+    with pytest.raises(ValueError, match="lr"):
+        TrainConfig(lr=0.0)
+
+
+# ------------------------------------------------------------------------------ end to end
+@pytest.fixture(scope="module")
+def tiny_demo(tmp_path_factory):
+    out = tmp_path_factory.mktemp("demo")
+    config = DemoConfig(
+        out=out,
+        methods=default_methods((1.0, 50.0)),
+        model=TINY_MODEL,
+        train=TrainConfig(steps=6, batch=4, warmup=2, eval_windows=8),
+        quant=QuantSettings(min_size=0.0, bits_lr=0.5),
+        max_train_chars=30_000,
+    )
+    stream = io.StringIO()
+    return out, run_demo(config, stream), stream.getvalue()
+
+
+def test_demo_end_to_end(tiny_demo):
+    out, outcome, text = tiny_demo
+    results = outcome["results"]
+    assert [r.method.kind for r in results] == ["float", "qat", "diffq", "diffq"]
+    float_run, qat = results[0], results[1]
+    assert float_run.bits_per_weight == pytest.approx(32.0)
+    assert float_run.size_mb == pytest.approx(float_run.params * 4 / 2**20)
+    # min_size=0: every parameter quantized at 4 bits plus 64 bits of range per tensor.
+    assert qat.bits_per_weight == pytest.approx(4.0, abs=1.0)
+    # A larger penalty gives a smaller model.
+    assert results[3].size_mb < results[2].size_mb < float_run.size_mb
+    for r in results:
+        assert r.val_ppl > 1 and r.val_ppl == r.val_ppl
+    for line in ("method", "float32 baseline", "QAT 4-bit", "DiffQ λ=50"):
+        assert line in text
+
+
+def test_demo_reload_matches_quantized(tiny_demo):
+    out, outcome, text = tiny_demo
+    checks = outcome["reload"]
+    assert len(checks) == 2
+    for check in checks:
+        assert check.path.exists() and check.file_mb > 0
+        assert check.reloaded_ppl == check.quantized_ppl
+    assert text.count("(equal)") == 2
+
+
+def test_demo_writes_results(tiny_demo):
+    out, outcome, _ = tiny_demo
+    record = json.loads((out / "results.json").read_text())
+    assert [r["method"] for r in record["results"]] == [
+        r.method.name for r in outcome["results"]
+    ]
+    assert record["config"]["train"]["steps"] == 6
+    assert len(record["reload"]) == 2
+    assert (out / "results.md").read_text().startswith("| method | bits/weight |")
+
+
+def test_demo_rejects_bad_method_list(tmp_path):
+    with pytest.raises(ValueError, match="baseline"):
+        run_demo(DemoConfig(out=tmp_path, methods=default_methods()[1:]), io.StringIO())
+
+
+# ------------------------------------------------------------------------------ report
+def test_table_and_plot_message(tiny_demo, monkeypatch, tmp_path):
+    _, outcome, _ = tiny_demo
+    results = outcome["results"]
+    table = report.format_table(results)
+    header, rule, first, *_ = table.splitlines()
+    assert header.split()[:2] == ["method", "bits/weight"]
+    assert set(rule) == {"-"}
+    assert first.split()[-3] == "1.0"  # the baseline's compression
+    monkeypatch.setitem(sys.modules, "matplotlib", None)
+    message = report.plot_size_vs_ppl(results, tmp_path / "p.png")
+    assert "matplotlib is not installed" in message
+    assert not (tmp_path / "p.png").exists()
+
+
+def test_plot_is_written_when_matplotlib_is_installed(tiny_demo, tmp_path):
+    pytest.importorskip("matplotlib")
+    _, outcome, _ = tiny_demo
+    path = tmp_path / "p.png"
+    assert report.plot_size_vs_ppl(outcome["results"], path) is None
+    assert path.read_bytes()[:8] == b"\x89PNG\r\n\x1a\n"
