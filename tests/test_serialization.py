@@ -1,0 +1,141 @@
+"""save_quantized / load_quantized: exact round trips, ties, sizes, safetensors interop."""
+
+from __future__ import annotations
+
+import io
+
+import pytest
+import torch
+
+import diffq_triton as dq
+from diffq_triton import serialization
+from diffq_triton.state import QuantizedTensor
+from tests.models import TiedLM, conv_net, mlp
+
+
+def quantized_weights(model, quantizer):
+    """The weights the quantized model uses in eval: what a loaded file must reproduce."""
+    quantizer.quantize()
+    weights = {n: p.detach().clone() for n, p in model.named_parameters()}
+    quantizer.unquantize()
+    return weights
+
+
+CASES = {
+    "diffq-g8-tied": (TiedLM, dq.DiffQuantizer, dict(min_size=0.001, group_size=8)),
+    "diffq-g1-f16": (TiedLM, dq.DiffQuantizer, dict(min_size=0.001, group_size=1,
+                                                    float16=True)),
+    "diffq-g5-conv": (conv_net, dq.DiffQuantizer, dict(min_size=0.0001, group_size=5)),
+    "diffq-g0": (conv_net, dq.DiffQuantizer, dict(min_size=0.0001, group_size=0)),
+    "uniform-3": (lambda: mlp(32, 300, 10), dq.UniformQuantizer, dict(bits=3, min_size=0.001)),
+    "lsq-4": (lambda: mlp(32, 300, 10), dq.LSQ, dict(bits=4, min_size=0.001)),
+}
+
+
+def spread_logits(model):
+    # Mixed widths: random logits so that groups round to many different widths.
+    gen = torch.Generator().manual_seed(0)
+    with torch.no_grad():
+        for name, p in model.named_parameters():
+            if name.endswith("_diffq"):
+                p.copy_(torch.randn(p.shape, generator=gen) * 3)
+
+
+@pytest.mark.parametrize("case", CASES, ids=str)
+def test_round_trip_matches_eval_weights(case, tmp_path):
+    make, quantizer_cls, kwargs = CASES[case]
+    torch.manual_seed(0)
+    model = make()
+    quantizer = quantizer_cls(model, **kwargs)
+    spread_logits(model)
+    path = tmp_path / "model.safetensors"
+    serialization.save_quantized(quantizer, path)
+    expected = quantized_weights(model, quantizer)
+    size = quantizer.true_model_size() * 2**20
+    assert path.stat().st_size <= size * 1.01 + 16384
+    fresh = make()
+    serialization.load_quantized(fresh, path)
+    for name, p in fresh.named_parameters():
+        assert torch.equal(p, expected[name]), name
+    if isinstance(fresh, TiedLM):
+        assert fresh.out.weight is fresh.emb.weight
+
+
+def test_file_object_and_bytes_agree():
+    torch.manual_seed(0)
+    model = mlp()
+    quantizer = dq.UniformQuantizer(model, bits=5, min_size=0)
+    buffer = io.BytesIO()
+    serialization.save_quantized(quantizer, buffer)
+    data = buffer.getvalue()
+    a, b = mlp(), mlp()
+    serialization.load_quantized(a, io.BytesIO(data))
+    serialization.load_quantized(b, data)
+    for pa, pb in zip(a.parameters(), b.parameters(), strict=True):
+        assert torch.equal(pa, pb)
+
+
+def test_untied_target_gets_every_use():
+    torch.manual_seed(0)
+    model = TiedLM()
+    quantizer = dq.DiffQuantizer(model, min_size=0.001, group_size=8)
+    data = serialization.file_bytes(quantizer)
+    expected = quantized_weights(model, quantizer)
+    untied = TiedLM()
+    untied.out.weight = torch.nn.Parameter(untied.emb.weight.detach().clone())
+    serialization.load_quantized(untied, data)
+    assert torch.equal(untied.out.weight, expected["emb.weight"])
+    assert torch.equal(untied.emb.weight, expected["emb.weight"])
+
+
+def test_float_parameters_readable_with_safetensors():
+    safetensors_torch = pytest.importorskip("safetensors.torch")
+    torch.manual_seed(0)
+    model = mlp(32, 300, 10)
+    quantizer = dq.UniformQuantizer(model, bits=4, min_size=0.001)
+    tensors = safetensors_torch.load(serialization.file_bytes(quantizer))
+    assert torch.equal(tensors["2.bias"], model[2].bias.detach())
+    assert tensors["0.weight:levels"].dtype == torch.uint8
+    assert tensors["0.weight:levels"].numel() == (32 * 300 * 4 + 7) // 8
+
+
+class HandMade:
+    """A quantizer stand-in exporting hand-built records (LSQ signed levels, constant)."""
+
+    def __init__(self, records, floats):
+        self.records, self.floats = records, floats
+
+    def export_quantized(self):
+        return self.records
+
+    def export_float(self):
+        return self.floats
+
+
+def test_hand_built_records():
+    model = torch.nn.Linear(7, 3)
+    lsq = QuantizedTensor("weight", (3, 7), torch.float32, "lsq", 0,
+                          torch.arange(-8, 13, dtype=torch.int16).clamp(max=7),
+                          torch.tensor([4], dtype=torch.uint8), 0.25, 0.0)
+    quantizer = HandMade([lsq], [("bias", torch.tensor([1.0, -2.0, 3.5]), True)])
+    serialization.load_quantized(model, serialization.file_bytes(quantizer))
+    assert torch.equal(model.weight.detach().reshape(-1), lsq.levels.float() * 0.25)
+    assert model.bias.tolist() == [1.0, -2.0, 3.5]
+
+
+def test_constant_tensor_round_trips():
+    model = torch.nn.Linear(4, 4, bias=False)
+    with torch.no_grad():
+        model.weight.fill_(0.375)
+    quantizer = dq.UniformQuantizer(model, bits=4, min_size=0)
+    data = serialization.file_bytes(quantizer)
+    fresh = torch.nn.Linear(4, 4, bias=False)
+    serialization.load_quantized(fresh, data)
+    assert torch.equal(fresh.weight, model.weight)
+
+
+def test_packed_model_size_agrees_with_file():
+    torch.manual_seed(0)
+    model = TiedLM()
+    quantizer = dq.DiffQuantizer(model, min_size=0.001, group_size=8)
+    assert quantizer.packed_model_size() == len(serialization.file_bytes(quantizer)) / 2**20
