@@ -1,0 +1,232 @@
+"""Hostile files: every malformed, corrupted or forged file gets one ValueError, model intact.
+
+Forged files keep valid checksums (rewritten here) so that the semantic checks are tested,
+not only the CRCs.
+"""
+
+from __future__ import annotations
+
+import json
+import struct
+import zlib
+
+import pytest
+import torch
+from hypothesis import HealthCheck, given, settings
+from hypothesis import strategies as st
+
+import diffq_triton as dq
+from diffq_triton import serialization
+from tests.models import TiedLM, mlp
+
+
+def make_model():
+    torch.manual_seed(0)
+    return TiedLM(vocab=40, dim=16)
+
+
+@pytest.fixture(scope="module")
+def good_file() -> bytes:
+    model = make_model()
+    quantizer = dq.DiffQuantizer(model, min_size=0.0005, group_size=8)
+    with torch.no_grad():
+        model.emb.weight_diffq.copy_(torch.linspace(-4, 4, model.emb.weight_diffq.numel()))
+    data = serialization.file_bytes(quantizer)
+    quantizer.detach()
+    return data
+
+
+def snapshot(model):
+    return {n: p.detach().clone() for n, p in model.named_parameters()}
+
+
+def assert_rejected(data: bytes, match: str | None = None):
+    """Loading must raise one ValueError and leave the target model exactly as it was."""
+    model = make_model()
+    before = snapshot(model)
+    with pytest.raises(ValueError, match=match):
+        serialization.load_quantized(model, data)
+    after = snapshot(model)
+    assert all(torch.equal(before[n], after[n]) for n in before)
+
+
+def split(data: bytes):
+    (length,) = struct.unpack_from("<Q", data)
+    header = json.loads(data[8 : 8 + length])
+    return header, data[8 + length :]
+
+
+def join(header: dict, body: bytes, length: int | None = None) -> bytes:
+    text = json.dumps(header).encode()
+    return struct.pack("<Q", len(text) if length is None else length) + text + body
+
+
+def forge(data: bytes, edit) -> bytes:
+    """Apply ``edit(meta, header)`` and re-seal the metadata checksum."""
+    header, body = split(data)
+    meta = json.loads(header["__metadata__"]["diffq_triton"])
+    edit(meta, header)
+    # "__HUGE__" stands for a literal that parses to infinity (json.dumps would write Infinity).
+    text = json.dumps(meta).replace('"__HUGE__"', "1e999")
+    header["__metadata__"]["diffq_triton"] = text
+    header["__metadata__"]["crc32"] = str(zlib.crc32(text.encode()))
+    return join(header, body)
+
+
+def test_good_file_loads(good_file):
+    model = make_model()
+    serialization.load_quantized(model, good_file)
+
+
+@pytest.mark.parametrize("cut", [0, 4, 8, 20, -1, -100, 0.5])
+def test_truncated(good_file, cut):
+    size = int(len(good_file) * cut) if isinstance(cut, float) else cut % len(good_file)
+    assert_rejected(good_file[:size])
+
+
+def test_every_single_bit_flip_is_caught(good_file):
+    for position in range(0, len(good_file), max(1, len(good_file) // 1500)):
+        flipped = bytearray(good_file)
+        flipped[position] ^= 1 << (position % 8)
+        assert_rejected(bytes(flipped))
+
+
+@pytest.mark.parametrize("length", [2**63, 2**40, 7, 0])
+def test_forged_header_length(good_file, length):
+    header, body = split(good_file)
+    assert_rejected(join(header, body, length), "header length|not valid JSON")
+
+
+def test_forged_offsets_and_absurd_shapes(good_file):
+    header, body = split(good_file)
+    key = "emb.weight:levels"
+    header[key]["data_offsets"][1] += 10**12
+    assert_rejected(join(header, body), "outside the data")
+    header, body = split(good_file)
+    header[key]["shape"] = [10**15, 10**15]
+    assert_rejected(join(header, body), "needs")
+    header, body = split(good_file)
+    header[key]["dtype"] = "I64"
+    assert_rejected(join(header, body), "unsupported dtype")
+
+
+def test_payload_bit_flip_names_tensor(good_file):
+    header, body = split(good_file)
+    start, _ = header["emb.weight:levels"]["data_offsets"]
+    body = bytearray(body)
+    body[start + 3] ^= 0x10
+    assert_rejected(join(header, bytes(body)), "'emb.weight': levels checksum mismatch")
+
+
+@pytest.mark.parametrize(
+    "field, value, match",
+    [
+        ("min_bits", 0, "out of range"),
+        ("min_bits", 16, "out of range"),
+        ("field_bits", 9, "out of range"),
+        ("min", float("nan"), "holds NaN"),
+        ("max", "__HUGE__", "not finite"),
+        ("min", 1e30, "exceeds max"),
+        ("shape", [40, 15], "does not match"),
+        ("shape", [-1, 16], "non-negative"),
+        ("scheme", "zip", "unknown scheme"),
+        ("group_size", -3, "negative group_size"),
+        ("group_size", "8", "wrong type"),
+        ("dtype", "int8", "unknown dtype"),
+        ("name", "nope.weight", "no parameter 'nope.weight'"),
+        ("tied", ["lstm.weight_ih_l0"], "does not match"),
+        ("crc", None, "checksum is missing"),
+    ],
+)
+def test_forged_metadata(good_file, field, value, match):
+    def edit(meta, header):
+        meta["quantized"][0][field] = value
+
+    assert_rejected(forge(good_file, edit), match)
+
+
+def test_widths_above_fifteen(good_file):
+    # Widths base 14 with the stored 2-bit excess fields reaches 17 bits.
+    def edit(meta, header):
+        meta["quantized"][0]["min_bits"] = 14
+
+    assert_rejected(forge(good_file, edit), "exceeds 15|checksum|expected")
+
+
+@pytest.mark.parametrize("version", [0, 2, "1", None])
+def test_unknown_version(good_file, version):
+    def edit(meta, header):
+        meta["version"] = version
+
+    assert_rejected(forge(good_file, edit), "unknown format version")
+
+
+def test_metadata_checksum(good_file):
+    header, body = split(good_file)
+    header["__metadata__"]["diffq_triton"] = header["__metadata__"]["diffq_triton"].replace(
+        '"group_size":8', '"group_size":9')
+    assert_rejected(join(header, body), "metadata checksum")
+
+
+def test_wrong_model(good_file):
+    model = mlp()
+    with pytest.raises(ValueError, match="no parameter"):
+        serialization.load_quantized(model, good_file)
+
+
+def test_missing_parameter_value(good_file):
+    def edit(meta, header):
+        meta["float"] = [r for r in meta["float"] if r["name"] != "out.bias"]
+
+    assert_rejected(forge(good_file, edit), "no value for the model's parameter 'out.bias'")
+
+
+def test_not_our_format(good_file):
+    header, body = split(good_file)
+    header["__metadata__"] = {"format": "pt"}
+    assert_rejected(join(header, body), "not a diffq-triton file")
+    assert_rejected(b"\x00" * 64)
+    assert_rejected(struct.pack("<Q", 6) + b"[[[[[[" )
+    assert_rejected(struct.pack("<Q", 20000) + b"[" * 20000, "not valid JSON")
+
+
+MUTATIONS = st.lists(
+    st.one_of(
+        st.tuples(st.just("flip"), st.integers(0, 10**6), st.integers(0, 7)),
+        st.tuples(st.just("set"), st.integers(0, 10**6), st.integers(0, 255)),
+        st.tuples(st.just("cut"), st.integers(0, 10**6), st.just(0)),
+        st.tuples(st.just("insert"), st.integers(0, 10**6), st.integers(0, 255)),
+        st.tuples(st.just("delete"), st.integers(0, 10**6), st.integers(1, 16)),
+    ),
+    min_size=1,
+    max_size=4,
+)
+
+
+@settings(max_examples=150, deadline=None, suppress_health_check=[HealthCheck.too_slow,
+                                                                    HealthCheck.function_scoped_fixture])
+@given(mutations=MUTATIONS)
+def test_fuzz_mutated_files(good_file, mutations):
+    data = bytearray(good_file)
+    for kind, position, value in mutations:
+        position %= max(1, len(data))
+        if kind == "flip" and data:
+            data[position] ^= 1 << value
+        elif kind == "set" and data:
+            data[position] = value
+        elif kind == "cut":
+            del data[position:]
+        elif kind == "insert":
+            data.insert(position, value)
+        elif kind == "delete":
+            del data[position : position + value]
+    model = make_model()
+    before = snapshot(model)
+    try:
+        serialization.load_quantized(model, bytes(data))
+    except ValueError:
+        after = snapshot(model)
+        assert all(torch.equal(before[n], after[n]) for n in before)
+        return
+    # Only a mutation that changed nothing may load.
+    assert bytes(data) == good_file
