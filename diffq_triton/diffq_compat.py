@@ -1,0 +1,295 @@
+"""Migration: load a quantized state saved by diffq 0.2.4, without diffq and without pickle code.
+
+diffq users save ``torch.save(quantizer.get_quantized_state(packed, torch_pack))``. That
+pickle names diffq's quantizer class in ``state["meta"]["klass"]``; it is loaded here with
+``torch.load(weights_only=True)``, whose restricted unpickler rebuilds tensors and plain
+containers only, plus three inert stand-ins registered under diffq's class paths: anything
+else in the file is refused. The levels are then unpacked from either of diffq's bit
+layouts (described in docs/format.md) and restored with this library's quantizer.
+"""
+
+from __future__ import annotations
+
+import math
+import os
+import pickle
+from typing import BinaryIO
+
+import torch
+from torch import nn
+
+# diffq 0.2.4 class paths -> this library's quantizer of the same name.
+_CLASS_PATHS = {
+    "diffq.diffq.DiffQuantizer": "DiffQuantizer",
+    "diffq.uniform.UniformQuantizer": "UniformQuantizer",
+    "diffq.lsq.LSQ": "LSQ",
+}
+_KWARGS = {
+    "DiffQuantizer": {"min_size", "float16", "group_size", "min_bits", "max_bits", "param",
+                      "noise", "init_bits", "extra_bits", "suffix", "exclude", "detect_bound"},
+    "UniformQuantizer": {"bits", "min_size", "float16", "qat", "exclude", "detect_bound"},
+    "LSQ": {"bits", "min_size", "float16", "suffix", "exclude", "detect_bound"},
+}
+_STUBS = {path: type(path.rsplit(".", 1)[1], (), {"__module__": path.rsplit(".", 1)[0]})
+          for path in _CLASS_PATHS}
+# Cython bitpack: int64 words [blocks, nbits, 32]; 64 words' bit k hold entries k·32 + j.
+_CYTHON_BLOCK = 64 * 32
+_TORCH_PACK_BITS = {torch.uint8: 8, torch.int16: 16, torch.int32: 32, torch.int64: 64}
+# Bound the temporaries of the bit-plane unpacking to ~64 MB.
+_PLANE_CHUNK = 1 << 20
+
+
+def load_diffq_state(model: nn.Module, path: str | os.PathLike | BinaryIO) -> None:
+    """Restore ``model``'s weights from a diffq 0.2.4 quantized state file.
+
+    Reads ``torch.save(quantizer.get_quantized_state(packed=..., torch_pack=...))`` files
+    of ``DiffQuantizer``, ``UniformQuantizer`` and ``LSQ``: packed with diffq's Cython
+    bitpack or its ``torch_pack`` layout, or not packed. Builds the same quantizer of this
+    library on ``model`` (same arguments, hence the same parameters in the same order),
+    restores the weights, and detaches it: the model is left plain.
+
+    Args:
+        model: the architecture the state was saved from.
+        path: file name or binary file object.
+
+    Raises:
+        ValueError: the file is not a diffq state, holds anything besides tensors, plain
+            containers and diffq's class names, or does not match the model.
+    """
+    from . import diffq, lsq, uniform
+
+    state = _load(path)
+    meta = state["meta"]
+    klass = meta["klass"]
+    kwargs = meta["init_kwargs"]
+    classes = {"DiffQuantizer": diffq.DiffQuantizer, "UniformQuantizer": uniform.UniformQuantizer,
+               "LSQ": lsq.LSQ}
+    try:
+        quantizer = classes[klass](model, **kwargs)
+    except TypeError as e:
+        raise ValueError(f"diffq state: cannot rebuild {klass} with {kwargs}: {e}") from None
+    try:
+        firsts = list(quantizer._first_uses())
+        if len(firsts) != len(state["quantized"]):
+            raise ValueError(f"diffq state holds {len(state['quantized'])} quantized tensors, "
+                             f"the model has {len(firsts)} (different model or min_size?)")
+        entries = [
+            _decode(klass, kwargs, meta, record.full_name, tuple(record.param.shape), entry)
+            for record, entry in zip(firsts, state["quantized"], strict=True)
+        ]
+        converted = {
+            "quantized": entries,
+            "float16": state["float16"],
+            "others": state["others"],
+            "meta": {"klass": klass, "init_kwargs": kwargs, "packed": False},
+        }
+        quantizer.restore_quantized_state(converted)
+    finally:
+        quantizer.detach()
+
+
+# ----------------------------------------------------------------------------- loading
+def _load(path) -> dict:
+    stubs = [(stub, full) for full, stub in _STUBS.items()]
+    try:
+        with torch.serialization.safe_globals(stubs):
+            state = torch.load(path, map_location="cpu", weights_only=True)
+    except (pickle.UnpicklingError, RuntimeError, EOFError, OSError, AttributeError,
+            KeyError, TypeError, ValueError) as e:
+        first = str(e).strip().splitlines()[0] if str(e).strip() else type(e).__name__
+        raise ValueError(f"not a loadable diffq state (only tensors, plain containers and "
+                         f"diffq's quantizer classes are accepted): {first[:300]}") from None
+    if not isinstance(state, dict) or not {"quantized", "float16", "others", "meta"} <= set(
+            state):
+        raise ValueError("diffq state must be a dict with quantized, float16, others, meta")
+    meta = state["meta"]
+    if not isinstance(meta, dict) or not isinstance(meta.get("init_kwargs"), dict):
+        raise ValueError("diffq state meta lacks init_kwargs")
+    stub = meta.get("klass")
+    path_of = {s: p for p, s in _STUBS.items()}
+    if stub not in path_of:
+        raise ValueError(f"diffq state names an unknown quantizer class {stub!r}")
+    name = _CLASS_PATHS[path_of[stub]]
+    unknown = set(meta["init_kwargs"]) - _KWARGS[name]
+    if unknown:
+        raise ValueError(f"diffq state: unknown {name} arguments {sorted(unknown)}")
+    for key in ("quantized", "float16", "others"):
+        if not isinstance(state[key], list):
+            raise ValueError(f"diffq state {key!r} must be a list")
+    for key in ("float16", "others"):
+        for t in state[key]:
+            if not isinstance(t, torch.Tensor) or not t.is_floating_point():
+                raise ValueError(f"diffq state {key!r} holds a non-float entry")
+    meta = dict(meta, klass=name)
+    return dict(state, meta=meta)
+
+
+# ----------------------------------------------------------------------------- decoding
+def _decode(klass: str, kwargs: dict, meta: dict, name: str, shape: tuple, entry) -> dict:
+    """One diffq quantized entry → this library's unpacked state entry."""
+    numel = math.prod(shape)
+    packed = bool(meta.get("packed", False))
+    unpack = _unpack_torch_pack if meta.get("torch_pack", False) else _unpack_cython
+    if not isinstance(entry, (tuple, list)):
+        raise ValueError(f"tensor {name!r}: diffq entry is a {type(entry).__name__}")
+    if klass == "DiffQuantizer":
+        group_size = int(kwargs.get("group_size", 1))
+        min_bits = int(kwargs.get("min_bits", 2))
+        n_groups = 1 if group_size == 0 else numel // group_size
+        span = numel if group_size == 0 else group_size
+        if n_groups * span != numel:
+            raise ValueError(f"tensor {name!r}: {numel} entries are not groups of {group_size}")
+        if len(entry) != 3:
+            raise ValueError(f"tensor {name!r}: diffq entry has {len(entry)} parts, expected 3")
+        if packed:
+            all_levels, scales, packed_bits = entry
+            bits = unpack(_tensor(packed_bits, name, "widths"), n_groups, name) + min_bits
+            _check_widths(bits, name)
+            levels = _unpack_by_width(all_levels, bits, span, unpack, name)
+        else:
+            levels, scales, bits = entry
+            bits = _tensor(bits, name, "widths").reshape(-1).to(torch.int64)
+            if bits.numel() != n_groups:
+                raise ValueError(f"tensor {name!r}: {bits.numel()} widths for {n_groups} groups")
+            _check_widths(bits, name)
+            levels = _levels(levels, numel, name)
+        mn, mx = _scales(scales, name)
+        bits = bits.to(torch.uint8)
+        levels = levels.reshape(-1)
+        _check_range(levels, bits, group_size, name)
+        return _entry(shape, "minmax", group_size, bits, mn, mx, levels)
+    width = int(kwargs.get("bits", 8))
+    if not 1 <= width <= 15:
+        raise ValueError(f"tensor {name!r}: {width} bits is out of range")
+    if len(entry) != 2:
+        raise ValueError(f"tensor {name!r}: diffq entry has {len(entry)} parts, expected 2")
+    stored, scale = entry
+    levels = unpack(_tensor(stored, name, "levels"), numel, name) if packed else _levels(
+        stored, numel, name)
+    bits = torch.tensor([width], dtype=torch.uint8)
+    if klass == "UniformQuantizer":
+        mn, mx = _scales(scale, name)
+        _check_range(levels, bits, 0, name)
+        return _entry(shape, "minmax", 0, bits, mn, mx, levels)
+    step = _scalar(scale, name)
+    if packed:
+        levels = levels.to(torch.int32) - (1 << (width - 1))
+    low, high = -(1 << (width - 1)), (1 << (width - 1)) - 1
+    if levels.numel() and (int(levels.min()) < low or int(levels.max()) > high):
+        raise ValueError(f"tensor {name!r}: LSQ levels outside [{low}, {high}]")
+    return _entry(shape, "lsq", 0, bits, step, 0.0, levels.to(torch.int16))
+
+
+def _entry(shape, scheme, group_size, bits, mn, mx, levels) -> dict:
+    return {"shape": list(shape), "scheme": scheme, "group_size": group_size, "bits": bits,
+            "min": mn, "max": mx, "levels": levels.to(torch.int16)}
+
+
+def _tensor(value, name: str, what: str) -> torch.Tensor:
+    if not isinstance(value, torch.Tensor) or value.is_floating_point():
+        raise ValueError(f"tensor {name!r}: diffq {what} must be an integer tensor")
+    return value
+
+
+def _levels(value, numel: int, name: str) -> torch.Tensor:
+    levels = _tensor(value, name, "levels").reshape(-1)
+    if levels.numel() != numel:
+        raise ValueError(f"tensor {name!r}: {levels.numel()} levels for {numel} entries")
+    return levels.to(torch.int32)
+
+
+def _scalar(value, name: str) -> float:
+    if isinstance(value, torch.Tensor) and value.numel() == 1:
+        value = float(value)
+    if not isinstance(value, (int, float)) or isinstance(value, bool) or not math.isfinite(
+            value):
+        raise ValueError(f"tensor {name!r}: diffq scale {value!r:.40} is not a finite number")
+    return float(value)
+
+
+def _scales(value, name: str) -> tuple[float, float]:
+    if not isinstance(value, (tuple, list)) or len(value) != 2:
+        raise ValueError(f"tensor {name!r}: diffq range must be a (min, max) pair")
+    mn, mx = (_scalar(v, name) for v in value)
+    if mn > mx:
+        raise ValueError(f"tensor {name!r}: range min {mn} exceeds max {mx}")
+    return mn, mx
+
+
+def _check_widths(bits: torch.Tensor, name: str) -> None:
+    if bits.numel() and (int(bits.min()) < 1 or int(bits.max()) > 15):
+        raise ValueError(f"tensor {name!r}: group widths outside [1, 15]")
+    if bits.numel() and int(bits.max()) == 15:
+        raise ValueError(f"tensor {name!r}: diffq 0.2.4 stored no levels for its 15-bit groups "
+                         "(its packing covers widths 1 to 14): this state lost those weights")
+
+
+def _check_range(levels: torch.Tensor, bits: torch.Tensor, group_size: int, name: str) -> None:
+    from .reference import expand_groups
+
+    if not levels.numel():
+        return
+    top = expand_groups((1 << bits.to(torch.int64)) - 1, levels.numel(), group_size)
+    if int(levels.min()) < 0 or bool((levels.to(torch.int64) > top).any()):
+        raise ValueError(f"tensor {name!r}: a level exceeds its group's width")
+
+
+def _unpack_by_width(all_levels, bits: torch.Tensor, span: int, unpack, name: str):
+    """diffq's DiffQuantizer layout: per width 1..14, the groups of that width, packed."""
+    if not isinstance(all_levels, (list, tuple)) or len(all_levels) != 14:
+        raise ValueError(f"tensor {name!r}: diffq entry must hold 14 per-width streams")
+    levels = torch.zeros(bits.numel(), span, dtype=torch.int32)
+    for width, stream in enumerate(all_levels, start=1):
+        sel = bits == width
+        count = int(sel.sum()) * span
+        if stream is None:
+            if count:
+                raise ValueError(f"tensor {name!r}: no stream for its {width}-bit groups")
+            continue
+        stream = _tensor(stream, name, f"{width}-bit levels")
+        values = unpack(stream, count, name, max_bits=width)
+        levels[sel] = values.view(-1, span)
+    return levels
+
+
+def _unpack_cython(packed: torch.Tensor, length: int, name: str,
+                   max_bits: int = 15) -> torch.Tensor:
+    """diffq's Cython bitpack: int64 ``[blocks, nbits, 32]``; entry ``i = blk·2048 + k·32 + j``
+    has bit ``b`` at bit ``k`` of word ``[blk, b, j]``."""
+    if packed.dtype != torch.int64 or packed.dim() != 3 or packed.shape[2] != 32:
+        raise ValueError(f"tensor {name!r}: not a diffq bitpack stream "
+                         f"({packed.dtype}, {tuple(packed.shape)})")
+    blocks, nbits, _ = packed.shape
+    if nbits > max_bits:
+        raise ValueError(f"tensor {name!r}: stream of {nbits} bits, at most {max_bits} allowed")
+    if blocks != -(-length // _CYTHON_BLOCK):
+        raise ValueError(f"tensor {name!r}: {blocks} blocks cannot hold {length} entries")
+    out = torch.zeros(blocks, 64, 32, dtype=torch.int32)
+    shifts = torch.arange(64, dtype=torch.int64)[None, :, None]
+    step = max(1, _PLANE_CHUNK // _CYTHON_BLOCK)
+    for start in range(0, blocks, step):
+        for b in range(nbits):
+            plane = packed[start : start + step, b, :]
+            out[start : start + step] |= (((plane[:, None, :] >> shifts) & 1) << b).to(
+                torch.int32)
+    return out.reshape(-1)[:length]
+
+
+def _unpack_torch_pack(packed: torch.Tensor, length: int, name: str,
+                       max_bits: int = 15) -> torch.Tensor:
+    """diffq's ``torch_pack``: ``[nbits, cols]`` words of S bits; entry ``i = s·cols + c`` has
+    bit ``b`` at bit ``s`` of word ``[b, c]``."""
+    side = _TORCH_PACK_BITS.get(packed.dtype)
+    if side is None or packed.dim() != 2:
+        raise ValueError(f"tensor {name!r}: not a diffq torch_pack stream "
+                         f"({packed.dtype}, {tuple(packed.shape)})")
+    nbits, cols = packed.shape
+    if nbits > max_bits:
+        raise ValueError(f"tensor {name!r}: stream of {nbits} bits, at most {max_bits} allowed")
+    if cols != -(-length // side):
+        raise ValueError(f"tensor {name!r}: {cols} columns cannot hold {length} entries")
+    out = torch.zeros(side, cols, dtype=torch.int32)
+    shifts = torch.arange(side, dtype=torch.int64)[:, None]
+    for b in range(nbits):
+        out |= (((packed[b].to(torch.int64)[None, :] >> shifts) & 1) << b).to(torch.int32)
+    return out.reshape(-1)[:length]
