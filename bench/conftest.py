@@ -22,9 +22,21 @@ sys.path.insert(0, str(Path(__file__).resolve().parent))
 
 def pytest_collect_file(file_path: Path, parent: pytest.Collector):
     """Collect ``bench_*.py`` as test modules (pytest's default only takes ``test_*.py``)."""
+    # Files named on the command line are already collected by pytest itself.
+    if parent.session.isinitpath(file_path):
+        return None
     if file_path.suffix == ".py" and file_path.name.startswith("bench_"):
         return pytest.Module.from_parent(parent, path=file_path)
     return None
+
+
+def pytest_configure(config: pytest.Config) -> None:
+    # BENCH_THREADS=1 gives steadier timings on a machine shared with other work.
+    threads = os.environ.get("BENCH_THREADS")
+    if threads:
+        import torch
+
+        torch.set_num_threads(int(threads))
 
 
 @pytest.fixture(scope="session")

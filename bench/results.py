@@ -31,7 +31,7 @@ _HEADER = (
 
 @cache
 def environment() -> dict[str, str]:
-    """machine, device, torch, triton, commit: the columns added to every row."""
+    """machine, device, torch, triton, commit: columns added to every row (with threads)."""
     import torch
 
     try:
@@ -53,6 +53,12 @@ def environment() -> dict[str, str]:
         "triton": triton_version,
         "commit": _commit(),
     }
+
+
+def _threads() -> int:
+    import torch
+
+    return torch.get_num_threads()
 
 
 def _commit() -> str:
@@ -85,7 +91,7 @@ def format_rows(rows: Sequence[Mapping[str, object]]) -> str:
     columns: list[str] = []
     for row in rows:
         columns += [key for key in row if key not in columns]
-    env = environment()
+    env = {**environment(), "threads": _threads()}
     columns += [key for key in env if key not in columns]
     lines = ["| " + " | ".join(columns) + " |", "|" + "---|" * len(columns)]
     for row in rows:
