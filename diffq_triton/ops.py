@@ -1,14 +1,27 @@
 """The operations quantizers call on each weight; the one seam between models and kernels.
 
-Every quantizer goes through these functions, whatever the device; they pick the
-implementation (fused Triton kernels or the eager reference) in one place.
+Every quantizer goes through these functions, whatever the device. They choose the backend
+(:func:`diffq_triton.dispatch.choose_backend`) and call the ``diffq_triton::`` custom ops,
+which run the fused Triton kernels or the lean eager path; semantics are those of
+:mod:`diffq_triton.reference` either way.
 """
 
 from __future__ import annotations
 
 import torch
 
-from . import reference
+from . import custom_ops, dispatch
+
+# Largest seed drawn; Philox and torch.Generator both take it.
+_SEED_HIGH = 2**31 - 1
+
+
+@torch.compiler.assume_constant_result
+def _backend(w: torch.Tensor) -> str:
+    # Under torch.compile the choice is made once, when tracing, and baked into the graph.
+    if w.numel() == 0:
+        return "eager"
+    return dispatch.choose_backend(w)
 
 
 def pseudo_quantize(
@@ -23,6 +36,9 @@ def pseudo_quantize(
 ) -> torch.Tensor:
     """Training-time noisy weight ``ŵ = w + r·u(b_s)·ξ`` with fresh noise ``ξ``.
 
+    The seed of ``ξ`` is drawn on ``w``'s device from torch's generator (no host sync), so
+    ``torch.manual_seed`` makes a run reproducible and every call draws fresh noise.
+
     Args:
         w: weight, any shape, float32/bfloat16/float16.
         logits: ``[n_groups]`` float32 bit logits.
@@ -31,8 +47,12 @@ def pseudo_quantize(
     Returns:
         Tensor of ``w``'s shape and dtype, differentiable in ``w`` and ``logits``.
     """
-    xi = reference.draw_noise(w.shape, noise, dtype=w.dtype, device=w.device)
-    return reference.noisy_weight(w, logits, xi, group_size, min_bits, max_bits, param)
+    seed = torch.randint(0, _SEED_HIGH, (1,), dtype=torch.int64, device=w.device)
+    w_hat, _, _ = custom_ops.pseudo_quantize(
+        w, logits, seed, int(group_size), float(min_bits), float(max_bits), param, noise,
+        _backend(w),
+    )
+    return w_hat
 
 
 def quantized_weight(w: torch.Tensor, bits_int: torch.Tensor, group_size: int) -> torch.Tensor:
@@ -46,4 +66,4 @@ def quantized_weight(w: torch.Tensor, bits_int: torch.Tensor, group_size: int) -
     Returns:
         Tensor of ``w``'s shape and dtype, without gradient.
     """
-    return reference.fake_quantize(w.detach(), bits_int, group_size)
+    return custom_ops.fake_quantize(w.detach(), bits_int, int(group_size), _backend(w))

@@ -1,0 +1,107 @@
+"""The ``diffq_triton::`` operators: one torch.library op per step of the math.
+
+Each op is registered for every device (its body launches the Triton kernels or runs the
+eager path, as the ``backend`` argument says), with a fake implementation for tracing and,
+for the noise, autograd through a backward op; ``torch.compile(fullgraph=True)`` sees each as
+one node. The backend is an argument, chosen by :mod:`diffq_triton.dispatch` when the op is
+called (at trace time under ``torch.compile``), so the fake and the real implementation
+always agree on the outputs' shapes.
+
+Ops:
+    ``pseudo_quantize(w, logits, seed, ...) -> (w_hat, stats, xi)``
+    ``pseudo_quantize_backward(grad, logits, seed, stats, xi, ...) -> (grad_w, grad_logits)``
+    ``fake_quantize(w, bits, group_size, backend) -> Tensor``
+"""
+
+from __future__ import annotations
+
+import torch
+from torch import Tensor
+
+from . import eager_ops
+
+
+def _kernels():
+    # Imported on first use: the library must import without Triton.
+    from .kernels import noise, quantize
+
+    return noise, quantize
+
+
+@torch.library.custom_op("diffq_triton::pseudo_quantize", mutates_args=())
+def pseudo_quantize(
+    w: Tensor, logits: Tensor, seed: Tensor, group_size: int, min_bits: float,
+    max_bits: float, param: str, noise: str, backend: str,
+) -> tuple[Tensor, Tensor, Tensor]:
+    """Noisy weight ``ŵ = w + r·u(b_s)·ξ``; ``ξ`` a function of ``seed`` (int64 ``[1]``).
+
+    Returns ``(w_hat, stats, xi)``: ``w_hat`` like ``w``; ``stats`` float64 ``[4]``
+    (min, max, argmin, argmax); ``xi`` the float32 ``[d]`` noise on the eager backend (kept
+    for the backward), empty on the Triton backend (regenerated from ``seed``).
+    """
+    if backend == "triton":
+        noise_k, _ = _kernels()
+        w_hat, stats = noise_k.noise_forward(w.contiguous(), logits.contiguous(), seed,
+                                             group_size, min_bits, max_bits, param, noise)
+        return w_hat, stats, w.new_empty(0, dtype=torch.float32)
+    return eager_ops.noise_forward(w, logits, seed, group_size, min_bits, max_bits, param,
+                                   noise)
+
+
+@pseudo_quantize.register_fake
+def _(w, logits, seed, group_size, min_bits, max_bits, param, noise, backend):
+    xi_len = 0 if backend == "triton" else w.numel()
+    return (torch.empty_like(w), w.new_empty(4, dtype=torch.float64),
+            w.new_empty(xi_len, dtype=torch.float32))
+
+
+@torch.library.custom_op("diffq_triton::pseudo_quantize_backward", mutates_args=())
+def pseudo_quantize_backward(
+    grad: Tensor, logits: Tensor, seed: Tensor, stats: Tensor, xi: Tensor, group_size: int,
+    min_bits: float, max_bits: float, param: str, noise: str, backend: str,
+) -> tuple[Tensor, Tensor]:
+    """``(∂L/∂w, ∂L/∂logits)`` from ``grad = ∂L/∂ŵ`` (see :func:`pseudo_quantize`)."""
+    if backend == "triton":
+        noise_k, _ = _kernels()
+        return noise_k.noise_backward(grad.contiguous(), logits.contiguous(), seed, stats,
+                                      group_size, min_bits, max_bits, param, noise)
+    return eager_ops.noise_backward(grad, logits, stats, xi, group_size, min_bits, max_bits,
+                                    param)
+
+
+@pseudo_quantize_backward.register_fake
+def _(grad, logits, seed, stats, xi, group_size, min_bits, max_bits, param, noise, backend):
+    return torch.empty_like(grad), torch.empty_like(logits)
+
+
+def _setup_context(ctx, inputs, output):
+    _, logits, seed, group_size, min_bits, max_bits, param, noise, backend = inputs
+    _, stats, xi = output
+    ctx.save_for_backward(logits, seed, stats, xi)
+    ctx.config = (group_size, min_bits, max_bits, param, noise, backend)
+    ctx.mark_non_differentiable(stats, xi)
+
+
+def _backward(ctx, grad_w_hat, grad_stats, grad_xi):
+    logits, seed, stats, xi = ctx.saved_tensors
+    grad_w, grad_l = pseudo_quantize_backward(grad_w_hat.contiguous(), logits, seed, stats, xi,
+                                              *ctx.config)
+    # Inputs after w and logits: seed (integer), then the six configuration values.
+    return grad_w, grad_l, None, None, None, None, None, None, None
+
+
+pseudo_quantize.register_autograd(_backward, setup_context=_setup_context)
+
+
+@torch.library.custom_op("diffq_triton::fake_quantize", mutates_args=())
+def fake_quantize(w: Tensor, bits: Tensor, group_size: int, backend: str) -> Tensor:
+    """Eval weight: quantized with per-group integer ``bits`` then dequantized, like ``w``."""
+    if backend == "triton":
+        _, quantize_k = _kernels()
+        return quantize_k.fake_quantize(w.contiguous(), bits.contiguous(), group_size)
+    return eager_ops.fake_quantize(w, bits, group_size)
+
+
+@fake_quantize.register_fake
+def _(w, bits, group_size, backend):
+    return torch.empty_like(w)

@@ -1,0 +1,171 @@
+"""Lean eager (PyTorch) implementations behind the custom ops, for CPUs and as a fallback.
+
+Same math as :mod:`diffq_triton.reference` (the oracle), laid out to touch each weight-sized
+tensor as few times as possible: a training step draws ``ξ`` once, keeps it for the
+backward (4 bytes per entry; diffq 0.2.4 keeps 9.2) and never expands per-group values to
+per-entry tensors when the group size divides the tensor.
+"""
+
+from __future__ import annotations
+
+import math
+from concurrent.futures import ThreadPoolExecutor
+
+import torch
+
+from . import reference
+
+# ξ is drawn in fixed chunks, each from its own generator seeded by (seed, chunk), so the
+# values depend on the seed only; chunks run on a thread pool (torch's normal_ is serial).
+NOISE_CHUNK = 1 << 18
+_POOL: ThreadPoolExecutor | None = None
+
+
+def _pool() -> ThreadPoolExecutor:
+    global _POOL
+    if _POOL is None:
+        _POOL = ThreadPoolExecutor(max(1, torch.get_num_threads()), "diffq_triton_noise")
+    return _POOL
+
+
+def _fill_chunk(out: torch.Tensor, seed: int, index: int, noise: str) -> None:
+    gen = torch.Generator(device=out.device)
+    gen.manual_seed((seed * 1_000_003 + index) & 0x7FFF_FFFF_FFFF_FFFF)
+    if noise == "gaussian":
+        out.normal_(0.0, 0.5, generator=gen)
+    else:
+        out.uniform_(-0.5, 0.5, generator=gen)
+
+
+def draw_noise(numel: int, seed: int, noise: str, device: torch.device) -> torch.Tensor:
+    """``[numel]`` float32 ``ξ`` (``N(0,1)/2`` or ``U[-1/2, 1/2)``), a function of ``seed``.
+
+    Args:
+        numel: entries.
+        seed: integer seed.
+        noise: ``"gaussian"`` or ``"uniform"``.
+        device: where to draw.
+    """
+    out = torch.empty(numel, dtype=torch.float32, device=device)
+    chunks = [out[i:i + NOISE_CHUNK] for i in range(0, numel, NOISE_CHUNK)]
+    if len(chunks) > 1 and device.type == "cpu" and torch.get_num_threads() > 1:
+        futures = [_pool().submit(_fill_chunk, c, seed, i, noise) for i, c in enumerate(chunks)]
+        for f in futures:
+            f.result()
+    else:
+        for i, c in enumerate(chunks):
+            _fill_chunk(c, seed, i, noise)
+    return out
+
+
+def _unit_and_slope(
+    logits: torch.Tensor, min_bits: float, max_bits: float, param: str
+) -> tuple[torch.Tensor, torch.Tensor]:
+    """``u(b(l))`` and ``du/dl`` per group, float32 (formulas in kernels/common.py)."""
+    t = torch.sigmoid(logits.float())
+    dt = t * (1 - t)
+    if param == "noise":
+        lo = math.log(1 / (2**max_bits - 1))
+        hi = math.log(1 / (2**min_bits - 1))
+        u = torch.exp(t * lo + (1 - t) * hi)
+        return u, u * (lo - hi) * dt
+    p = torch.exp2(min_bits + t * (max_bits - min_bits))
+    u = 1 / (p - 1)
+    return u, -math.log(2) * p * u * u * (max_bits - min_bits) * dt
+
+
+def _per_entry(values: torch.Tensor, numel: int, group_size: int) -> torch.Tensor:
+    """Per-group values broadcastable against the weight viewed as ``[n_groups, g]``."""
+    if group_size == 0 or group_size >= numel:
+        return values.reshape(1, 1)
+    if numel % group_size == 0:
+        return values[:, None]
+    return reference.expand_groups(values, numel, group_size)
+
+
+def _grouped(x: torch.Tensor, group_size: int) -> torch.Tensor:
+    """``x`` flat, viewed as ``[n_groups, g]`` when ``g`` divides it (else flat)."""
+    flat = x.reshape(-1)
+    n = flat.numel()
+    if group_size == 0 or group_size >= n:
+        return flat[None, :]
+    if n % group_size == 0:
+        return flat.view(-1, group_size)
+    return flat
+
+
+def noise_forward(
+    w: torch.Tensor,
+    logits: torch.Tensor,
+    seed: torch.Tensor,
+    group_size: int,
+    min_bits: float,
+    max_bits: float,
+    param: str,
+    noise: str,
+) -> tuple[torch.Tensor, torch.Tensor, torch.Tensor]:
+    """Eager ``ŵ = w + r·u(b_s)·ξ``.
+
+    Returns:
+        ``(w_hat, stats, xi)``: ``w_hat`` of ``w``'s shape and dtype; ``stats`` float64
+        ``[4]`` = (min, max, argmin, argmax); ``xi`` the ``[d]`` float32 noise drawn.
+    """
+    flat = w.reshape(-1)
+    n = flat.numel()
+    xi = draw_noise(n, int(seed.reshape(-1)[0]), noise, w.device)
+    if n == 0:
+        return w.clone(), torch.zeros(4, dtype=torch.float64, device=w.device), xi
+    mx, imx = flat.max(0)
+    mn, imn = flat.min(0)
+    stats = torch.stack([mn.double(), mx.double(), imn.double(), imx.double()])
+    u, _ = _unit_and_slope(logits, min_bits, max_bits, param)
+    scale = (mx.float() - mn.float()) * u
+    grouped = _grouped(xi, group_size)
+    if w.dtype == torch.float32:
+        out = torch.addcmul(_grouped(flat, group_size), grouped,
+                            _per_entry(scale, n, group_size))
+    else:
+        out = (_grouped(flat, group_size).float() + grouped * _per_entry(scale, n, group_size))
+    return out.to(w.dtype).view(w.shape), stats, xi
+
+
+def noise_backward(
+    grad: torch.Tensor,
+    logits: torch.Tensor,
+    stats: torch.Tensor,
+    xi: torch.Tensor,
+    group_size: int,
+    min_bits: float,
+    max_bits: float,
+    param: str,
+) -> tuple[torch.Tensor, torch.Tensor]:
+    """Eager backward of :func:`noise_forward`: ``(∂L/∂w, ∂L/∂l)``.
+
+    ``S_s = Σ_{i∈s} g_i ξ_i``, ``∂L/∂l_s = r·S_s·du_s/dl_s``, ``∂L/∂r = Σ_s u_s S_s``,
+    ``∂L/∂w = g + ∂L/∂r·(e_argmax - e_argmin)``.
+    """
+    n = grad.numel()
+    grad_w = grad.clone()
+    if n == 0:
+        return grad_w, torch.zeros_like(logits)
+    u, du = _unit_and_slope(logits, min_bits, max_bits, param)
+    prod = _grouped(grad, group_size).float() * _grouped(xi, group_size)
+    if prod.dim() == 2:
+        sums = prod.sum(1)
+    else:
+        ids = torch.arange(n, device=grad.device) // group_size
+        sums = torch.zeros(u.numel(), device=grad.device).index_add_(0, ids, prod)
+    r = (stats[1] - stats[0]).float()
+    grad_l = (r * sums * du).to(logits.dtype)
+    dr = (u * sums).sum()
+    imn, imx = stats[2].long(), stats[3].long()
+    flat = grad_w.view(-1)
+    # Same entry for both (constant tensor): the two range terms cancel.
+    delta = torch.where(imn == imx, torch.zeros_like(dr), dr).to(grad.dtype)
+    flat.index_add_(0, torch.stack([imx, imn]), torch.stack([delta, -delta]))
+    return grad_w, grad_l
+
+
+def fake_quantize(w: torch.Tensor, bits_int: torch.Tensor, group_size: int) -> torch.Tensor:
+    """Eager eval quantize → dequantize (the reference itself)."""
+    return reference.fake_quantize(w, bits_int, group_size)
