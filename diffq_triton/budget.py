@@ -36,23 +36,28 @@ from . import reference
 from .base import MEGABYTE_BITS, BaseQuantizer
 from .diffq import DiffQuantizer
 
-# λ starts at _INIT_SCALE / target: a penalty worth _INIT_SCALE units of loss at the target.
-# Cross-entropy-sized losses land near 0.01–0.3 (measured in bench/bench_budget.py); the
-# integral term corrects any other scale at up to _MAX_LOG_STEP per step.
-_INIT_SCALE = 0.03
-# Integral gain and its per-step clamp: λ changes by at most e^0.05 ≈ 5% per step from the
-# integral, so 100× takes ~90 steps, and a plant that lags (Adam moves a logit at most ~lr
-# per step) does not let the integral wind up far before the size responds.
+# λ starts at _INIT_SCALE / target: a penalty worth 0.1% of a unit of loss at the target,
+# below what cross-entropy-sized losses need (0.01–0.3 in bench/bench_budget.py), so λ grows
+# into place instead of starting with a spike: Adam remembers a large gradient in its second
+# moment for ~1/(1 - β2) steps, during which the logits barely move back up.
+_INIT_SCALE = 1e-3
+# Integral (dual ascent) gain in log space and its per-step clamp: the integral changes λ by
+# at most e^0.05 ≈ 5% per step, so 100× takes ~90 steps.
 _INTEGRAL_GAIN = 0.2
 _MAX_LOG_STEP = 0.05
-# Proportional gain grows as _P_RATE·(step + _P_OFFSET), capped at _P_MAX: at the cap a 2%
-# excess multiplies λ by e^1. Capped because the stored width field jumps by one bit per
-# group when a tensor's widest group crosses a rounding boundary, and an unbounded gain would
-# turn each such jump into a kick.
+# Anti-windup: the integral holds while the gap closes fast enough to vanish within
+# _HORIZON × (steps so far): the size lags λ (Adam moves a logit at most ~lr per step), and
+# integrating during that lag would overshoot once the size catches up.
+_HORIZON = 0.25
+# Proportional (augmented-Lagrangian-like) gain: grows as _P_RATE·step, as augmented
+# Lagrangian methods raise their penalty, so the size is held tighter as training goes on;
+# capped at _P_MAX (a 2% excess then multiplies λ by e) because the stored width field jumps
+# by one bit per group when a tensor's widest group crosses a rounding boundary, and an
+# unbounded gain would turn each jump into a kick. The gap it sees is clamped to ±_P_CLAMP.
 _P_RATE = 0.05
-_P_OFFSET = 100
 _P_MAX = 50.0
-# Relative errors are clamped so a far-off start does not produce an absurd λ.
+_P_CLAMP = 0.2
+# Relative gaps are clamped so a far-off start does not produce an absurd integral step.
 _MAX_REL_ERROR = 1.0
 
 
@@ -108,6 +113,7 @@ class SizeBudget:
         # place, so a step never waits for the host and torch.compile sees plain mutations.
         self._log_lam = torch.full((), math.log(_INIT_SCALE / self.target_mb), device=device)
         self._step = torch.zeros((), device=device)
+        self._last_gap = torch.zeros((), device=device)
         self._lam = self._log_lam.exp()
         self._size = torch.full((), float("nan"), device=device)
 
@@ -138,11 +144,15 @@ class SizeBudget:
         target = self.target_mb
         with torch.no_grad():
             gap = ((size.detach() - target) / target).clamp(-_MAX_REL_ERROR, _MAX_REL_ERROR)
-            gain = (_P_RATE * (self._step + _P_OFFSET)).clamp(max=_P_MAX)
-            lam = torch.exp(self._log_lam + gain * gap)
+            gain = (_P_RATE * self._step).clamp(max=_P_MAX)
+            lam = torch.exp(self._log_lam + gain * gap.clamp(-_P_CLAMP, _P_CLAMP))
             if update:
+                # Anti-windup (see _HORIZON): on track, λ is already large enough.
+                closing = self._last_gap.abs() - gap.abs()
+                on_track = (closing * _HORIZON * self._step >= gap.abs()) & (self._step > 0)
                 step = (_INTEGRAL_GAIN * gap).clamp(-_MAX_LOG_STEP, _MAX_LOG_STEP)
-                self._log_lam.add_(step)
+                self._log_lam.add_(torch.where(on_track, 0.0, step))
+                self._last_gap.copy_(gap)
                 self._step.add_(1)
                 self._lam = lam
                 self._size = size.detach()
@@ -155,6 +165,7 @@ class SizeBudget:
             "target_mb": self.target_mb,
             "log_lambda": self._log_lam.detach().clone(),
             "step": self._step.detach().clone(),
+            "last_gap": self._last_gap.detach().clone(),
         }
 
     def load_state_dict(self, state: dict) -> None:
@@ -163,13 +174,14 @@ class SizeBudget:
         Raises:
             ValueError: ``state`` lacks an entry or its target is out of range.
         """
-        missing = {"target_mb", "log_lambda", "step"} - set(state)
+        missing = {"target_mb", "log_lambda", "step", "last_gap"} - set(state)
         if missing:
             raise ValueError(f"state is missing {sorted(missing)}")
         self.target_mb = _check_target(self.quantizer, state["target_mb"])
         with torch.no_grad():
             self._log_lam.copy_(torch.as_tensor(state["log_lambda"]))
             self._step.copy_(torch.as_tensor(state["step"]))
+            self._last_gap.copy_(torch.as_tensor(state["last_gap"]))
         self._lam = self._log_lam.exp()
 
     # ----------------------------------------------------------------- end of training
@@ -241,31 +253,42 @@ class SizeBudget:
             else:
                 hi = mid
         below, above = widths(lo), widths(hi)
-        # Groups that step up between lo and hi (ties): take as many as fit, in order, those
-        # that do not widen their tensor's widest group first.
-        flat_below = torch.cat(below)
-        flat_above = torch.cat(above)
+        # Groups that step up between lo and hi are tied: take as many as fit. Two orders,
+        # the better kept: those that do not widen their tensor's widest group first (no
+        # width-field bit added), or spread evenly over the tensors (each pays its field
+        # bit once, then fills in).
+        flat_below, flat_above = torch.cat(below), torch.cat(above)
         steps = (flat_above > flat_below).nonzero().flatten()
         if steps.numel():
-            widest = torch.cat([torch.full_like(b, float(b.max())) for b in below])
-            widens = (flat_above[steps] > widest[steps]).to(torch.int64)
-            steps = steps[torch.sort(widens, stable=True).indices]
             sizes = [len(b) for b in below]
-
-            def take(n: int) -> list[torch.Tensor]:
-                flat = flat_below.clone()
-                flat[steps[:n]] = flat_above[steps[:n]]
-                return list(torch.split(flat, sizes))
-
-            n_lo, n_hi = 0, steps.numel()
-            while n_lo < n_hi:  # largest n that fits; fits(take(0)) holds
-                n = (n_lo + n_hi + 1) // 2
-                if fits(take(n)):
-                    n_lo = n
-                else:
-                    n_hi = n - 1
-            below = take(n_lo)
+            widest = torch.cat([torch.full_like(b, float(b.max())) for b in below])
+            widens = (flat_above[steps] > widest[steps]).double()
+            position = torch.cat([torch.arange(n, dtype=torch.float64) / n for n in sizes])
+            orders = [torch.sort(widens, stable=True).indices,
+                      torch.sort(position[steps], stable=True).indices]
+            fitted = [self._take_ties(flat_below, flat_above, steps[o], sizes) for o in orders]
+            below = max(fitted, key=lambda ws: _stored_size_mb(q, ws))
         return _stored_size_mb(q, below), below
+
+
+    def _take_ties(
+        self, below: torch.Tensor, above: torch.Tensor, steps: torch.Tensor, sizes: list[int]
+    ) -> list[torch.Tensor]:
+        """Widths with the longest prefix of ``steps`` raised to ``above`` that still fits."""
+
+        def take(n: int) -> list[torch.Tensor]:
+            flat = below.clone()
+            flat[steps[:n]] = above[steps[:n]]
+            return list(torch.split(flat, sizes))
+
+        n_lo, n_hi = 0, steps.numel()
+        while n_lo < n_hi:  # take(0) fits; the size grows with n
+            n = (n_lo + n_hi + 1) // 2
+            if _stored_size_mb(self.quantizer, take(n)) <= self.target_mb:
+                n_lo = n
+            else:
+                n_hi = n - 1
+        return take(n_lo)
 
 
 # --------------------------------------------------------------------- helpers
