@@ -233,3 +233,45 @@ def test_penalty_compiles_fullgraph_and_matches_eager():
         results.append(torch.stack(lams))
         assert budget.state_dict()["step"] == 4
     torch.testing.assert_close(results[1], results[0])
+
+
+def _ddp_worker(rank: int, world: int, port: int, out_dir: str) -> None:
+    import os
+
+    import torch.distributed as dist
+
+    os.environ.update(MASTER_ADDR="127.0.0.1", MASTER_PORT=str(port))
+    dist.init_process_group("gloo", rank=rank, world_size=world)
+    try:
+        torch.set_num_threads(1)
+        model, q, opt = _setup()  # same seed: same initial weights on every rank
+        budget = SizeBudget(q, _fraction_of_range(q, 0.3))
+        ddp = nn.parallel.DistributedDataParallel(model)
+        torch.manual_seed(100 + rank)  # different data and noise per rank
+        lams = []
+        for _ in range(5):
+            loss = ddp(torch.randn(8, 32)).pow(2).mean()
+            opt.zero_grad()
+            (loss + budget.penalty()).backward()
+            opt.step()
+            lams.append(budget.lam.clone())
+        torch.save({"lams": torch.stack(lams), **budget.state_dict()},
+                   os.path.join(out_dir, f"rank{rank}.pt"))
+    finally:
+        dist.destroy_process_group()
+
+
+@pytest.mark.slow  # two spawned processes importing torch: ~10 s unloaded
+def test_ddp_ranks_hold_the_same_lambda(tmp_path):
+    import socket
+
+    import torch.multiprocessing as mp
+
+    with socket.socket() as s:
+        s.bind(("127.0.0.1", 0))
+        port = s.getsockname()[1]
+    mp.spawn(_ddp_worker, args=(2, port, str(tmp_path)), nprocs=2, join=True)
+    r0, r1 = (torch.load(tmp_path / f"rank{r}.pt") for r in (0, 1))
+    assert len(torch.unique(r0["lams"])) > 1, "λ moved"
+    for key in ("lams", "log_lambda", "step", "last_gap"):
+        torch.testing.assert_close(r0[key], r1[key], rtol=0, atol=0, msg=key)
