@@ -58,18 +58,19 @@ def pack_levels(levels: torch.Tensor, bits: torch.Tensor, group_size: int) -> to
     Raises:
         ValueError: widths out of range, wrong number of groups, levels out of range.
     """
-    levels, bits = _check_args(levels, bits, group_size)
-    numel = levels.numel()
-    bits = bits.to(levels.device)
-    if numel == 0:
-        return torch.zeros(0, dtype=torch.uint8, device=levels.device)
-    if levels.is_cuda:
+    if isinstance(levels, torch.Tensor) and levels.is_cuda:
         from .kernels import bitpack as kernels
 
+        levels, bits = _check_args(levels, bits.to(levels.device), group_size)
+        if levels.numel() == 0:
+            return torch.zeros(0, dtype=torch.uint8, device=levels.device)
         _check_levels_range(levels, bits, group_size)
         return kernels.pack(levels, bits, group_size)
     with _cpu_threads():
-        return _pack_cpu(levels, bits, group_size)
+        levels, bits = _check_args(levels, bits, group_size)
+        if levels.numel() == 0:
+            return torch.zeros(0, dtype=torch.uint8)
+        return _pack_cpu(levels, bits.cpu(), group_size)
 
 
 def unpack_levels(
@@ -94,18 +95,18 @@ def unpack_levels(
         raise ValueError(f"packed must be a 1-D uint8 tensor, got {packed.dtype} {packed.shape}")
     if numel < 0:
         raise ValueError(f"numel must be >= 0, got {numel}")
-    bits = _check_bits(bits, group_size, numel).to(packed.device)
-    expected = packed_nbytes(bits, group_size, numel) if numel else 0
-    if packed.numel() != expected:
-        raise ValueError(f"packed stream holds {packed.numel()} bytes, expected {expected}")
-    if numel == 0:
-        return torch.zeros(0, dtype=torch.int16, device=packed.device)
-    if packed.is_cuda:
-        from .kernels import bitpack as kernels
-
-        return kernels.unpack(packed, bits, group_size, numel)
     with _cpu_threads():
-        return _unpack_cpu(packed, bits, group_size, numel)
+        bits = _check_bits(bits, group_size, numel).to(packed.device)
+        expected = packed_nbytes(bits, group_size, numel) if numel else 0
+        if packed.numel() != expected:
+            raise ValueError(f"packed stream holds {packed.numel()} bytes, expected {expected}")
+        if numel == 0:
+            return torch.zeros(0, dtype=torch.int16, device=packed.device)
+        if not packed.is_cuda:
+            return _unpack_cpu(packed, bits, group_size, numel)
+    from .kernels import bitpack as kernels
+
+    return kernels.unpack(packed, bits, group_size, numel)
 
 
 def width_field_bits(bits: torch.Tensor, min_bits: int) -> int:
@@ -401,10 +402,6 @@ def _unpack_cpu(
 # entries, each row exactly b_s bytes. A row is built in a 128-bit lane (two int64) with
 # per-row shifts, and its first b_s bytes are kept: row-major selection of those bytes is
 # the stream, written at the chunk's byte offset.
-def _row_widths(bits: torch.Tensor, group_size: int, full: int) -> torch.Tensor:
-    return bits[:full].to(torch.int64).repeat_interleave(max(group_size, 8) // 8)
-
-
 # Byte masks "first w of 8 bytes" as one uint64 each, for w in 0..8: a gather, not a compare.
 _FIRST_BYTES = np.array([(1 << 8 * w) // 255 for w in range(9)], dtype=np.uint64)
 
@@ -444,93 +441,113 @@ def _unpack_rows_narrow(stream: torch.Tensor, w: torch.Tensor) -> torch.Tensor:
     return torch.from_numpy(x.view(np.uint8).reshape(-1, 8).astype(np.int16))
 
 
+_FIRST_BYTES16 = np.array(
+    [[(1 << 8 * min(w, 8)) // 255, (1 << 8 * max(w - 8, 0)) // 255] for w in range(16)],
+    dtype=np.uint64,
+)
+
+
+def _pack_rows_wide(rows: torch.Tensor, w: torch.Tensor) -> torch.Tensor:
+    """As :func:`_pack_rows_narrow` for widths up to 15: int16 entries, two int64 per row."""
+    r = rows.numpy()
+    wn = w.numpy()
+    if (r >> wn.astype(np.int16)[:, None]).any():
+        raise ValueError("a level does not fit in its group's bit width")
+    w64 = wn.astype(np.int64)[:, None]
+    x = r.view(np.int32)
+    x = x + (x >> 16) * ((np.int64(1) << w64) - (1 << 16)).astype(np.int32)
+    x = x.view(np.int64)
+    x = x + (x >> 32) * ((np.int64(1) << 2 * w64) - (1 << 32))
+    quad = 4 * w64[:, 0]
+    lo = x[:, 0] | (x[:, 1] << quad)
+    hi = x[:, 1] >> (64 - quad)
+    lanes = np.stack((lo, hi), 1).view(np.uint8).reshape(-1)
+    keep = _FIRST_BYTES16[wn].view(np.bool_).reshape(-1)
+    return torch.from_numpy(np.compress(keep, lanes))
+
+
+def _unpack_rows_wide(stream: torch.Tensor, w: torch.Tensor) -> torch.Tensor:
+    """Inverse of :func:`_pack_rows_wide`: ``[R, 8]`` int16."""
+    wn = w.numpy()
+    keep = _FIRST_BYTES16[wn].view(np.bool_).reshape(-1)
+    lanes = np.zeros(wn.size * 16, dtype=np.uint8)
+    lanes[keep] = stream.numpy()
+    words = lanes.view(np.int64).reshape(-1, 2)
+    w64 = wn.astype(np.int64)[:, None]
+    quad = 4 * w64[:, 0]
+    lo, hi = words[:, 0], words[:, 1]
+    h0 = lo & ((np.int64(1) << quad) - 1)
+    h1 = ((lo >> quad) & ((np.int64(1) << (64 - quad)) - 1)) | (hi << (64 - quad))
+    x = np.stack((h0, h1), 1)
+    x = x + (x >> 2 * w64) * ((1 << 32) - (np.int64(1) << 2 * w64))
+    x = x.view(np.int32)
+    x = x + (x >> w64.astype(np.int32)) * ((1 << 16) - (np.int64(1) << w64)).astype(np.int32)
+    return torch.from_numpy(x.view(np.int16).reshape(-1, 8).copy())
+
+
+class _Rows:
+    """The aligned layout of a tensor: rows of 8 entries, each ``b_s`` bytes of the stream."""
+
+    def __init__(self, bits: torch.Tensor, group_size: int, numel: int):
+        self.full = numel // group_size if group_size else 0
+        self.widths = bits[: self.full].repeat_interleave(max(group_size, 8) // 8)
+        self.n = self.widths.numel()
+        starts = torch.cumsum(self.widths, 0, dtype=torch.int64)
+        self.body = int(starts[-1]) if self.n else 0
+        self.starts = np.concatenate(([0], starts.numpy()))
+        self.chunk = max(1, _CHUNK // 8)
+
+    def span(self, start: int) -> tuple[int, int, torch.Tensor]:
+        stop = min(start + self.chunk, self.n)
+        return int(self.starts[start]), int(self.starts[stop]), self.widths[start:stop]
+
+
 def _pack_aligned(levels: torch.Tensor, bits: torch.Tensor, group_size: int) -> torch.Tensor:
     numel = levels.numel()
-    full = numel // group_size if group_size else 0
-    widths = _row_widths(bits, group_size, full)
-    n_rows = widths.numel()
-    row_start = torch.cumsum(widths, 0) - widths
-    body = int(widths.sum())
+    if levels.dtype != torch.int16:
+        low, high = torch.aminmax(levels)
+        if int(low) < 0 or int(high) >= 1 << MAX_WIDTH:
+            raise ValueError("a level does not fit in its group's bit width")
+        levels = levels.to(torch.int16)
+    layout = _Rows(bits, group_size, numel)
     out = torch.empty(packed_nbytes(bits, group_size, numel), dtype=torch.uint8)
-    rows = levels[: n_rows * 8].view(n_rows, 8)
-    chunk = max(1, _CHUNK // 8)
-    quarter = torch.arange(4, dtype=torch.int64)
-    column = torch.arange(16)
-
-    narrow = n_rows and int(widths.max()) <= 8
+    rows = levels[: layout.n * 8].view(layout.n, 8)
 
     def work(starts: list[int]) -> None:
         for start in starts:
-            stop = min(start + chunk, n_rows)
-            w = widths[start:stop]
-            first = int(row_start[start])
-            last = body if stop == n_rows else int(row_start[stop])
-            if narrow:
-                out[first:last] = _pack_rows_narrow(rows[start:stop], w)
-                continue
-            v = rows[start:stop].to(torch.int64).view(-1, 2, 4)
-            if bool((v >> w[:, None, None]).any()) or bool((v < 0).any()):
-                raise ValueError("a level does not fit in its group's bit width")
-            h = (v << (w[:, None, None] * quarter)).sum(-1)
-            quad = 4 * w
-            lo = h[:, 0] | (h[:, 1] << quad)
-            hi = h[:, 1] >> (64 - quad)
-            lanes = torch.stack((lo, hi), 1).view(torch.uint8).view(-1, 16)
-            out[first:last] = lanes[column < w[:, None]]
+            first, last, w = layout.span(start)
+            pack = _pack_rows_narrow if int(w.max()) <= 8 else _pack_rows_wide
+            out[first:last] = pack(rows[start : start + w.numel()], w)
 
-    if n_rows:
-        _run_chunks(n_rows, chunk, work)
-    if full < bits.numel():
+    if layout.n:
+        _run_chunks(layout.n, layout.chunk, work)
+    if layout.full < bits.numel():
         width = int(bits[-1])
-        tail = levels[full * group_size :]
+        tail = levels[layout.full * group_size :]
         if int(tail.max()) >= 1 << width or int(tail.min()) < 0:
             raise ValueError(f"a level does not fit in its group's {width} bits")
-        out[body:] = _pack_fixed(tail, width)
+        out[layout.body :] = _pack_fixed(tail, width)
     return out
 
 
 def _unpack_aligned(
     packed: torch.Tensor, bits: torch.Tensor, group_size: int, numel: int
 ) -> torch.Tensor:
-    full = numel // group_size if group_size else 0
-    widths = _row_widths(bits, group_size, full)
-    n_rows = widths.numel()
-    row_start = torch.cumsum(widths, 0) - widths
-    body = int(widths.sum())
+    layout = _Rows(bits, group_size, numel)
     out = torch.empty(numel, dtype=torch.int16)
-    rows = out[: n_rows * 8].view(n_rows, 8)
-    chunk = max(1, _CHUNK // 8)
-    quarter = torch.arange(4, dtype=torch.int64)
-    column = torch.arange(16)
-
-    narrow = n_rows and int(widths.max()) <= 8
+    rows = out[: layout.n * 8].view(layout.n, 8)
 
     def work(starts: list[int]) -> None:
         for start in starts:
-            stop = min(start + chunk, n_rows)
-            w = widths[start:stop]
-            first = int(row_start[start])
-            last = body if stop == n_rows else int(row_start[stop])
-            if narrow:
-                rows[start:stop] = _unpack_rows_narrow(packed[first:last], w)
-                continue
-            lanes = torch.zeros(stop - start, 16, dtype=torch.uint8)
-            lanes[column < w[:, None]] = packed[first:last]
-            words = lanes.view(torch.int64)
-            lo, hi = words[:, 0], words[:, 1]
-            quad = 4 * w
-            ones = torch.ones_like(quad)
-            h0 = lo & ((ones << quad) - 1)
-            h1 = ((lo >> quad) & ((ones << (64 - quad)) - 1)) | (hi << (64 - quad))
-            h = torch.stack((h0, h1 & ((ones << quad) - 1)), 1)
-            v = (h[:, :, None] >> (w[:, None, None] * quarter)) & ((ones << w) - 1)[:, None, None]
-            rows[start:stop] = v.view(-1, 8)
+            first, last, w = layout.span(start)
+            unpack = _unpack_rows_narrow if int(w.max()) <= 8 else _unpack_rows_wide
+            rows[start : start + w.numel()] = unpack(packed[first:last], w)
 
-    if n_rows:
-        _run_chunks(n_rows, chunk, work)
-    if full < bits.numel():
-        width = int(bits[-1])
-        out[full * group_size :] = _unpack_fixed(packed[body:], width, numel - full * group_size)
+    if layout.n:
+        _run_chunks(layout.n, layout.chunk, work)
+    if layout.full < bits.numel():
+        rest = numel - layout.full * group_size
+        out[layout.full * group_size :] = _unpack_fixed(packed[layout.body :], int(bits[-1]), rest)
     return out
 
 

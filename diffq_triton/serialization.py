@@ -55,21 +55,8 @@ def save_quantized(quantizer, path: str | os.PathLike | BinaryIO) -> None:
             (anything with ``export_quantized()`` and ``export_float()``).
         path: file name, or a writable binary file object.
     """
-    entries: list[tuple[str, str, list[int], torch.Tensor]] = []  # key, dtype, shape, bytes
-    # Float payloads first: with an 8-aligned data start they stay aligned for their dtype.
-    floats = []
-    for name, tensor, as_half in quantizer.export_float():
-        stored = "F16" if as_half else "F32"
-        data = tensor.detach().to(_STORED[stored]).contiguous().cpu()
-        raw = data.reshape(-1).view(torch.uint8)
-        entries.append((name, stored, list(tensor.shape), raw))
-        floats.append({
-            "name": name, "dtype": _dtype_name(tensor.dtype), "crc": _crc(raw),
-        })
-    entries.sort(key=lambda e: e[1] != "F32")
-    quantized = [_encode_quantized(qt, entries) for qt in quantizer.export_quantized()]
-    meta = json.dumps({"version": VERSION, "quantized": quantized, "float": floats},
-                      separators=(",", ":"), allow_nan=False)
+    with bitpack._cpu_threads():
+        entries, meta = _encode(quantizer)
     header: dict = {"__metadata__": {
         "format": FORMAT, META_KEY: meta, "crc32": str(zlib.crc32(meta.encode())),
     }}
@@ -86,6 +73,26 @@ def save_quantized(quantizer, path: str | os.PathLike | BinaryIO) -> None:
             f.writelines(chunks)
     else:
         path.writelines(chunks)
+
+
+def _encode(quantizer) -> tuple[list, str]:
+    """Payloads ``(key, dtype, shape, bytes)`` in file order, and the metadata JSON."""
+    entries: list[tuple[str, str, list[int], torch.Tensor]] = []
+    # Float payloads first: with an 8-aligned data start they stay aligned for their dtype.
+    floats = []
+    for name, tensor, as_half in quantizer.export_float():
+        stored = "F16" if as_half else "F32"
+        data = tensor.detach().to(_STORED[stored]).contiguous().cpu()
+        raw = data.reshape(-1).view(torch.uint8)
+        entries.append((name, stored, list(tensor.shape), raw))
+        floats.append({
+            "name": name, "dtype": _dtype_name(tensor.dtype), "crc": _crc(raw),
+        })
+    entries.sort(key=lambda e: e[1] != "F32")
+    quantized = [_encode_quantized(qt, entries) for qt in quantizer.export_quantized()]
+    meta = json.dumps({"version": VERSION, "quantized": quantized, "float": floats},
+                      separators=(",", ":"), allow_nan=False)
+    return entries, meta
 
 
 def _encode_quantized(qt: QuantizedTensor, entries: list) -> dict:
@@ -407,9 +414,57 @@ def _decode(plan: _Plan, device: torch.device) -> torch.Tensor:
     levels = bitpack.unpack_levels(packed, bits, qt.group_size, qt.numel)
     if qt.scheme == "lsq":
         levels = levels - (1 << (int(qt.bits[0]) - 1))
+    if device.type == "cpu":
+        return dequantize_cpu(levels, bits, qt).view(qt.shape).to(qt.dtype)
     decoded = QuantizedTensor(qt.name, qt.shape, qt.dtype, qt.scheme, qt.group_size, levels,
                               bits, qt.mn, qt.mx)
     return decoded.dequantize(device)
+
+
+def dequantize_cpu(levels: torch.Tensor, bits: torch.Tensor, qt: QuantizedTensor) -> torch.Tensor:
+    """:meth:`QuantizedTensor.dequantize` on the CPU, chunk by chunk in cache, same bits.
+
+    The float32 operations and their order are the reference's (``q·u(b)·(mx - mn) + mn``,
+    ``u(b) = 1/(2^b - 1)``; ``q·step`` for lsq), so the values are identical.
+
+    Args:
+        levels: ``[numel]`` int16 levels (signed for lsq).
+        bits: ``[n_groups]`` uint8 widths.
+        qt: the record giving scheme, group size and range.
+
+    Returns:
+        ``[numel]`` float32.
+    """
+    numel = levels.numel()
+    out = torch.empty(numel, dtype=torch.float32)
+    group = qt.group_size if bits.numel() > 1 else 0
+    unit = 1 / ((1 << bits.to(torch.int64)) - 1)
+    mn = torch.tensor(qt.mn, dtype=torch.float32)
+    span = torch.tensor(qt.mx, dtype=torch.float32) - mn
+    step = torch.tensor(qt.mn, dtype=torch.float32)
+    chunk = bitpack._CHUNK if not group else max(group, bitpack._CHUNK // group * group)
+
+    def work(starts: list[int]) -> None:
+        for start in starts:
+            stop = min(start + chunk, numel)
+            o = out[start:stop]
+            o.copy_(levels[start:stop])
+            if qt.scheme == "lsq":
+                o.mul_(step)
+                continue
+            if group:
+                full = (stop - start) // group * group
+                first = start // group
+                o[:full].view(-1, group).mul_(unit[first : first + full // group, None])
+                if full < stop - start:
+                    o[full:].mul_(unit[first + full // group])
+            else:
+                o.mul_(unit[0])
+            o.mul_(span).add_(mn)
+
+    with bitpack._cpu_threads():
+        bitpack._run_chunks(numel, chunk, work)
+    return out
 
 
 def load_quantized(model: nn.Module, path: str | os.PathLike | BinaryIO | bytes) -> None:
@@ -424,8 +479,10 @@ def load_quantized(model: nn.Module, path: str | os.PathLike | BinaryIO | bytes)
         ValueError: the file is malformed, corrupted, or does not match the model; the
             message names the tensor and the problem.
     """
-    plans = read_quantized(model, path)
-    values = [_decode(plan, plan.params[0].device) for plan in plans]
+    # One torch thread for the many group-sized ops, the chunk pool for the big ones.
+    with bitpack._cpu_threads():
+        plans = read_quantized(model, path)
+        values = [_decode(plan, plan.params[0].device) for plan in plans]
     with torch.no_grad():
         for plan, value in zip(plans, values, strict=True):
             for p in plan.params:
