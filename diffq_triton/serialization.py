@@ -467,6 +467,53 @@ def dequantize_cpu(levels: torch.Tensor, bits: torch.Tensor, qt: QuantizedTensor
     return out
 
 
+def quantize_cpu(w: torch.Tensor, bits: torch.Tensor, group_size: int
+                 ) -> tuple[torch.Tensor, torch.Tensor, torch.Tensor]:
+    """:func:`reference.quantize` on the CPU, chunk by chunk in cache, same levels.
+
+    The same float32 operations in the same order (``round(((w - mn)/r)/u(b))``), so the
+    levels are identical to the reference's; a quantizer may call this for CPU weights.
+
+    Args:
+        w: weight, any shape, floating dtype, on the CPU.
+        bits: ``[n_groups]`` integer widths in ``[1, 15]``.
+        group_size: entries per group (0: one group).
+
+    Returns:
+        ``(levels, mn, mx)``: ``[numel]`` int16 and 0-dim float32 range.
+    """
+    flat = w.detach().reshape(-1)
+    numel = flat.numel()
+    out = torch.empty(numel, dtype=torch.int16)
+    with bitpack._cpu_threads():
+        mn, mx = (v.float() for v in torch.aminmax(flat))
+        scale = mx - mn
+        safe = torch.where(scale > 0, scale, torch.ones_like(scale))
+        unit = 1 / ((1 << bits.reshape(-1).to(torch.int64)) - 1)
+        group = group_size if unit.numel() > 1 else 0
+        chunk = bitpack._CHUNK if not group else max(group, bitpack._CHUNK // group * group)
+
+        def work(starts: list[int]) -> None:
+            buf = torch.empty(chunk, dtype=torch.float32)
+            for start in starts:
+                stop = min(start + chunk, numel)
+                t = buf[: stop - start]
+                torch.sub(flat[start:stop], mn, out=t)
+                t.div_(safe)
+                if group:
+                    full = (stop - start) // group * group
+                    first = start // group
+                    t[:full].view(-1, group).div_(unit[first : first + full // group, None])
+                    if full < stop - start:
+                        t[full:].div_(unit[first + full // group])
+                else:
+                    t.div_(unit[0])
+                out[start:stop].copy_(t.round_())
+
+        bitpack._run_chunks(numel, chunk, work)
+    return out, mn, mx
+
+
 def load_quantized(model: nn.Module, path: str | os.PathLike | BinaryIO | bytes) -> None:
     """Restore the weights of a plain ``model`` from a file of :func:`save_quantized`.
 
