@@ -383,7 +383,6 @@ def _pack_cpu(levels: torch.Tensor, bits: torch.Tensor, group_size: int) -> torc
         return _pack_fixed(levels, int(low))
     if _aligned(group_size, bits.numel()):
         return _pack_aligned(levels, bits, group_size)
-    _check_levels_range(levels, bits, group_size)
     return _pack_words(levels, bits, group_size)
 
 
@@ -551,55 +550,80 @@ def _unpack_aligned(
     return out
 
 
-def _entry_offsets(bits: torch.Tensor, group_size: int, numel: int):
-    """Per-entry widths (int64) and exclusive bit offsets (int64) of the stream."""
-    per_entry = _expand(bits.to(torch.int64), group_size, numel)
-    offsets = torch.cumsum(per_entry, 0) - per_entry
-    return per_entry, offsets
+# Any group size: entries are spread to one bit per byte (np.unpackbits, 16 per entry), the
+# first b_i of each entry kept (a byte mask gathered by width), and the bits packed back
+# (np.packbits); unpacking runs the same steps backwards. Chunks know their bit offset from
+# a prefix sum over groups, so unpacking runs them in parallel; packing carries the < 8
+# bits left over at each chunk's end into the next one.
+_FIRST_BITS16 = np.arange(16)[None, :] < np.arange(17)[:, None]
+
+
+class _Entries:
+    """Per-group prefix sums giving each chunk its entries' widths and its stream offset."""
+
+    def __init__(self, bits: torch.Tensor, group_size: int, numel: int):
+        self.bits = bits.numpy()
+        self.g = group_size if self.bits.size > 1 else max(numel, 1)
+        lengths = np.full(self.bits.size, self.g, dtype=np.int64)
+        lengths[-1] = numel - self.g * (self.bits.size - 1)
+        self.prefix = np.concatenate(([0], np.cumsum(lengths * self.bits)))
+
+    def offset(self, i: int) -> int:
+        """Stream bit offset of entry ``i``."""
+        group, rest = divmod(i, self.g)
+        if group >= self.bits.size:
+            return int(self.prefix[-1])
+        return int(self.prefix[group]) + rest * int(self.bits[group])
+
+    def widths(self, start: int, stop: int) -> np.ndarray:
+        first, last = start // self.g, (stop - 1) // self.g
+        per = np.repeat(self.bits[first : last + 1], self.g)
+        return per[start - first * self.g : stop - first * self.g]
 
 
 def _pack_words(levels: torch.Tensor, bits: torch.Tensor, group_size: int) -> torch.Tensor:
-    """Any layout: each entry lands in one or two 32-bit words; disjoint bits add like OR.
-
-    Chunks run in order, each into its own small word buffer added onto the output words,
-    so the words shared by two chunks simply receive both contributions.
-    """
     numel = levels.numel()
-    nbytes = packed_nbytes(bits, group_size, numel)
-    _, offsets = _entry_offsets(bits, group_size, numel)
-    words = torch.zeros(nbytes // 4 + 2, dtype=torch.int64)
+    entries = _Entries(bits, group_size, numel)
+    out = np.zeros(packed_nbytes(bits, group_size, numel), dtype=np.uint8)
+    source = levels.numpy()
+    carry = np.zeros(0, dtype=np.uint8)
+    position = 0
     for start in range(0, numel, _CHUNK):
         stop = min(start + _CHUNK, numel)
-        off = offsets[start:stop]
-        base = int(off[0]) >> 5
-        word = (off >> 5) - base
-        shifted = levels[start:stop].to(torch.int64) << (off & 31)
-        span = int(word[-1]) + 2
-        local = torch.zeros(span, dtype=torch.int64)
-        local.index_add_(0, word, shifted & 0xFFFFFFFF)
-        local.index_add_(0, word + 1, shifted >> 32)
-        words[base : base + span] += local
-    return _words_to_bytes(words)[:nbytes].clone()
+        w = entries.widths(start, stop)
+        chunk = source[start:stop].astype(np.int16)
+        if (chunk >> w.astype(np.int16)).any():
+            raise ValueError("a level does not fit in its group's bit width")
+        spread = np.unpackbits(chunk.view(np.uint8).reshape(-1, 2), axis=1, bitorder="little")
+        stream = np.concatenate((carry, spread[_FIRST_BITS16[w]]))
+        whole = stream.size // 8 * 8
+        out[position : position + whole // 8] = np.packbits(stream[:whole], bitorder="little")
+        position += whole // 8
+        carry = stream[whole:]
+    if carry.size:
+        out[position] = np.packbits(carry, bitorder="little")[0]
+    return torch.from_numpy(out)
 
 
 def _unpack_words(
     packed: torch.Tensor, bits: torch.Tensor, group_size: int, numel: int
 ) -> torch.Tensor:
-    per_entry, offsets = _entry_offsets(bits, group_size, numel)
-    n_words = packed.numel() // 4 + 2
-    buf = torch.zeros(n_words * 4, dtype=torch.uint8)
-    buf[: packed.numel()] = packed
-    words = _bytes_to_words(buf)
+    entries = _Entries(bits, group_size, numel)
+    source = packed.numpy()
     out = torch.empty(numel, dtype=torch.int16)
+    target = out.numpy()
 
     def work(starts: list[int]) -> None:
         for start in starts:
             stop = min(start + _CHUNK, numel)
-            off = offsets[start:stop]
-            word = off >> 5
-            pair = words[word] | (words[word + 1] << 32)
-            mask = (torch.ones_like(off) << per_entry[start:stop]) - 1
-            out[start:stop] = (pair >> (off & 31)) & mask
+            first, last = entries.offset(start), entries.offset(stop)
+            raw = source[first // 8 : (last + 7) // 8]
+            stream = np.unpackbits(raw, bitorder="little")[first % 8 : first % 8 + last - first]
+            w = entries.widths(start, stop)
+            spread = np.zeros((stop - start, 16), dtype=np.uint8)
+            spread[_FIRST_BITS16[w]] = stream
+            target[start:stop] = np.packbits(spread, axis=1, bitorder="little").view(np.int16)[
+                :, 0]
 
     _run_chunks(numel, _CHUNK, work)
     return out

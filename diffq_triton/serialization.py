@@ -406,7 +406,8 @@ def read_quantized(model: nn.Module, source) -> list[_Plan]:
     return plans
 
 
-def _decode(plan: _Plan, device: torch.device) -> torch.Tensor:
+def _decode(plan: _Plan, device: torch.device, out: torch.Tensor | None = None) -> torch.Tensor:
+    """The weight of a checked record, on ``device`` (written into ``out`` when given)."""
     if plan.qt is None:
         return plan.floats.to(device)
     qt = plan.qt
@@ -415,13 +416,14 @@ def _decode(plan: _Plan, device: torch.device) -> torch.Tensor:
     if qt.scheme == "lsq":
         levels = levels - (1 << (int(qt.bits[0]) - 1))
     if device.type == "cpu":
-        return dequantize_cpu(levels, bits, qt).view(qt.shape).to(qt.dtype)
+        return dequantize_cpu(levels, bits, qt, out).view(qt.shape).to(qt.dtype)
     decoded = QuantizedTensor(qt.name, qt.shape, qt.dtype, qt.scheme, qt.group_size, levels,
                               bits, qt.mn, qt.mx)
     return decoded.dequantize(device)
 
 
-def dequantize_cpu(levels: torch.Tensor, bits: torch.Tensor, qt: QuantizedTensor) -> torch.Tensor:
+def dequantize_cpu(levels: torch.Tensor, bits: torch.Tensor, qt: QuantizedTensor,
+                   out: torch.Tensor | None = None) -> torch.Tensor:
     """:meth:`QuantizedTensor.dequantize` on the CPU, chunk by chunk in cache, same bits.
 
     The float32 operations and their order are the reference's (``q·u(b)·(mx - mn) + mn``,
@@ -431,12 +433,13 @@ def dequantize_cpu(levels: torch.Tensor, bits: torch.Tensor, qt: QuantizedTensor
         levels: ``[numel]`` int16 levels (signed for lsq).
         bits: ``[n_groups]`` uint8 widths.
         qt: the record giving scheme, group size and range.
+        out: optional contiguous float32 tensor of ``numel`` entries to write into.
 
     Returns:
-        ``[numel]`` float32.
+        ``[numel]`` float32 (``out`` flattened when given).
     """
     numel = levels.numel()
-    out = torch.empty(numel, dtype=torch.float32)
+    out = torch.empty(numel, dtype=torch.float32) if out is None else out.view(-1)
     group = qt.group_size if bits.numel() > 1 else 0
     unit = 1 / ((1 << bits.to(torch.int64)) - 1)
     mn = torch.tensor(qt.mn, dtype=torch.float32)
@@ -518,21 +521,24 @@ def load_quantized(model: nn.Module, path: str | os.PathLike | BinaryIO | bytes)
     """Restore the weights of a plain ``model`` from a file of :func:`save_quantized`.
 
     No quantizer is needed and nothing is unpickled. Every check (format, version,
-    checksums, names, shapes, widths, ranges) runs and every tensor is decoded before the
-    first parameter is written: on failure the model is unchanged. Tied parameters receive
-    the same weight. Weights are unpacked and dequantized on each parameter's device.
+    checksums, names, shapes, widths, ranges) runs before the first parameter is written:
+    on failure the model is unchanged. Decoding a checked record cannot fail, so float32
+    CPU weights are dequantized straight into the parameter. Tied parameters receive the
+    same weight. Weights are unpacked and dequantized on each parameter's device.
 
     Raises:
         ValueError: the file is malformed, corrupted, or does not match the model; the
             message names the tensor and the problem.
     """
     # One torch thread for the many group-sized ops, the chunk pool for the big ones.
-    with bitpack._cpu_threads():
+    with bitpack._cpu_threads(), torch.no_grad():
         plans = read_quantized(model, path)
-        values = [_decode(plan, plan.params[0].device) for plan in plans]
-    with torch.no_grad():
-        for plan, value in zip(plans, values, strict=True):
-            for p in plan.params:
+        for plan in plans:
+            first = plan.params[0]
+            direct = (plan.qt is not None and first.device.type == "cpu"
+                      and first.dtype == torch.float32 and first.is_contiguous())
+            value = _decode(plan, first.device, first.data if direct else None)
+            for p in plan.params[0 if not direct else 1 :]:
                 p.copy_(value.to(p.device))
 
 
