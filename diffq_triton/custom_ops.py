@@ -80,6 +80,8 @@ def _setup_context(ctx, inputs, output):
     ctx.save_for_backward(logits, seed, stats, xi)
     ctx.config = (group_size, min_bits, max_bits, param, noise, backend)
     ctx.mark_non_differentiable(stats, xi)
+    # stats and xi never get a gradient: do not fill a weight-sized zero tensor for xi.
+    ctx.set_materialize_grads(False)
 
 
 def _backward(ctx, grad_w_hat, grad_stats, grad_xi):
