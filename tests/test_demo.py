@@ -24,6 +24,7 @@ from diffq_triton.demo import (
 from diffq_triton.demo.methods import attach
 from diffq_triton.demo.model import CharTransformer
 from diffq_triton.demo.progress import ProgressBar
+from diffq_triton.demo.train import RunResult
 
 TINY_MODEL = ModelConfig(vocab=data.VOCAB_SIZE, context=16, dim=16, layers=1, heads=2)
 
@@ -252,3 +253,20 @@ def test_plot_is_written_when_matplotlib_is_installed(tiny_demo, tmp_path):
     path = tmp_path / "p.png"
     assert report.plot_size_vs_ppl(outcome["results"], path) is None
     assert path.read_bytes()[:8] == b"\x89PNG\r\n\x1a\n"
+
+
+def test_comparison_states_the_verdict():
+    def run(kind, size, ppl, penalty=0.0):
+        method = Method(kind, kind, penalty=penalty)
+        return RunResult(method, None, None, 1000, size, ppl, 1.0)
+
+    qat = run("qat", 1.0, 10.0)
+    lines = report.comparison([
+        run("float", 8.0, 9.0), qat, run("diffq", 0.5, 9.9, 1.0), run("diffq", 0.8, 11.0, 2.0),
+        run("diffq", 2.0, 9.0, 3.0),
+    ])
+    assert len(lines) == 3
+    assert "2.00x smaller" in lines[0] and "(-1.0%)" in lines[0] and "beats it on both" in lines[0]
+    assert "smaller, but worse perplexity" in lines[1] and "(+10.0%)" in lines[1]
+    assert "2.00x larger" in lines[2] and "better perplexity" in lines[2]
+    assert report.comparison([run("float", 8.0, 9.0)]) == []

@@ -100,3 +100,31 @@ def plot_size_vs_ppl(results: Sequence[RunResult], path: Path) -> str | None:
     fig.savefig(path)
     plt.close(fig)
     return None
+
+
+def comparison(results: Sequence[RunResult]) -> list[str]:
+    """One sentence per DiffQ run against the QAT run: smaller or not, perplexity better or not.
+
+    Returns an empty list when the results hold no QAT run or no DiffQ run.
+    """
+    qat = next((r for r in results if r.method.kind == "qat"), None)
+    if qat is None:
+        return []
+    lines = []
+    for r in results:
+        if r.method.kind != "diffq":
+            continue
+        size = qat.size_mb / r.size_mb
+        change = 100 * (r.val_ppl / qat.val_ppl - 1)
+        smaller = f"{size:.2f}x smaller than" if size >= 1 else f"{1 / size:.2f}x larger than"
+        if size >= 1 and change <= 0:
+            verdict = "beats it on both"
+        elif size >= 1:
+            verdict = "smaller, but worse perplexity"
+        else:
+            verdict = "larger" + (", better perplexity" if change < 0 else ", no better")
+        lines.append(
+            f"{r.method.name}: {smaller} {qat.method.name}, perplexity {r.val_ppl:.3f} vs "
+            f"{qat.val_ppl:.3f} ({change:+.1f}%): {verdict}"
+        )
+    return lines

@@ -91,7 +91,9 @@ def run_demo(config: DemoConfig, stream: TextIO | None = None) -> dict:
     for method in config.methods:
         results.append(train_method(method, corpus, config.model, config.train, config.quant))
 
-    print("\n" + report.format_table(results), file=out)
+    print("\n" + report.format_table(results) + "\n", file=out)
+    for line in report.comparison(results):
+        print(line, file=out)
     checks = _save_and_reload(results, corpus.val, config)
     for check in checks:
         verdict = "equal" if check.equal else "DIFFERENT"
@@ -110,6 +112,7 @@ def run_demo(config: DemoConfig, stream: TextIO | None = None) -> dict:
             "quant": asdict(config.quant), "max_train_chars": config.max_train_chars,
             "data": corpus.source, "torch": torch.__version__,
         },
+        "comparison": report.comparison(results),
         "reload": [
             {"method": c.method, "file": c.path.name, "file_mb": c.file_mb,
              "quantized_ppl": c.quantized_ppl, "reloaded_ppl": c.reloaded_ppl}
