@@ -550,14 +550,11 @@ def _unpack_aligned(
     return out
 
 
-# Any group size: entries are spread to one bit per byte (np.unpackbits, 16 per entry), the
-# first b_i of each entry kept (a byte mask gathered by width), and the bits packed back
-# (np.packbits); unpacking runs the same steps backwards. Chunks know their bit offset from
-# a prefix sum over groups, so unpacking runs them in parallel; packing carries the < 8
-# bits left over at each chunk's end into the next one.
-_FIRST_BITS16 = np.arange(16)[None, :] < np.arange(17)[:, None]
-
-
+# Any group size: each entry lands at bit offset o in 64-bit word o // 64, spilling into
+# the next word; words start at least one entry each (b <= 15 < 64), so a segmented sum
+# (np.add.reduceat) over entries grouped by word builds every word, disjoint bits adding
+# like OR. Chunks know their bit offset from a prefix sum over groups and run in
+# parallel; their first and last words, shared with neighbours, are OR-ed in order.
 class _Entries:
     """Per-group prefix sums giving each chunk its entries' widths and its stream offset."""
 
@@ -581,49 +578,68 @@ class _Entries:
         return per[start - first * self.g : stop - first * self.g]
 
 
+def _chunk_offsets(entries: _Entries, start: int, stop: int) -> tuple[int, np.ndarray,
+                                                                       np.ndarray]:
+    """First word of the chunk, and its entries' widths and bit offsets within that word."""
+    first = entries.offset(start)
+    w = entries.widths(start, stop).astype(np.int64)
+    offsets = np.cumsum(w) - w + (first & 63)
+    return first >> 6, w, offsets
+
+
 def _pack_words(levels: torch.Tensor, bits: torch.Tensor, group_size: int) -> torch.Tensor:
     numel = levels.numel()
     entries = _Entries(bits, group_size, numel)
-    out = np.zeros(packed_nbytes(bits, group_size, numel), dtype=np.uint8)
+    nbytes = packed_nbytes(bits, group_size, numel)
+    words = np.zeros(nbytes // 8 + 2, dtype=np.uint64)
     source = levels.numpy()
-    carry = np.zeros(0, dtype=np.uint8)
-    position = 0
-    for start in range(0, numel, _CHUNK):
-        stop = min(start + _CHUNK, numel)
-        w = entries.widths(start, stop)
-        chunk = source[start:stop].astype(np.int16)
-        if (chunk >> w.astype(np.int16)).any():
-            raise ValueError("a level does not fit in its group's bit width")
-        spread = np.unpackbits(chunk.view(np.uint8).reshape(-1, 2), axis=1, bitorder="little")
-        stream = np.concatenate((carry, spread[_FIRST_BITS16[w]]))
-        whole = stream.size // 8 * 8
-        out[position : position + whole // 8] = np.packbits(stream[:whole], bitorder="little")
-        position += whole // 8
-        carry = stream[whole:]
-    if carry.size:
-        out[position] = np.packbits(carry, bitorder="little")[0]
-    return torch.from_numpy(out)
+    starts = list(range(0, numel, _CHUNK))
+    results: dict[int, tuple[int, np.ndarray]] = {}
+
+    def work(chunk_starts: list[int]) -> None:
+        for start in chunk_starts:
+            stop = min(start + _CHUNK, numel)
+            base, w, offsets = _chunk_offsets(entries, start, stop)
+            v = source[start:stop].astype(np.int64)
+            if (v >> w).any():
+                raise ValueError("a level does not fit in its group's bit width")
+            v = v.view(np.uint64)
+            shift = (offsets & 63).view(np.uint64)
+            index = offsets >> 6
+            segments = np.flatnonzero(np.diff(index)) + 1
+            segments = np.concatenate(([0], segments))
+            local = np.zeros(int(index[-1]) + 2, dtype=np.uint64)
+            local[:-1] = np.add.reduceat(v << shift, segments)
+            local[1:] += np.add.reduceat((v >> np.uint64(1)) >> (np.uint64(63) - shift), segments)
+            results[start] = (base, local)
+
+    _run_chunks(numel, _CHUNK, work)
+    for start in starts:
+        base, local = results[start]
+        words[base : base + local.size] |= local
+    return torch.from_numpy(words.view(np.uint8)[:nbytes].copy())
 
 
 def _unpack_words(
     packed: torch.Tensor, bits: torch.Tensor, group_size: int, numel: int
 ) -> torch.Tensor:
     entries = _Entries(bits, group_size, numel)
-    source = packed.numpy()
+    buf = np.zeros((packed.numel() // 8 + 2) * 8, dtype=np.uint8)
+    buf[: packed.numel()] = packed.numpy()
+    words = buf.view(np.uint64)
     out = torch.empty(numel, dtype=torch.int16)
     target = out.numpy()
 
-    def work(starts: list[int]) -> None:
-        for start in starts:
+    def work(chunk_starts: list[int]) -> None:
+        for start in chunk_starts:
             stop = min(start + _CHUNK, numel)
-            first, last = entries.offset(start), entries.offset(stop)
-            raw = source[first // 8 : (last + 7) // 8]
-            stream = np.unpackbits(raw, bitorder="little")[first % 8 : first % 8 + last - first]
-            w = entries.widths(start, stop)
-            spread = np.zeros((stop - start, 16), dtype=np.uint8)
-            spread[_FIRST_BITS16[w]] = stream
-            target[start:stop] = np.packbits(spread, axis=1, bitorder="little").view(np.int16)[
-                :, 0]
+            base, w, offsets = _chunk_offsets(entries, start, stop)
+            index = (offsets >> 6) + base
+            shift = (offsets & 63).view(np.uint64)
+            lo = words[index] >> shift
+            hi = (words[index + 1] << np.uint64(1)) << (np.uint64(63) - shift)
+            mask = (np.uint64(1) << w.view(np.uint64)) - np.uint64(1)
+            target[start:stop] = ((lo | hi) & mask).astype(np.int16)
 
     _run_chunks(numel, _CHUNK, work)
     return out
