@@ -189,8 +189,10 @@ def noise_backward(
     imn, imx = stats[2].long(), stats[3].long()
     flat = grad_w.view(-1)
     # Same entry for both (constant tensor): the two range terms cancel.
-    delta = torch.where(imn == imx, torch.zeros_like(dr), dr).to(grad.dtype)
-    flat.index_add_(0, torch.stack([imx, imn]), torch.stack([delta, -delta]))
+    delta = torch.where(imn == imx, torch.zeros_like(dr), dr)
+    ends = torch.stack([imx, imn])
+    # Added in float32 and rounded once, as the kernel does (16-bit dtypes).
+    flat[ends] = (flat[ends].float() + torch.stack([delta, -delta])).to(grad.dtype)
     return grad_w, grad_l
 
 
