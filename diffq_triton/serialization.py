@@ -367,7 +367,7 @@ def _targets(name: str, names: Iterable[str], shape: tuple, params: dict) -> lis
     return out
 
 
-def read_quantized(model: nn.Module, source) -> list[_Plan]:
+def _read_checked(model: nn.Module, source) -> list[_Plan]:
     """Parse and check a file against ``model`` without touching it (all checks, no copy).
 
     Raises:
@@ -532,7 +532,7 @@ def load_quantized(model: nn.Module, path: str | os.PathLike | BinaryIO | bytes)
     """
     # One torch thread for the many group-sized ops, the chunk pool for the big ones.
     with bitpack._cpu_threads(), torch.no_grad():
-        plans = read_quantized(model, path)
+        plans = _read_checked(model, path)
         for plan in plans:
             first = plan.params[0]
             direct = (plan.qt is not None and first.device.type == "cpu"
