@@ -8,7 +8,8 @@ so every launch is captured with exactly the arguments, constexprs and options t
 would use (all autotune configs of an autotuned kernel). Each captured launch is then
 specialised as Triton's runtime would for a CUDA target (16-byte divisibility of aligned
 pointers and of lengths divisible by 16), compiled with ``triton.compile`` for each
-capability, and its PTX run through Triton's bundled ``ptxas -v``. Per variant the report
+capability; the log of the bundled ``ptxas -v`` that Triton runs on the PTX (``ptxas-blackwell``
+for capability ≥ 90) is kept. Per variant the report
 gives registers, spill bytes (stores + loads), shared memory and the number of 128-bit and
 64-bit global loads/stores in the PTX (static instruction counts).
 
@@ -29,13 +30,11 @@ import pkgutil
 import re
 import subprocess
 import sys
-import tempfile
 import time
 from collections.abc import Callable, Iterator
 from concurrent.futures import ProcessPoolExecutor
 from dataclasses import dataclass, field
 from multiprocessing import get_context
-from pathlib import Path
 from typing import Any
 
 CAPS = (80, 90)
@@ -259,14 +258,6 @@ def specialise(launch: Launch, cap: int) -> Job:
                dict(options.__dict__), launch.label)
 
 
-def _ptxas_path(cap: int) -> Path:
-    """Triton's bundled ptxas; the ``-blackwell`` build serves capability ≥ 90."""
-    import triton
-
-    name = "ptxas-blackwell" if cap >= 90 else "ptxas"
-    return Path(triton.__file__).parent / "backends" / "nvidia" / "bin" / name
-
-
 _PTXAS_REGS = re.compile(r"Used (\d+) registers")
 _PTXAS_SPILL = re.compile(
     r"(\d+) bytes stack frame, (\d+) bytes spill stores, (\d+) bytes spill loads")
@@ -287,7 +278,8 @@ def count_accesses(ptx: str) -> dict:
     """Static counts of global loads/stores in PTX by width: 128-bit, 64-bit, narrower.
 
     ``ld.global.v4.b32`` (4 × 32 bits; eight 16-bit values packed in pairs) and
-    ``ld.global.v2.b64`` are 128-bit; ``v2.b32`` / ``v4.b16`` are 64-bit.
+    ``ld.global.v2.b64`` are 128-bit; ``v2.b32``, ``v4.b16`` and a single 64-bit value
+    (an int64 seed, a float64 statistic) are 64-bit.
     """
     counts = {f"{op}{w}": 0 for op in ("ld", "st") for w in ("128", "64", "narrow")}
     for op, suffix in _PTX_ACCESS.findall(ptx):
@@ -326,20 +318,6 @@ def _keep_ptxas_log(*args: Any) -> Any:
     return None
 
 
-def _run_ptxas(ptx: str, cap: int, fmad: bool) -> str:
-    """``ptxas -v`` on ``ptx`` with Triton's flags; its log (fallback when none was kept)."""
-    gpu = f"sm_{cap}a" if cap >= 90 else f"sm_{cap}"
-    cmd = [str(_ptxas_path(cap)), "-v", "--regAllocOptLevel=2", f"--gpu-name={gpu}"]
-    if not fmad:
-        cmd.append("--fmad=false")
-    with tempfile.TemporaryDirectory() as tmp:
-        src_path = Path(tmp) / "k.ptx"
-        src_path.write_text(ptx)
-        res = subprocess.run([*cmd, str(src_path), "-o", str(src_path) + ".o"],
-                             capture_output=True, text=True, check=True)
-    return res.stderr + res.stdout
-
-
 def compile_job(job: Job) -> dict:
     """Compile one variant and read its ptxas log; a result row (``error`` set on failure)."""
     import triton
@@ -359,10 +337,7 @@ def compile_job(job: Job) -> dict:
         ptx = kernel.asm["ptx"]
         row["smem"] = int(kernel.metadata.shared)
         row.update(count_accesses(ptx))
-        log = kernel.asm.get("ptxas", "")
-        if not _PTXAS_REGS.search(log):
-            log = _run_ptxas(ptx, job.cap, job.options.get("enable_fp_fusion", True))
-        row.update(parse_ptxas(log))
+        row.update(parse_ptxas(kernel.asm.get("ptxas", "")))
     except Exception as exc:  # one broken variant must not hide the others
         row["error"] = f"{type(exc).__name__}: {str(exc)[:2000]}"
     finally:
@@ -381,15 +356,15 @@ def describe(job: Job) -> dict:
     ptrs = [t for t in job.signature.values() if t.startswith("*")]
     extra = {k: (int(v) if isinstance(v, bool) else v) for k, v in consts.items()
              if k not in ("G", *_BLOCK_NAMES)}
+    # The length argument: with a divisibility-16 hint, masked accesses can still vectorise.
+    length = next((n for n in ("n", "numel") if n in job.signature), None)
     return {
         "kernel": job.name, "module": job.module, "cap": job.cap,
         "dtype": ptrs[0][1:] if ptrs else "-",
         "G": consts.get("G", "-"),
         "block": next((consts[b] for b in _BLOCK_NAMES if b in consts), "-"),
         "warps": job.options.get("num_warps"), "stages": job.options.get("num_stages"),
-        "n_div16": any(job.signature[n] in ("i32", "i64") and (names.index(n),) in job.attrs
-                       and job.attrs[(names.index(n),)] for n in ("n", "numel")
-                       if n in job.signature),
+        "n_div16": length is not None and bool(job.attrs.get((names.index(length),))),
         "const": " ".join(f"{k}={v}" for k, v in extra.items()),
         "workload": job.label, "error": None,
     }
@@ -437,7 +412,10 @@ def problems(report: dict) -> list[str]:
     for r in report["rows"]:
         where = f"{r['kernel']} sm_{r['cap']} ({r['workload']})"
         if r["error"]:
-            out.append(f"{where}: {r['error'].splitlines()[0]}")
+            # A CompilationError's last line names the cause; the first only the place.
+            lines = [ln for ln in r["error"].splitlines() if ln.strip()]
+            out.append(f"{where}: {lines[0]} ... {lines[-1][:200]}" if len(lines) > 1
+                       else f"{where}: {lines[0]}")
         elif r["spill_st"] or r["spill_ld"]:
             out.append(f"{where}: spills {r['spill_st']} B stored, {r['spill_ld']} B loaded")
     return out
@@ -492,7 +470,8 @@ def main(argv: list[str] | None = None) -> int:
     parser.add_argument("--json", action="store_true", help="print the report as JSON")
     parser.add_argument("--caps", default=",".join(map(str, CAPS)),
                         help="compute capabilities, comma-separated (default 80,90)")
-    parser.add_argument("--jobs", type=int, default=1, help="compile in N processes")
+    parser.add_argument("--jobs", type=int, default=min(4, os.cpu_count() or 1),
+                        help="compile in N processes (default: CPU count, at most 4)")
     args = parser.parse_args(argv)
     if _interpreting():
         print("gpu_report: the Triton interpreter is on; run with TRITON_INTERPRET=0 "
@@ -504,6 +483,8 @@ def main(argv: list[str] | None = None) -> int:
         parser.error(f"--caps must be integers separated by commas, got {args.caps!r}")
     if args.jobs < 1:
         parser.error(f"--jobs must be ≥ 1, got {args.jobs}")
+    # Triton 3.9 warns when this is unset; the GPU default is fusion on.
+    os.environ.setdefault("TRITON_DEFAULT_FP_FUSION", "1")
     t0 = time.perf_counter()
     report = build_report(args.quick, caps, args.jobs)
     report["wall_s"] = round(time.perf_counter() - t0, 1)
