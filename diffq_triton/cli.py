@@ -15,6 +15,16 @@ def _positive_int(text: str) -> int:
     return value
 
 
+def _positive_float(text: str) -> float:
+    try:
+        value = float(text)
+    except ValueError:
+        raise argparse.ArgumentTypeError(f"expected a number, got {text!r}") from None
+    if not value > 0:
+        raise argparse.ArgumentTypeError(f"must be a positive number, got {text}")
+    return value
+
+
 def _penalties(text: str) -> list[float]:
     try:
         values = [float(part) for part in text.split(",") if part.strip()]
@@ -54,6 +64,9 @@ def build_parser() -> argparse.ArgumentParser:
                       help="output directory (default ./diffq_demo_out)")
     demo.add_argument("--penalties", type=_penalties, default=None,
                       help=f"DiffQ size penalties λ, comma-separated (default {penalties})")
+    demo.add_argument("--target-mb", type=_positive_float, action="append", default=None,
+                      help="add a DiffQ run trained to end at this size in MB "
+                           "(size-budget mode; repeatable)")
     demo.add_argument("--qat-bits", type=_positive_int, default=4,
                       help="bit width of the QAT baseline (default 4)")
     demo.add_argument("--batch", type=_positive_int, default=None,
@@ -71,14 +84,15 @@ def demo_config(args: argparse.Namespace):
     """The :class:`~diffq_triton.demo.DemoConfig` the parsed ``demo`` arguments describe."""
     from .demo import DemoConfig, ModelConfig, TrainConfig, default_methods
     from .demo.data import VOCAB_SIZE
+    from .demo.methods import budget_method
 
     given = {"steps": args.steps, "batch": args.batch, "eval_windows": args.eval_windows}
     train = TrainConfig(
         device=args.device, seed=args.seed, **{k: v for k, v in given.items() if v is not None}
     )
     penalties = {} if args.penalties is None else {"penalties": args.penalties}
-    # Other kinds of runs (e.g. a size budget) are appended to this list.
     methods = default_methods(qat_bits=args.qat_bits, **penalties)
+    methods += [budget_method(target) for target in args.target_mb or []]
     return DemoConfig(
         out=args.out, methods=methods, train=train,
         model=ModelConfig(vocab=VOCAB_SIZE, dim=args.dim, layers=args.layers),

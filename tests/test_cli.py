@@ -25,13 +25,16 @@ def test_demo_command_runs_and_reports(tmp_path, capsys):
 
 def test_arguments_reach_the_config(tmp_path):
     args = cli.build_parser().parse_args(
-        ["demo", *TINY, "--out", str(tmp_path), "--qat-bits", "3", "--seed", "7"]
+        ["demo", *TINY, "--out", str(tmp_path), "--qat-bits", "3", "--seed", "7",
+         "--target-mb", "0.5", "--target-mb", "0.25"]
     )
     config = cli.demo_config(args)
     assert config.train.steps == 2 and config.train.seed == 7 and config.train.batch == 2
     assert [m.name for m in config.methods] == [
-        "float32 baseline", "QAT 3-bit", "DiffQ λ=1", "DiffQ λ=30"
+        "float32 baseline", "QAT 3-bit", "DiffQ λ=1", "DiffQ λ=30", "DiffQ ≤0.5 MB",
+        "DiffQ ≤0.25 MB",
     ]
+    assert config.methods[-1].target_mb == 0.25
     assert config.model.dim == 16 and config.max_train_chars == 20000
 
 
@@ -47,6 +50,8 @@ def test_defaults_come_from_the_demo():
     ["demo", "--steps", "0"],
     ["demo", "--penalties", "a,b"],
     ["demo", "--penalties", "1,-2"],
+    ["demo", "--target-mb", "0"],
+    ["demo", "--target-mb", "x"],
     ["nope"],
     [],
 ])

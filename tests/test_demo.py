@@ -21,7 +21,7 @@ from diffq_triton.demo import (
     report,
     run_demo,
 )
-from diffq_triton.demo.methods import attach
+from diffq_triton.demo.methods import Attached, attach, budget_method
 from diffq_triton.demo.model import CharTransformer
 from diffq_triton.demo.progress import ProgressBar
 from diffq_triton.demo.train import RunResult
@@ -156,14 +156,29 @@ def test_methods_validate_and_attach():
                         (Method("d", "diffq", penalty=2.0), diffq_triton.DiffQuantizer)]:
         model = CharTransformer(TINY_MODEL)
         opt = torch.optim.Adam(model.parameters())
-        quantizer, penalty = attach(method, model, opt, settings)
-        assert isinstance(quantizer, cls)
+        attached = attach(method, model, opt, settings)
+        quantizer, penalty = attached.quantizer, attached.penalty
+        assert isinstance(quantizer, cls) and attached.finish is None
         if penalty is not None:
             torch.testing.assert_close(penalty(), 2.0 * quantizer.model_size())
             assert len(opt.param_groups) == 2  # the bit logits were added
     model = CharTransformer(TINY_MODEL)
     assert attach(Method("f", "float"), model, torch.optim.Adam(model.parameters()),
-                  settings) == (None, None)
+                  settings) == Attached()
+
+
+def test_budget_method_attaches_a_size_budget():
+    with pytest.raises(ValueError, match="target_mb"):
+        Method("b", "budget")
+    method = budget_method(0.01)
+    assert method.name == "DiffQ ≤0.01 MB" and method.kind == "budget"
+    model = CharTransformer(TINY_MODEL)
+    opt = torch.optim.Adam(model.parameters())
+    attached = attach(method, model, opt, QuantSettings(min_size=0.0))
+    assert isinstance(attached.quantizer, diffq_triton.DiffQuantizer)
+    assert attached.penalty().requires_grad and attached.finish is not None
+    attached.finish()
+    assert attached.quantizer.true_model_size() <= 0.01
 
 
 def test_train_config_errors():

@@ -1,8 +1,8 @@
 """The compression methods the demo compares, and how each one is attached to a model.
 
-A method is a small record; :func:`attach` turns it into a quantizer on a model plus the
-penalty added to the loss. A new kind (e.g. a size budget) needs one record kind and one
-branch in :func:`attach`.
+A method is a small record; :func:`attach` turns it into a quantizer on a model, the penalty
+added to the loss and what to do once training ends. A new kind needs one record kind and
+one branch in :func:`attach`.
 """
 
 from __future__ import annotations
@@ -15,7 +15,7 @@ from torch import nn
 
 import diffq_triton as diffq
 
-KINDS = ("float", "qat", "diffq")
+KINDS = ("float", "qat", "diffq", "budget")
 
 
 @dataclass(frozen=True)
@@ -25,22 +25,27 @@ class Method:
     Args:
         name: the label shown in the table and the plot.
         kind: ``"float"`` (no quantizer), ``"qat"`` (:class:`UniformQuantizer`, straight-through
-            training at ``bits``) or ``"diffq"`` (:class:`DiffQuantizer`, loss + ``penalty``
-            times the differentiable size in MB).
+            training at ``bits``), ``"diffq"`` (:class:`DiffQuantizer`, loss + ``penalty``
+            times the differentiable size in MB) or ``"budget"`` (DiffQ whose penalty adapts
+            so the stored model ends at ``target_mb``: :class:`~diffq_triton.budget.SizeBudget`).
         bits: width of every weight for ``"qat"``.
         penalty: the size penalty λ for ``"diffq"``.
+        target_mb: the size budget in MB for ``"budget"``.
     """
 
     name: str
     kind: str
     bits: int = 4
     penalty: float = 0.0
+    target_mb: float = 0.0
 
     def __post_init__(self) -> None:
         if self.kind not in KINDS:
             raise ValueError(f"kind must be one of {KINDS}, got {self.kind!r}")
         if self.kind == "diffq" and not self.penalty > 0:
             raise ValueError(f"penalty must be > 0 for a diffq method, got {self.penalty!r}")
+        if self.kind == "budget" and not self.target_mb > 0:
+            raise ValueError(f"target_mb must be > 0 for a budget method, got {self.target_mb!r}")
 
 
 @dataclass(frozen=True)
@@ -70,28 +75,45 @@ def default_methods(
     return methods
 
 
-Penalty = Callable[[], torch.Tensor]
+def budget_method(target_mb: float) -> Method:
+    """DiffQ trained to end at ``target_mb`` MB (the ``--target-mb`` row of the demo)."""
+    return Method(f"DiffQ ≤{target_mb:g} MB", "budget", target_mb=target_mb)
+
+
+@dataclass
+class Attached:
+    """A method put on a model.
+
+    Args:
+        quantizer: the quantizer (None for ``"float"``).
+        penalty: gives the term added to the loss each step (None: no term).
+        finish: called once after the last step, before evaluation (None: nothing to do).
+    """
+
+    quantizer: diffq.BaseQuantizer | None = None
+    penalty: Callable[[], torch.Tensor] | None = None
+    finish: Callable[[], object] | None = None
 
 
 def attach(
     method: Method, model: nn.Module, optimizer: torch.optim.Optimizer, settings: QuantSettings
-) -> tuple[diffq.BaseQuantizer | None, Penalty | None]:
-    """Put ``method``'s quantizer on ``model`` (after ``optimizer`` was made for its weights).
-
-    Returns:
-        ``(quantizer, penalty)``: the quantizer (None for ``"float"``) and a function giving the
-        term to add to the loss each step (None when there is none).
-    """
+) -> Attached:
+    """Put ``method``'s quantizer on ``model`` (after ``optimizer`` was made for its weights)."""
     if method.kind == "float":
-        return None, None
+        return Attached()
     if method.kind == "qat":
         quantizer = diffq.UniformQuantizer(
             model, bits=method.bits, qat=True, min_size=settings.min_size
         )
-        return quantizer, None
+        return Attached(quantizer)
     quantizer = diffq.DiffQuantizer(
         model, group_size=settings.group_size, init_bits=settings.init_bits,
         min_size=settings.min_size,
     )
     quantizer.setup_optimizer(optimizer, lr=settings.bits_lr)
-    return quantizer, lambda: method.penalty * quantizer.model_size()
+    if method.kind == "budget":
+        from diffq_triton.budget import SizeBudget
+
+        budget = SizeBudget(quantizer, method.target_mb)
+        return Attached(quantizer, budget.penalty, budget.finalize)
+    return Attached(quantizer, lambda: method.penalty * quantizer.model_size())

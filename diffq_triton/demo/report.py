@@ -54,6 +54,7 @@ def to_records(results: Sequence[RunResult]) -> list[dict]:
             "method": r.method.name,
             "kind": r.method.kind,
             "penalty": r.method.penalty,
+            "target_mb": r.method.target_mb,
             "params": r.params,
             "size_mb": r.size_mb,
             "bits_per_weight": r.bits_per_weight,
@@ -85,7 +86,7 @@ def plot_size_vs_ppl(results: Sequence[RunResult], path: Path) -> str | None:
             "no plot: matplotlib is not installed "
             "(pip install 'diffq-triton[plot]' or pip install matplotlib)"
         )
-    markers = {"float": "s", "qat": "^", "diffq": "o"}
+    markers = {"float": "s", "qat": "^", "diffq": "o", "budget": "D"}
     fig, ax = plt.subplots(figsize=(6, 4), dpi=120)
     for r in results:
         ax.scatter(r.size_mb, r.val_ppl, marker=markers.get(r.method.kind, "x"), s=60)
@@ -112,7 +113,7 @@ def comparison(results: Sequence[RunResult]) -> list[str]:
         return []
     lines = []
     for r in results:
-        if r.method.kind != "diffq":
+        if r.method.kind not in ("diffq", "budget"):
             continue
         size = qat.size_mb / r.size_mb
         change = 100 * (r.val_ppl / qat.val_ppl - 1)

@@ -135,9 +135,12 @@ def _save_and_reload(
     windows = eval_windows(val, config.model.context, config.train.eval_windows)
     checks = []
     for result in results:
-        if result.method.kind != "diffq":
+        if result.method.kind == "diffq":
+            path = config.out / f"diffq_penalty_{result.method.penalty:g}.pt"
+        elif result.method.kind == "budget":
+            path = config.out / f"diffq_target_{result.method.target_mb:g}mb.pt"
+        else:
             continue
-        path = config.out / f"diffq_penalty_{result.method.penalty:g}.pt"
         checkpoint.save(result.quantizer, path)
         # A different seed: the reloaded weights must come from the file, not the init.
         fresh = build_model(config.model, config.train.seed + 1000, config.train.device)

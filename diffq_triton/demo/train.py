@@ -123,7 +123,8 @@ def train_method(
     model = build_model(model_config, config.seed, config.device)
     weights = list(model.parameters())
     optimizer = torch.optim.AdamW(weights, lr=config.lr, weight_decay=0.01)
-    quantizer, penalty = attach(method, model, optimizer, settings)
+    attached = attach(method, model, optimizer, settings)
+    quantizer, penalty = attached.quantizer, attached.penalty
     base_lrs = [group["lr"] for group in optimizer.param_groups]
     batches = torch.Generator().manual_seed(config.seed)
     # The noise of DiffQ draws from the global generator: seed it per method too.
@@ -150,6 +151,8 @@ def train_method(
             if quantizer is not None and step % 10 == 0:
                 info["MB"] = model_size_mb(model, quantizer)
             bar.update(1, **info)
+    if attached.finish is not None:
+        attached.finish()
     model.eval()
     windows = eval_windows(corpus.val, model_config.context, config.eval_windows)
     ppl = perplexity(model, windows, config.device)
