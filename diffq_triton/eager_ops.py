@@ -103,20 +103,25 @@ def _unit_and_slope(
 
 
 def _per_entry(values: torch.Tensor, numel: int, group_size: int) -> torch.Tensor:
-    """Per-group values broadcastable against the weight viewed as ``[n_groups, g]``."""
+    """Per-group values broadcastable against the weight as laid out by :func:`_grouped`."""
     if group_size == 0 or group_size >= numel:
         return values.reshape(1, 1)
+    if group_size == 1:
+        return values.reshape(1, -1)
     if numel % group_size == 0:
         return values[:, None]
     return reference.expand_groups(values, numel, group_size)
 
 
 def _grouped(x: torch.Tensor, group_size: int) -> torch.Tensor:
-    """``x`` flat, viewed as ``[n_groups, g]`` when ``g`` divides it (else flat)."""
+    """``x`` flat, viewed as ``[n_groups, g]`` when ``g`` divides it, as one row ``[1, d]``
+    for ``g = 1`` or one group (a column of size one broadcasts slowly), else flat."""
     flat = x.reshape(-1)
     n = flat.numel()
     if group_size == 0 or group_size >= n:
         return flat[None, :]
+    if group_size == 1:
+        return flat[None, :]  # one row: per-group values broadcast as a row too
     if n % group_size == 0:
         return flat.view(-1, group_size)
     return flat
@@ -177,7 +182,9 @@ def noise_backward(
         return grad_w, torch.zeros_like(logits)
     u, du = _unit_and_slope(logits, min_bits, max_bits, param)
     prod = _grouped(grad, group_size).float() * _grouped(xi, group_size)
-    if prod.dim() == 2:
+    if group_size == 1 and n > 1:
+        sums = prod.reshape(-1)
+    elif prod.dim() == 2:
         # A matrix-vector product sums rows of a few entries far faster than sum(1).
         sums = prod.mv(torch.ones(prod.shape[1], dtype=prod.dtype, device=prod.device))
     else:

@@ -1,0 +1,94 @@
+"""Throughput of the DiffQ ops against a device copy: GB/s of the bytes each must move.
+
+On a GPU the Triton kernels run; on a CPU the eager path (the interpreter is not timed).
+Bytes per entry (float32): noise forward 12 (range read, read, write), noise backward 8
+(read ∂L/∂ŵ, write ∂L/∂w), eval quantize 12 (range read, read, write); the ceiling is
+``clone()`` (read + write, 8 bytes per entry). Rows go to bench/RESULTS.md.
+
+Run with ``pytest bench/bench_kernels.py``.
+"""
+
+from __future__ import annotations
+
+import statistics
+import time
+from collections.abc import Callable
+
+import pytest
+import torch
+from results import record
+
+from diffq_triton import custom_ops, reference
+from diffq_triton.dispatch import choose_backend
+
+SIZES = (1 << 20, 1 << 24)
+GROUPS = (0, 1, 8, 64)
+BYTES = {"noise fwd": 12, "noise bwd": 8, "eval quantize": 12, "copy (ceiling)": 8}
+
+
+def _sync(device: str) -> None:
+    if device == "cuda":
+        torch.cuda.synchronize()
+
+
+def _time(fn: Callable[[], object], device: str, target_s: float = 0.5) -> float:
+    """Median seconds of ``fn`` over enough rounds to last about ``target_s``."""
+    fn()
+    _sync(device)
+    start = time.perf_counter()
+    fn()
+    _sync(device)
+    once = max(time.perf_counter() - start, 1e-6)
+    rounds = int(min(max(target_s / once, 5), 200))
+    times = []
+    for _ in range(rounds):
+        start = time.perf_counter()
+        fn()
+        _sync(device)
+        times.append(time.perf_counter() - start)
+    return statistics.median(times)
+
+
+def _ops(w, logits, bits, grad, seed, stats, xi, g, backend) -> dict[str, Callable]:
+    args = (g, 2.0, 15.0, "bits", "gaussian", backend)
+    return {
+        "noise fwd": lambda: custom_ops.pseudo_quantize(w, logits, seed, *args),
+        "noise bwd": lambda: custom_ops.pseudo_quantize_backward(grad, logits, seed, stats,
+                                                                 xi, *args),
+        "eval quantize": lambda: custom_ops.fake_quantize(w, bits, g, backend),
+    }
+
+
+@pytest.mark.parametrize("n", SIZES, ids=lambda n: f"n{n}")
+def test_op_throughput(device, n):
+    if device == "cpu" and n > SIZES[0]:
+        pytest.skip("large sizes only on a GPU")
+    w = torch.randn(n, device=device)
+    backend = choose_backend(w)
+    if device == "cpu" and backend == "triton":
+        pytest.skip("the interpreter is not benchmarked")
+    seed = torch.tensor([1], device=device)
+    copy_s = _time(lambda: w.clone(), device)
+    rows = [{"op": "copy (ceiling)", "n": n, "g": "-", "backend": "torch",
+             "ms": round(copy_s * 1e3, 4), "GB/s": round(8 * n / copy_s / 1e9, 1),
+             "of copy": 1.0}]
+    for g in GROUPS:
+        logits = torch.zeros(reference.num_groups(n, g), device=device)
+        bits = torch.full_like(logits, 4, dtype=torch.uint8)
+        grad = torch.randn_like(w)
+        _, stats, xi = custom_ops.pseudo_quantize(w, logits, seed, g, 2.0, 15.0, "bits",
+                                                  "gaussian", backend)
+        ops = _ops(w, logits, bits, grad, seed, stats, xi, g, backend)
+        for name, fn in ops.items():
+            s = _time(fn, device)
+            gbs = BYTES[name] * n / s / 1e9
+            rows.append({"op": name, "n": n, "g": g, "backend": backend,
+                         "ms": round(s * 1e3, 4), "GB/s": round(gbs, 1),
+                         "of copy": round(gbs / (8 * n / copy_s / 1e9), 3)})
+    record(
+        "Op throughput against a device copy",
+        rows,
+        note=("Median time per call; GB/s counts the bytes each op must move per float32 "
+              "entry (noise fwd 12, noise bwd 8, eval 12, copy 8); 'of copy' is the "
+              "fraction of the copy's bandwidth."),
+    )
