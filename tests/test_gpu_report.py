@@ -75,6 +75,7 @@ def test_no_register_spills(report):
 def test_elementwise_kernels_use_128bit_accesses(report):
     rows = [r for r in report["rows"] if r["kernel"] in ELEMENTWISE and r["n_div16"]
             and not r["error"]]
+    assert {r["kernel"] for r in rows} == set(ELEMENTWISE)
     assert {r["dtype"] for r in rows} >= {"fp32", "bf16"}
     for r in rows:
         # Per thread: BLOCK·bytes / (32·warps) bytes of weight in, as many out.
