@@ -405,6 +405,14 @@ def _unpack_cpu(
 _FIRST_BYTES = np.array([(1 << 8 * w) // 255 for w in range(9)], dtype=np.uint64)
 
 
+def _kept_bytes(w: np.ndarray, lane: int) -> np.ndarray:
+    """Indices of the first ``w[r]`` bytes of each ``lane``-byte row, in order (int64)."""
+    w = w.astype(np.int64)
+    starts = np.cumsum(w) - w
+    return np.repeat(np.arange(w.size, dtype=np.int64) * lane - starts, w) + np.arange(
+        int(starts[-1] + w[-1]) if w.size else 0)
+
+
 def _pack_rows_narrow(rows: torch.Tensor, w: torch.Tensor) -> torch.Tensor:
     """Rows of 8 levels ``[R, 8]`` int16 with per-row widths ``w`` ``[R]`` (all <= 8) →
     their ``w`` bytes each, concatenated (numpy: cheaper per call than torch at chunk size).
@@ -421,15 +429,14 @@ def _pack_rows_narrow(rows: torch.Tensor, w: torch.Tensor) -> torch.Tensor:
         factor = ((np.int64(1) << count * w64) - (1 << lane)).astype(dtype)
         x = x + (x >> lane) * factor
     keep = _FIRST_BYTES[wn].view(np.bool_)
-    return torch.from_numpy(np.compress(keep, x.view(np.uint8).reshape(-1)))
+    return torch.from_numpy(np.compress(keep.reshape(-1), x.view(np.uint8).reshape(-1)))
 
 
 def _unpack_rows_narrow(stream: torch.Tensor, w: torch.Tensor) -> torch.Tensor:
     """Inverse of :func:`_pack_rows_narrow`: ``[R, 8]`` int16."""
     wn = w.numpy()
-    keep = _FIRST_BYTES[wn].view(np.bool_)
     lanes = np.zeros(wn.size * 8, dtype=np.uint8)
-    lanes[keep] = stream.numpy()
+    lanes[_FIRST_BYTES[wn].view(np.bool_).reshape(-1)] = stream.numpy()
     x = lanes.view(np.int64)[:, None]
     w64 = wn.astype(np.int64)[:, None]
     for half, dtype, count in ((32, np.int64, 2), (16, np.int32, 1), (8, np.int16, 0)):
@@ -438,12 +445,6 @@ def _unpack_rows_narrow(stream: torch.Tensor, w: torch.Tensor) -> torch.Tensor:
         factor = ((1 << half) - (np.int64(1) << (w64 << count))).astype(dtype)
         x = x + (x >> shift) * factor
     return torch.from_numpy(x.view(np.uint8).reshape(-1, 8).astype(np.int16))
-
-
-_FIRST_BYTES16 = np.array(
-    [[(1 << 8 * min(w, 8)) // 255, (1 << 8 * max(w - 8, 0)) // 255] for w in range(16)],
-    dtype=np.uint64,
-)
 
 
 def _pack_rows_wide(rows: torch.Tensor, w: torch.Tensor) -> torch.Tensor:
@@ -461,16 +462,14 @@ def _pack_rows_wide(rows: torch.Tensor, w: torch.Tensor) -> torch.Tensor:
     lo = x[:, 0] | (x[:, 1] << quad)
     hi = x[:, 1] >> (64 - quad)
     lanes = np.stack((lo, hi), 1).view(np.uint8).reshape(-1)
-    keep = _FIRST_BYTES16[wn].view(np.bool_).reshape(-1)
-    return torch.from_numpy(np.compress(keep, lanes))
+    return torch.from_numpy(np.take(lanes, _kept_bytes(wn, 16)))
 
 
 def _unpack_rows_wide(stream: torch.Tensor, w: torch.Tensor) -> torch.Tensor:
     """Inverse of :func:`_pack_rows_wide`: ``[R, 8]`` int16."""
     wn = w.numpy()
-    keep = _FIRST_BYTES16[wn].view(np.bool_).reshape(-1)
     lanes = np.zeros(wn.size * 16, dtype=np.uint8)
-    lanes[keep] = stream.numpy()
+    lanes[_kept_bytes(wn, 16)] = stream.numpy()
     words = lanes.view(np.int64).reshape(-1, 2)
     w64 = wn.astype(np.int64)[:, None]
     quad = 4 * w64[:, 0]
