@@ -2,12 +2,15 @@
 
 from __future__ import annotations
 
+import io
 import pickle
 import sys
 from pathlib import Path
 
 import pytest
 import torch
+from hypothesis import HealthCheck, given, settings
+from hypothesis import strategies as st
 
 from diffq_triton.diffq_compat import load_diffq_state
 from tests.fixtures.diffq_cases import CASES, small_mlp
@@ -117,3 +120,20 @@ def test_forged_states(tmp_path, case, edit, match):
         load_diffq_state(model, path)
     assert all(torch.equal(p, before[n]) for n, p in model.named_parameters())
     assert sorted(n for n, _ in model.named_parameters()) == sorted(before)
+
+
+@settings(max_examples=60, deadline=None, suppress_health_check=[HealthCheck.too_slow])
+@given(mutations=st.lists(st.tuples(st.integers(0, 10**6), st.integers(0, 255)), min_size=1,
+                          max_size=3), cut=st.one_of(st.none(), st.integers(0, 10**6)))
+def test_fuzz_mutated_states(mutations, cut):
+    data = bytearray((FIXTURES / "diffq024_diffq_g8_torchpack.th").read_bytes())
+    for position, value in mutations:
+        data[position % len(data)] = value
+    if cut is not None:
+        del data[cut % len(data):]
+    model = small_mlp()
+    before = {n: p.detach().clone() for n, p in model.named_parameters()}
+    try:
+        load_diffq_state(model, io.BytesIO(bytes(data)))
+    except ValueError:
+        assert all(torch.equal(p, before[n]) for n, p in model.named_parameters())
