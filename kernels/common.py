@@ -19,7 +19,7 @@ LN2 = math.log(2.0)
 
 # Add 1.5·2^23 then subtract it: rounds a float32 of magnitude < 2^22 to the nearest
 # integer, ties to even, exactly as torch.round, with no libdevice call (works everywhere).
-RNE_MAGIC = 12582912.0
+RNE_MAGIC = tl.constexpr(12582912.0)
 
 
 def size_bucket(n: int) -> int:

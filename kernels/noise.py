@@ -42,8 +42,9 @@ BLOCK_FIN = 1024
 if INTERPRET:
     _CONFIGS = [triton.Config({}, num_warps=4)]
 else:
-    _CONFIGS = [triton.Config({}, num_warps=w, num_stages=s) for w in (4, 8) for s in (1, 2)]
-
+    # The tiles hold 2048-4096 entries (and the forward also 4 × P range partials): with 4
+    # warps ptxas spills on sm_80/sm_90 (see gpu_report); 8 and 16 warps do not.
+    _CONFIGS = [triton.Config({}, num_warps=w, num_stages=s) for w in (8, 16) for s in (1, 2)]
 
 @triton.autotune(configs=_CONFIGS, key=["SIZE_BUCKET", "G"])
 @triton.jit
@@ -72,10 +73,9 @@ def noise_fwd_kernel(
     o_w = i_p * BLOCK + tl.arange(0, BLOCK)
     m_w = o_w < n
     if G == 0:
-        o_g = tl.zeros([BLOCK], tl.int64)
+        b_l = tl.load(p_l).to(tl.float32)  # one group: one step for the whole block
     else:
-        o_g = o_w // G
-    b_l = tl.load(p_l + o_g, mask=m_w, other=0.0).to(tl.float32)
+        b_l = tl.load(p_l + o_w // G, mask=m_w, other=0.0).to(tl.float32)
     b_u, _ = unit_and_slope(b_l, min_bits, max_bits, log_u_lo, log_u_hi, PARAM_NOISE)
     b_xi = draw_xi(seed, o_w, GAUSSIAN)
     b_w = tl.load(p_w + o_w, mask=m_w, other=0.0).to(tl.float32)

@@ -41,10 +41,9 @@ def fake_quant_fwd_kernel(
     o_w = i_p * BLOCK + tl.arange(0, BLOCK)
     m_w = o_w < n
     if G == 0:
-        o_g = tl.zeros([BLOCK], tl.int64)
+        b_bits = tl.load(p_bits).to(tl.int32)  # one group: one width for the whole block
     else:
-        o_g = o_w // G
-    b_bits = tl.load(p_bits + o_g, mask=m_w, other=1).to(tl.int32)
+        b_bits = tl.load(p_bits + o_w // G, mask=m_w, other=1).to(tl.int32)
     b_unit = tl.div_rn(tl.full([BLOCK], 1.0, tl.float32), ((1 << b_bits) - 1).to(tl.float32))
     b_w = tl.load(p_w + o_w, mask=m_w, other=0.0).to(tl.float32)
     b_x = tl.div_rn(tl.div_rn(b_w - mn, safe), b_unit)
