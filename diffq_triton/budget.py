@@ -158,6 +158,10 @@ class SizeBudget:
                 self._size = size.detach()
         return lam * size
 
+    def __call__(self, update: bool = True) -> torch.Tensor:
+        """Same as :meth:`penalty`: a budget can stand where a penalty function is expected."""
+        return self.penalty(update)
+
     # ----------------------------------------------------------------- state
     def state_dict(self) -> dict:
         """Everything needed to resume: target, λ's integral (log), and the step count."""

@@ -74,6 +74,7 @@ def test_training_lands_within_2pct_of_target(fraction):
     assert accuracy > 0.85, "quality kept while squeezing the model"
 
 
+@pytest.mark.slow  # two more training runs
 def test_lambda_finds_its_scale_whatever_the_loss_units():
     # The same task with the loss in units 100 times larger needs a λ ~100 times larger:
     # nothing to retune, the multiplier finds it.
@@ -174,6 +175,7 @@ def test_observables_are_device_tensors_and_update_false_keeps_state():
     state = budget.state_dict()
     lam = budget.lam.clone()
     budget.penalty(update=False)
+    budget(update=False)
     after = budget.state_dict()
     assert torch.equal(after["log_lambda"], state["log_lambda"])
     assert torch.equal(after["step"], state["step"])
