@@ -22,7 +22,8 @@ from typing import BinaryIO
 import torch
 from torch import nn
 
-from . import bitpack, reference
+from . import bitpack, cpu_codec, reference
+from .bitpack_cpu import cpu_threads
 from .state import SCHEMES, QuantizedTensor
 
 FORMAT = "diffq-triton"
@@ -55,7 +56,7 @@ def save_quantized(quantizer, path: str | os.PathLike | BinaryIO) -> None:
             (anything with ``export_quantized()`` and ``export_float()``).
         path: file name, or a writable binary file object.
     """
-    with bitpack._cpu_threads():
+    with cpu_threads():
         entries, meta = _encode(quantizer)
     header: dict = {"__metadata__": {
         "format": FORMAT, META_KEY: meta, "crc32": str(zlib.crc32(meta.encode())),
@@ -416,105 +417,10 @@ def _decode(plan: _Plan, device: torch.device, out: torch.Tensor | None = None) 
     if qt.scheme == "lsq":
         levels = levels - (1 << (int(qt.bits[0]) - 1))
     if device.type == "cpu":
-        return dequantize_cpu(levels, bits, qt, out).view(qt.shape).to(qt.dtype)
+        return cpu_codec.dequantize_cpu(levels, bits, qt, out).view(qt.shape).to(qt.dtype)
     decoded = QuantizedTensor(qt.name, qt.shape, qt.dtype, qt.scheme, qt.group_size, levels,
                               bits, qt.mn, qt.mx)
     return decoded.dequantize(device)
-
-
-def dequantize_cpu(levels: torch.Tensor, bits: torch.Tensor, qt: QuantizedTensor,
-                   out: torch.Tensor | None = None) -> torch.Tensor:
-    """:meth:`QuantizedTensor.dequantize` on the CPU, chunk by chunk in cache, same bits.
-
-    The float32 operations and their order are the reference's (``q·u(b)·(mx - mn) + mn``,
-    ``u(b) = 1/(2^b - 1)``; ``q·step`` for lsq), so the values are identical.
-
-    Args:
-        levels: ``[numel]`` int16 levels (signed for lsq).
-        bits: ``[n_groups]`` uint8 widths.
-        qt: the record giving scheme, group size and range.
-        out: optional contiguous float32 tensor of ``numel`` entries to write into.
-
-    Returns:
-        ``[numel]`` float32 (``out`` flattened when given).
-    """
-    numel = levels.numel()
-    out = torch.empty(numel, dtype=torch.float32) if out is None else out.view(-1)
-    group = qt.group_size if bits.numel() > 1 else 0
-    unit = 1 / ((1 << bits.to(torch.int64)) - 1)
-    mn = torch.tensor(qt.mn, dtype=torch.float32)
-    span = torch.tensor(qt.mx, dtype=torch.float32) - mn
-    step = torch.tensor(qt.mn, dtype=torch.float32)
-    chunk = bitpack._CHUNK if not group else max(group, bitpack._CHUNK // group * group)
-
-    def work(starts: list[int]) -> None:
-        for start in starts:
-            stop = min(start + chunk, numel)
-            o = out[start:stop]
-            o.copy_(levels[start:stop])
-            if qt.scheme == "lsq":
-                o.mul_(step)
-                continue
-            if group:
-                full = (stop - start) // group * group
-                first = start // group
-                o[:full].view(-1, group).mul_(unit[first : first + full // group, None])
-                if full < stop - start:
-                    o[full:].mul_(unit[first + full // group])
-            else:
-                o.mul_(unit[0])
-            o.mul_(span).add_(mn)
-
-    with bitpack._cpu_threads():
-        bitpack._run_chunks(numel, chunk, work)
-    return out
-
-
-def quantize_cpu(w: torch.Tensor, bits: torch.Tensor, group_size: int
-                 ) -> tuple[torch.Tensor, torch.Tensor, torch.Tensor]:
-    """:func:`reference.quantize` on the CPU, chunk by chunk in cache, same levels.
-
-    The same float32 operations in the same order (``round(((w - mn)/r)/u(b))``), so the
-    levels are identical to the reference's; a quantizer may call this for CPU weights.
-
-    Args:
-        w: weight, any shape, floating dtype, on the CPU.
-        bits: ``[n_groups]`` integer widths in ``[1, 15]``.
-        group_size: entries per group (0: one group).
-
-    Returns:
-        ``(levels, mn, mx)``: ``[numel]`` int16 and 0-dim float32 range.
-    """
-    flat = w.detach().reshape(-1)
-    numel = flat.numel()
-    out = torch.empty(numel, dtype=torch.int16)
-    with bitpack._cpu_threads():
-        mn, mx = (v.float() for v in torch.aminmax(flat))
-        scale = mx - mn
-        safe = torch.where(scale > 0, scale, torch.ones_like(scale))
-        unit = 1 / ((1 << bits.reshape(-1).to(torch.int64)) - 1)
-        group = group_size if unit.numel() > 1 else 0
-        chunk = bitpack._CHUNK if not group else max(group, bitpack._CHUNK // group * group)
-
-        def work(starts: list[int]) -> None:
-            buf = torch.empty(chunk, dtype=torch.float32)
-            for start in starts:
-                stop = min(start + chunk, numel)
-                t = buf[: stop - start]
-                torch.sub(flat[start:stop], mn, out=t)
-                t.div_(safe)
-                if group:
-                    full = (stop - start) // group * group
-                    first = start // group
-                    t[:full].view(-1, group).div_(unit[first : first + full // group, None])
-                    if full < stop - start:
-                        t[full:].div_(unit[first + full // group])
-                else:
-                    t.div_(unit[0])
-                out[start:stop].copy_(t.round_())
-
-        bitpack._run_chunks(numel, chunk, work)
-    return out, mn, mx
 
 
 def load_quantized(model: nn.Module, path: str | os.PathLike | BinaryIO | bytes) -> None:
@@ -531,7 +437,7 @@ def load_quantized(model: nn.Module, path: str | os.PathLike | BinaryIO | bytes)
             message names the tensor and the problem.
     """
     # One torch thread for the many group-sized ops, the chunk pool for the big ones.
-    with bitpack._cpu_threads(), torch.no_grad():
+    with cpu_threads(), torch.no_grad():
         plans = _read_checked(model, path)
         for plan in plans:
             first = plan.params[0]

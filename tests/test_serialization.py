@@ -144,16 +144,16 @@ def test_packed_model_size_agrees_with_file():
 @pytest.mark.parametrize("numel, group_size", [(1000, 8), (1003, 8), (999, 0), (1001, 3)],
                          ids=lambda v: str(v))
 def test_chunked_codec_matches_reference(monkeypatch, numel, group_size):
-    from diffq_triton import bitpack, reference
+    from diffq_triton import bitpack_cpu, cpu_codec, reference
 
-    monkeypatch.setattr(bitpack, "_CHUNK", 40)  # many chunks, some ending inside a group
+    monkeypatch.setattr(bitpack_cpu, "CHUNK", 40)  # many chunks, some ending inside a group
     gen = torch.Generator().manual_seed(numel)
     w = torch.randn(numel, generator=gen)
     n_groups = reference.num_groups(numel, group_size)
     bits = torch.randint(1, 16, (n_groups,), generator=gen).to(torch.uint8)
     expected, mn, mx = reference.quantize(w, bits, group_size)
-    levels, mn2, mx2 = serialization.quantize_cpu(w, bits, group_size)
+    levels, mn2, mx2 = cpu_codec.quantize_cpu(w, bits, group_size)
     assert torch.equal(levels, expected) and torch.equal(mn, mn2) and torch.equal(mx, mx2)
     qt = QuantizedTensor("w", (numel,), torch.float32, "minmax", group_size, levels, bits,
                          float(mn), float(mx))
-    assert torch.equal(serialization.dequantize_cpu(levels, bits, qt), qt.dequantize())
+    assert torch.equal(cpu_codec.dequantize_cpu(levels, bits, qt), qt.dequantize())

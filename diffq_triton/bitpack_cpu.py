@@ -1,0 +1,463 @@
+"""CPU implementation of the level bitstream (layout in docs/format.md); see bitpack.py.
+
+Vectorized torch and numpy, no Python loop per entry or per group. Rows of 8 entries of
+one width are exactly ``b`` bytes, so fixed-width runs pack with a handful of whole-chunk
+shifts; when every group starts on a byte (``group_size % 8 == 0``, or a single group)
+rows of mixed widths are packed in 64/128-bit lanes and their bytes gathered; other group
+sizes place each entry in 64-bit words with segmented sums. Work runs in cache-sized
+chunks on a small thread pool.
+"""
+
+from __future__ import annotations
+
+import math
+import threading
+from collections.abc import Callable, Iterator
+from concurrent.futures import ThreadPoolExecutor
+from contextlib import contextmanager
+
+import numpy as np
+import torch
+
+MAX_WIDTH = 15
+
+
+def stream_nbytes(bits: torch.Tensor, group_size: int, numel: int) -> int:
+    """Bytes of the stream of ``numel`` entries with per-group widths ``bits`` (host sync)."""
+    n_groups = bits.numel()
+    if n_groups == 1:
+        return (numel * int(bits.reshape(-1)[0]) + 7) // 8
+    last = numel - group_size * (n_groups - 1)
+    total = group_size * int(bits.sum(dtype=torch.int64)) + (last - group_size) * int(bits[-1])
+    return (total + 7) // 8
+
+
+def _aligned(group_size: int, n_groups: int) -> bool:
+    """Whether every group starts on a byte boundary of the stream."""
+    return n_groups == 1 or group_size % 8 == 0
+
+
+# ----------------------------------------------------------------------------- fixed width
+# L = 8 / gcd(b, 8) entries of width b fill a whole number of bytes. Entries start one per
+# byte (b <= 8) or per int16 (b > 8); each step views pairs of lanes as one lane of twice the
+# width and slides the upper half down next to the lower one: x + hi·(2^s - 2^half) with
+# hi = x >> half, one shift and one fused multiply-add per step, log2(L) steps. Odd widths
+# above 8 would need 128-bit lanes: they stop at 4 entries per int64 and pair words by hand.
+_LANES = {8: torch.uint8, 16: torch.int16, 32: torch.int32, 64: torch.int64}
+
+
+def _plan(width: int) -> tuple[int, int, int]:
+    """(entry bits, entries per lane reached by the doubling steps, entries per byte-row)."""
+    entry = 8 if width <= 8 else 16
+    per_row = 8 // math.gcd(width, 8)
+    return entry, min(per_row, 64 // entry), per_row
+
+
+# Work in chunks that stay in cache: whole-tensor temporaries would each cost a trip to
+# memory plus fresh pages from the allocator, which dominate at these speeds. Chunks run
+# on a few Python threads (torch releases the GIL) with torch itself on one thread: its own
+# parallel regions over chunk-sized ops cost more than they save, badly so on a busy host.
+CHUNK = 1 << 17
+_POOL: ThreadPoolExecutor | None = None
+_SCOPE = threading.local()
+_THREADS_LOCK = threading.Lock()
+
+
+@contextmanager
+def cpu_threads() -> Iterator[None]:
+    """Torch on one thread inside; chunks then run on as many Python threads as torch had.
+
+    Only the main thread changes torch's setting (it is process-wide); elsewhere chunks
+    run one after another.
+    """
+    if getattr(_SCOPE, "workers", None) is not None:
+        yield
+        return
+    threads = torch.get_num_threads()
+    main = threading.current_thread() is threading.main_thread()
+    _SCOPE.workers = min(threads, 8) if main else 1
+    try:
+        if main and threads > 1:
+            with _THREADS_LOCK:
+                torch.set_num_threads(1)
+                try:
+                    yield
+                finally:
+                    torch.set_num_threads(threads)
+        else:
+            yield
+    finally:
+        _SCOPE.workers = None
+
+
+def run_chunks(n: int, chunk: int, work: Callable[[list[int]], None]) -> None:
+    """Call ``work`` on the chunk starts of ``range(0, n, chunk)``, split across threads."""
+    global _POOL
+    starts = list(range(0, n, chunk))
+    workers = min(getattr(_SCOPE, "workers", None) or 1, len(starts))
+    if workers <= 1:
+        work(starts)
+        return
+    if _POOL is None:
+        _POOL = ThreadPoolExecutor(8, thread_name_prefix="diffq-bitpack")
+    jobs = [_POOL.submit(work, starts[i::workers]) for i in range(workers)]
+    for job in jobs:
+        job.result()
+
+
+def pack_fixed(values: torch.Tensor, width: int) -> torch.Tensor:
+    """``[n]`` non-negative integers < 2^width → ``[ceil(n·width/8)]`` uint8, LSB first."""
+    n = values.numel()
+    entry, per_lane, per_row = _plan(width)
+    rows_total = -(-n // per_row)
+    row_bytes = per_row * width // 8
+    out = torch.empty(rows_total * row_bytes, dtype=torch.uint8)
+    chunk = min(CHUNK, rows_total * per_row)
+
+    def work(starts: list[int]) -> None:
+        x_buf = torch.empty(chunk, dtype=_LANES[entry])
+        hi_buf = torch.empty(chunk, dtype=_LANES[entry])
+        for start in starts:
+            stop = min(start + chunk, n)
+            rows = -(-(stop - start) // per_row)
+            x = x_buf[: rows * per_row]
+            part = values[start:stop]
+            low, high = torch.aminmax(part)
+            if int(low) < 0 or int(high) >> width:
+                raise ValueError(f"a level does not fit in {width} bits")
+            x[: stop - start].copy_(part)
+            x[stop - start :] = 0
+            lane, count = entry, 1
+            while count < per_lane:
+                xv, hv = x.view(_LANES[2 * lane]), hi_buf[: x.numel()].view(_LANES[2 * lane])
+                torch.bitwise_right_shift(xv, lane, out=hv)
+                xv.add_(hv, alpha=(1 << count * width) - (1 << lane))
+                lane, count = 2 * lane, 2 * count
+            dest = out[start // per_row * row_bytes :][: rows * row_bytes].view(rows, row_bytes)
+            if per_lane < per_row:
+                # Odd width > 8: two int64 lanes of 4 entries (4b bits each) make a row.
+                h = x.view(torch.int64).view(-1, 2)
+                lo = h[:, 0] | (h[:, 1] << 4 * width)
+                hi = h[:, 1] >> (64 - 4 * width)
+                dest.copy_(torch.stack((lo, hi), 1).view(torch.uint8).view(-1, 16)[:, :width])
+            else:
+                dest.copy_(x.view(torch.uint8).view(rows, lane // 8)[:, :row_bytes])
+
+    run_chunks(n, chunk, work)
+    return out[: (n * width + 7) // 8]
+
+
+def unpack_fixed(packed: torch.Tensor, width: int, n: int) -> torch.Tensor:
+    """Inverse of :func:`pack_fixed`: ``[n]`` int16."""
+    entry, per_lane, per_row = _plan(width)
+    row_bytes = per_row * width // 8
+    lane_top = entry * per_lane if per_lane == per_row else 128
+    out = torch.empty(n, dtype=torch.int16)
+    chunk = min(CHUNK, -(-n // per_row) * per_row)
+
+    def work(starts: list[int]) -> None:
+        buf = torch.empty(chunk // per_row, lane_top // 8, dtype=torch.uint8)
+        hi_buf = torch.empty(chunk * entry // 8, dtype=torch.uint8)
+        for start in starts:
+            stop = min(start + chunk, n)
+            rows = -(-(stop - start) // per_row)
+            src = packed[start // per_row * row_bytes :][: rows * row_bytes]
+            b = buf[:rows]
+            b.zero_()
+            if src.numel() == rows * row_bytes:
+                b[:, :row_bytes] = src.view(rows, row_bytes)
+            else:  # the stream's last bytes: the final row is cut short
+                body = (rows - 1) * row_bytes
+                b[:-1, :row_bytes] = src[:body].view(rows - 1, row_bytes)
+                b[-1, : src.numel() - body] = src[body:]
+            lane = lane_top
+            if lane == 128:
+                words = b.view(torch.int64)
+                lo, hi = words[:, 0], words[:, 1]
+                quad = 4 * width
+                h1 = ((lo >> quad) & ((1 << (64 - quad)) - 1)) | (hi << (64 - quad))
+                x = torch.stack((lo & ((1 << quad) - 1), h1), 1).reshape(-1)
+                lane = 64
+            else:
+                x = b.view(_LANES[lane]).reshape(-1)
+            count = per_lane
+            while count > 1:
+                half, count = lane // 2, count // 2
+                hv = hi_buf.view(_LANES[lane])[: x.numel()]
+                torch.bitwise_right_shift(x, count * width, out=hv)
+                x.add_(hv, alpha=(1 << half) - (1 << count * width))
+                x = x.view(_LANES[half])
+                lane = half
+            out[start:stop].copy_(x[: stop - start])
+
+    run_chunks(n, chunk, work)
+    return out
+
+
+# ----------------------------------------------------------------------------- CPU paths
+def pack_cpu(levels: torch.Tensor, bits: torch.Tensor, group_size: int) -> torch.Tensor:
+    # Each path checks 0 <= q < 2^b chunk by chunk, while the data is in cache.
+    low, high = torch.aminmax(bits)
+    if int(low) == int(high):
+        return pack_fixed(levels, int(low))
+    if _aligned(group_size, bits.numel()):
+        return _pack_aligned(levels, bits, group_size)
+    return _pack_words(levels, bits, group_size)
+
+
+def unpack_cpu(
+    packed: torch.Tensor, bits: torch.Tensor, group_size: int, numel: int
+) -> torch.Tensor:
+    low, high = torch.aminmax(bits)
+    if int(low) == int(high):
+        return unpack_fixed(packed, int(low), numel)
+    if _aligned(group_size, bits.numel()):
+        return _unpack_aligned(packed, bits, group_size, numel)
+    return _unpack_words(packed, bits, group_size, numel)
+
+
+# Aligned layout with mixed widths: a group of g entries (g % 8 == 0) is g/8 rows of 8
+# entries, each row exactly b_s bytes. A row is built in a 128-bit lane (two int64) with
+# per-row shifts, and its first b_s bytes are kept: row-major selection of those bytes is
+# the stream, written at the chunk's byte offset.
+# Byte masks "first w of 8 bytes" as one uint64 each, for w in 0..8: a gather, not a compare.
+_FIRST_BYTES = np.array([(1 << 8 * w) // 255 for w in range(9)], dtype=np.uint64)
+
+
+def _kept_bytes(w: np.ndarray, lane: int) -> np.ndarray:
+    """Indices of the first ``w[r]`` bytes of each ``lane``-byte row, in order (int64)."""
+    w = w.astype(np.int64)
+    starts = np.cumsum(w) - w
+    return np.repeat(np.arange(w.size, dtype=np.int64) * lane - starts, w) + np.arange(
+        int(starts[-1] + w[-1]) if w.size else 0)
+
+
+def _pack_rows_narrow(rows: torch.Tensor, w: torch.Tensor) -> torch.Tensor:
+    """Rows of 8 levels ``[R, 8]`` int16 with per-row widths ``w`` ``[R]`` (all <= 8) →
+    their ``w`` bytes each, concatenated (numpy: cheaper per call than torch at chunk size).
+
+    Same doubling steps as the fixed path, with the per-row slide factor as an array."""
+    r = rows.numpy()
+    wn = w.numpy()
+    if (r >> wn.astype(np.int16)[:, None]).any():
+        raise ValueError("a level does not fit in its group's bit width")
+    x = r.astype(np.uint8)
+    w64 = wn.astype(np.int64)[:, None]
+    for lane, dtype, count in ((8, np.int16, 1), (16, np.int32, 2), (32, np.int64, 4)):
+        x = x.view(dtype)
+        factor = ((np.int64(1) << count * w64) - (1 << lane)).astype(dtype)
+        x = x + (x >> lane) * factor
+    keep = _FIRST_BYTES[wn].view(np.bool_)
+    return torch.from_numpy(np.compress(keep.reshape(-1), x.view(np.uint8).reshape(-1)))
+
+
+def _unpack_rows_narrow(stream: torch.Tensor, w: torch.Tensor) -> torch.Tensor:
+    """Inverse of :func:`_pack_rows_narrow`: ``[R, 8]`` int16."""
+    wn = w.numpy()
+    lanes = np.zeros(wn.size * 8, dtype=np.uint8)
+    lanes[_FIRST_BYTES[wn].view(np.bool_).reshape(-1)] = stream.numpy()
+    x = lanes.view(np.int64)[:, None]
+    w64 = wn.astype(np.int64)[:, None]
+    for half, dtype, count in ((32, np.int64, 2), (16, np.int32, 1), (8, np.int16, 0)):
+        x = x.view(dtype)
+        shift = (w64 << count).astype(dtype)
+        factor = ((1 << half) - (np.int64(1) << (w64 << count))).astype(dtype)
+        x = x + (x >> shift) * factor
+    return torch.from_numpy(x.view(np.uint8).reshape(-1, 8).astype(np.int16))
+
+
+def _pack_rows_wide(rows: torch.Tensor, w: torch.Tensor) -> torch.Tensor:
+    """As :func:`_pack_rows_narrow` for widths up to 15: int16 entries, two int64 per row."""
+    r = rows.numpy()
+    wn = w.numpy()
+    if (r >> wn.astype(np.int16)[:, None]).any():
+        raise ValueError("a level does not fit in its group's bit width")
+    w64 = wn.astype(np.int64)[:, None]
+    x = r.view(np.int32)
+    x = x + (x >> 16) * ((np.int64(1) << w64) - (1 << 16)).astype(np.int32)
+    x = x.view(np.int64)
+    x = x + (x >> 32) * ((np.int64(1) << 2 * w64) - (1 << 32))
+    quad = 4 * w64[:, 0]
+    lo = x[:, 0] | (x[:, 1] << quad)
+    hi = x[:, 1] >> (64 - quad)
+    lanes = np.stack((lo, hi), 1).view(np.uint8).reshape(-1)
+    return torch.from_numpy(np.take(lanes, _kept_bytes(wn, 16)))
+
+
+def _unpack_rows_wide(stream: torch.Tensor, w: torch.Tensor) -> torch.Tensor:
+    """Inverse of :func:`_pack_rows_wide`: ``[R, 8]`` int16."""
+    wn = w.numpy()
+    lanes = np.zeros(wn.size * 16, dtype=np.uint8)
+    lanes[_kept_bytes(wn, 16)] = stream.numpy()
+    words = lanes.view(np.int64).reshape(-1, 2)
+    w64 = wn.astype(np.int64)[:, None]
+    quad = 4 * w64[:, 0]
+    lo, hi = words[:, 0], words[:, 1]
+    h0 = lo & ((np.int64(1) << quad) - 1)
+    h1 = ((lo >> quad) & ((np.int64(1) << (64 - quad)) - 1)) | (hi << (64 - quad))
+    x = np.stack((h0, h1), 1)
+    x = x + (x >> 2 * w64) * ((1 << 32) - (np.int64(1) << 2 * w64))
+    x = x.view(np.int32)
+    x = x + (x >> w64.astype(np.int32)) * ((1 << 16) - (np.int64(1) << w64)).astype(np.int32)
+    return torch.from_numpy(x.view(np.int16).reshape(-1, 8).copy())
+
+
+class _Rows:
+    """The aligned layout of a tensor: rows of 8 entries, each ``b_s`` bytes of the stream."""
+
+    def __init__(self, bits: torch.Tensor, group_size: int, numel: int):
+        self.full = numel // group_size if group_size else 0
+        self.widths = bits[: self.full].repeat_interleave(max(group_size, 8) // 8)
+        self.n = self.widths.numel()
+        starts = torch.cumsum(self.widths, 0, dtype=torch.int64)
+        self.body = int(starts[-1]) if self.n else 0
+        self.starts = np.concatenate(([0], starts.numpy()))
+        self.chunk = max(1, CHUNK // 8)
+
+    def span(self, start: int) -> tuple[int, int, torch.Tensor]:
+        stop = min(start + self.chunk, self.n)
+        return int(self.starts[start]), int(self.starts[stop]), self.widths[start:stop]
+
+
+def _pack_aligned(levels: torch.Tensor, bits: torch.Tensor, group_size: int) -> torch.Tensor:
+    numel = levels.numel()
+    if levels.dtype != torch.int16:
+        low, high = torch.aminmax(levels)
+        if int(low) < 0 or int(high) >= 1 << MAX_WIDTH:
+            raise ValueError("a level does not fit in its group's bit width")
+        levels = levels.to(torch.int16)
+    layout = _Rows(bits, group_size, numel)
+    out = torch.empty(stream_nbytes(bits, group_size, numel), dtype=torch.uint8)
+    rows = levels[: layout.n * 8].view(layout.n, 8)
+
+    def work(starts: list[int]) -> None:
+        for start in starts:
+            first, last, w = layout.span(start)
+            pack = _pack_rows_narrow if int(w.max()) <= 8 else _pack_rows_wide
+            out[first:last] = pack(rows[start : start + w.numel()], w)
+
+    if layout.n:
+        run_chunks(layout.n, layout.chunk, work)
+    if layout.full < bits.numel():
+        width = int(bits[-1])
+        tail = levels[layout.full * group_size :]
+        if int(tail.max()) >= 1 << width or int(tail.min()) < 0:
+            raise ValueError(f"a level does not fit in its group's {width} bits")
+        out[layout.body :] = pack_fixed(tail, width)
+    return out
+
+
+def _unpack_aligned(
+    packed: torch.Tensor, bits: torch.Tensor, group_size: int, numel: int
+) -> torch.Tensor:
+    layout = _Rows(bits, group_size, numel)
+    out = torch.empty(numel, dtype=torch.int16)
+    rows = out[: layout.n * 8].view(layout.n, 8)
+
+    def work(starts: list[int]) -> None:
+        for start in starts:
+            first, last, w = layout.span(start)
+            unpack = _unpack_rows_narrow if int(w.max()) <= 8 else _unpack_rows_wide
+            rows[start : start + w.numel()] = unpack(packed[first:last], w)
+
+    if layout.n:
+        run_chunks(layout.n, layout.chunk, work)
+    if layout.full < bits.numel():
+        rest = numel - layout.full * group_size
+        out[layout.full * group_size :] = unpack_fixed(packed[layout.body :], int(bits[-1]), rest)
+    return out
+
+
+# Any group size: each entry lands at bit offset o in 64-bit word o // 64, spilling into
+# the next word; words start at least one entry each (b <= 15 < 64), so a segmented sum
+# (np.add.reduceat) over entries grouped by word builds every word, disjoint bits adding
+# like OR. Chunks know their bit offset from a prefix sum over groups and run in
+# parallel; their first and last words, shared with neighbours, are OR-ed in order.
+class _Entries:
+    """Per-group prefix sums giving each chunk its entries' widths and its stream offset."""
+
+    def __init__(self, bits: torch.Tensor, group_size: int, numel: int):
+        self.bits = bits.numpy()
+        self.g = group_size if self.bits.size > 1 else max(numel, 1)
+        lengths = np.full(self.bits.size, self.g, dtype=np.int64)
+        lengths[-1] = numel - self.g * (self.bits.size - 1)
+        self.prefix = np.concatenate(([0], np.cumsum(lengths * self.bits)))
+
+    def offset(self, i: int) -> int:
+        """Stream bit offset of entry ``i``."""
+        group, rest = divmod(i, self.g)
+        if group >= self.bits.size:
+            return int(self.prefix[-1])
+        return int(self.prefix[group]) + rest * int(self.bits[group])
+
+    def widths(self, start: int, stop: int) -> np.ndarray:
+        first, last = start // self.g, (stop - 1) // self.g
+        per = np.repeat(self.bits[first : last + 1], self.g)
+        return per[start - first * self.g : stop - first * self.g]
+
+
+def _chunk_offsets(entries: _Entries, start: int, stop: int) -> tuple[int, np.ndarray,
+                                                                       np.ndarray]:
+    """First word of the chunk, and its entries' widths and bit offsets within that word."""
+    first = entries.offset(start)
+    w = entries.widths(start, stop).astype(np.int64)
+    offsets = np.cumsum(w) - w + (first & 63)
+    return first >> 6, w, offsets
+
+
+def _pack_words(levels: torch.Tensor, bits: torch.Tensor, group_size: int) -> torch.Tensor:
+    numel = levels.numel()
+    entries = _Entries(bits, group_size, numel)
+    nbytes = stream_nbytes(bits, group_size, numel)
+    words = np.zeros(nbytes // 8 + 2, dtype=np.uint64)
+    source = levels.numpy()
+    starts = list(range(0, numel, CHUNK))
+    results: dict[int, tuple[int, np.ndarray]] = {}
+
+    def work(chunk_starts: list[int]) -> None:
+        for start in chunk_starts:
+            stop = min(start + CHUNK, numel)
+            base, w, offsets = _chunk_offsets(entries, start, stop)
+            v = source[start:stop].astype(np.int64)
+            if (v >> w).any():
+                raise ValueError("a level does not fit in its group's bit width")
+            v = v.view(np.uint64)
+            shift = (offsets & 63).view(np.uint64)
+            index = offsets >> 6
+            segments = np.flatnonzero(np.diff(index)) + 1
+            segments = np.concatenate(([0], segments))
+            local = np.zeros(int(index[-1]) + 2, dtype=np.uint64)
+            local[:-1] = np.add.reduceat(v << shift, segments)
+            local[1:] += np.add.reduceat((v >> np.uint64(1)) >> (np.uint64(63) - shift), segments)
+            results[start] = (base, local)
+
+    run_chunks(numel, CHUNK, work)
+    for start in starts:
+        base, local = results[start]
+        words[base : base + local.size] |= local
+    return torch.from_numpy(words.view(np.uint8)[:nbytes].copy())
+
+
+def _unpack_words(
+    packed: torch.Tensor, bits: torch.Tensor, group_size: int, numel: int
+) -> torch.Tensor:
+    entries = _Entries(bits, group_size, numel)
+    buf = np.zeros((packed.numel() // 8 + 2) * 8, dtype=np.uint8)
+    buf[: packed.numel()] = packed.numpy()
+    words = buf.view(np.uint64)
+    out = torch.empty(numel, dtype=torch.int16)
+    target = out.numpy()
+
+    def work(chunk_starts: list[int]) -> None:
+        for start in chunk_starts:
+            stop = min(start + CHUNK, numel)
+            base, w, offsets = _chunk_offsets(entries, start, stop)
+            index = (offsets >> 6) + base
+            shift = (offsets & 63).view(np.uint64)
+            lo = words[index] >> shift
+            hi = (words[index + 1] << np.uint64(1)) << (np.uint64(63) - shift)
+            mask = (np.uint64(1) << w.view(np.uint64)) - np.uint64(1)
+            target[start:stop] = ((lo | hi) & mask).astype(np.int16)
+
+    run_chunks(numel, CHUNK, work)
+    return out
