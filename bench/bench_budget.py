@@ -13,6 +13,7 @@ go to bench/RESULTS.md.
 from __future__ import annotations
 
 import math
+import statistics
 import sys
 import time
 from dataclasses import dataclass
@@ -50,6 +51,7 @@ class Run:
     size_mb: float
     val_ppl: float
     seconds: float
+    unrounded_mb: float  # true_model_size() before finalize() (plain rounding of the widths)
 
 
 def train(corpus, steps: int, penalty: float | None = None, target_mb: float | None = None) -> Run:
@@ -71,6 +73,7 @@ def train(corpus, steps: int, penalty: float | None = None, target_mb: float | N
         optimizer.zero_grad(set_to_none=True)
         (loss + extra).backward()
         optimizer.step()
+    unrounded = quantizer.true_model_size()
     if budget is not None:
         budget.finalize()
     windows = eval_windows(corpus.val, MODEL.context, EVAL_WINDOWS)
@@ -82,6 +85,7 @@ def train(corpus, steps: int, penalty: float | None = None, target_mb: float | N
         quantizer.true_model_size(),
         ppl,
         time.perf_counter() - start,
+        unrounded,
     )
 
 
@@ -100,7 +104,8 @@ def compare(steps: int = STEPS) -> list[dict]:
                 "target MB": "" if run.target_mb is None else run.target_mb,
                 "MB": run.size_mb,
                 "size vs target": "" if run.target_mb is None
-                else f"{100 * (run.size_mb / run.target_mb - 1):+.2f}%",
+                else f"{100 * (run.size_mb / run.target_mb - 1):+.3f}%",
+                "MB before finalize": "" if run.target_mb is None else run.unrounded_mb,
                 "val ppl": run.val_ppl,
                 "s": run.seconds,
             })
@@ -108,6 +113,34 @@ def compare(steps: int = STEPS) -> list[dict]:
               f"{budget.size_mb:.4f} MB ppl {budget.val_ppl:.3f} (λ found {budget.penalty:.3g})",
               flush=True)
     return rows
+
+
+def penalty_overhead(reps: int = 200) -> dict:
+    """Median time of forward+backward of the penalty term alone: fixed λ vs budget (µs)."""
+    torch.manual_seed(SEED)
+    model = CharTransformer(MODEL)
+    quantizer = diffq_triton.DiffQuantizer(model, group_size=GROUP_SIZE, init_bits=INIT_BITS)
+    quantizer.no_optimizer()
+    budget = SizeBudget(quantizer, float(quantizer.model_size().detach()) * 0.6)
+    terms = {"fixed λ": lambda: 2.0 * quantizer.model_size(), "budget": budget.penalty}
+    times: dict[str, list[float]] = {name: [] for name in terms}
+    for _ in range(reps):
+        for name, term in terms.items():  # interleaved: load changes hit both alike
+            start = time.perf_counter()
+            term().backward()
+            times[name].append(time.perf_counter() - start)
+    fixed, ours = (statistics.median(times[n]) * 1e6 for n in terms)
+    return {"model": f"char LM dim {MODEL.dim}", "groups": sum(
+        p.numel() for p in quantizer._logits()), "fixed λ µs": fixed, "budget µs": ours,
+        "extra µs": ours - fixed}
+
+
+def test_penalty_overhead():
+    row = penalty_overhead()
+    print(row, flush=True)
+    record("size budget: cost of the penalty term per step", [row],
+           note="Median wall time of building the penalty and its backward on the logits, "
+           "fixed λ·model_size() vs SizeBudget.penalty() (a few extra 0-dim ops, no sync).")
 
 
 def test_budget_matches_the_sweep():
@@ -128,6 +161,7 @@ def test_budget_matches_the_sweep():
 if __name__ == "__main__":
     steps = int(sys.argv[1]) if len(sys.argv) > 1 else STEPS
     torch.set_num_threads(max(1, torch.get_num_threads()))
+    test_penalty_overhead()
     test_rows = compare(steps)
     record("size budget vs fixed-λ sweep", test_rows,
            note="Each fixed-λ run sets the target of a budget run trained identically "
