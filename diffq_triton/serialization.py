@@ -56,8 +56,10 @@ def save_quantized(quantizer, path: str | os.PathLike | BinaryIO) -> None:
             (anything with ``export_quantized()`` and ``export_float()``).
         path: file name, or a writable binary file object.
     """
+    # The quantizer quantizes with torch's own threads; packing runs on the chunk pool.
+    exported = quantizer.export_quantized()
     with cpu_threads():
-        entries, meta = _encode(quantizer)
+        entries, meta = _encode(exported, quantizer.export_float())
     header: dict = {"__metadata__": {
         "format": FORMAT, META_KEY: meta, "crc32": str(zlib.crc32(meta.encode())),
     }}
@@ -76,12 +78,12 @@ def save_quantized(quantizer, path: str | os.PathLike | BinaryIO) -> None:
         path.writelines(chunks)
 
 
-def _encode(quantizer) -> tuple[list, str]:
+def _encode(exported: list[QuantizedTensor], float_params: list) -> tuple[list, str]:
     """Payloads ``(key, dtype, shape, bytes)`` in file order, and the metadata JSON."""
     entries: list[tuple[str, str, list[int], torch.Tensor]] = []
     # Float payloads first: with an 8-aligned data start they stay aligned for their dtype.
     floats = []
-    for name, tensor, as_half in quantizer.export_float():
+    for name, tensor, as_half in float_params:
         stored = "F16" if as_half else "F32"
         data = tensor.detach().to(_STORED[stored]).contiguous().cpu()
         raw = data.reshape(-1).view(torch.uint8)
@@ -90,7 +92,7 @@ def _encode(quantizer) -> tuple[list, str]:
             "name": name, "dtype": _dtype_name(tensor.dtype), "crc": _crc(raw),
         })
     entries.sort(key=lambda e: e[1] != "F32")
-    quantized = [_encode_quantized(qt, entries) for qt in quantizer.export_quantized()]
+    quantized = [_encode_quantized(qt, entries) for qt in exported]
     meta = json.dumps({"version": VERSION, "quantized": quantized, "float": floats},
                       separators=(",", ":"), allow_nan=False)
     return entries, meta
