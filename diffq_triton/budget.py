@@ -9,10 +9,13 @@ run, from the gap between the current size and the target:
 * the multiplier lives in log space, so it is scale-free: whatever the loss's units, λ moves
   by a bounded *factor* per step and reaches any magnitude in a few hundred steps;
 * log λ = I + P·e, with ``e = (size - target) / target``: the integral ``I`` accumulates the
-  gap (dual ascent on the Lagrangian, rate-limited so λ grows at most a few % per step),
-  and the proportional term ``P·e`` is an augmented-Lagrangian-like stiffening whose gain
-  grows with the step count, as augmented Lagrangian methods raise their penalty, so the
-  size holds the target more tightly as training goes on;
+  gap (dual ascent on the Lagrangian, rate-limited so λ grows at most 5% per step, and held
+  while the size already closes in on the target, since the size lags λ), and the
+  proportional term ``P·e`` is an augmented-Lagrangian-like stiffening whose gain grows
+  with the step count, as augmented Lagrangian methods raise their penalty, so the size
+  holds the target more tightly as training goes on;
+* λ starts small and grows into place: a large first λ would fill Adam's second moment and
+  leave the logits unable to climb back for ~1/(1 - β2) steps;
 * everything is a handful of 0-dim tensor ops on the logits' device: no host sync per step,
   the same λ on every DDP rank (it depends only on the logits, which DDP keeps equal), and
   traceable by ``torch.compile``.
