@@ -56,10 +56,10 @@ def save_quantized(quantizer, path: str | os.PathLike | BinaryIO) -> None:
             (anything with ``export_quantized()`` and ``export_float()``).
         path: file name, or a writable binary file object.
     """
-    # The quantizer quantizes with torch's own threads; packing runs on the chunk pool.
-    exported = quantizer.export_quantized()
+    # One torch thread inside (torch's parallel regions over many mid-sized ops cost more
+    # than they save, badly on a busy host); the big loops run on the chunk pool.
     with cpu_threads():
-        entries, meta = _encode(exported, quantizer.export_float())
+        entries, meta = _encode(quantizer.export_quantized(), quantizer.export_float())
     header: dict = {"__metadata__": {
         "format": FORMAT, META_KEY: meta, "crc32": str(zlib.crc32(meta.encode())),
     }}
