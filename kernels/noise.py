@@ -25,13 +25,13 @@ from .common import (
     size_bucket,
     unit_and_slope,
 )
-from .range import range_partials, reduce_range
+from .range import range_partials, reduce_range, reduce_range_values
 
 # Groups up to this size are reduced as rows of a 2-D tile; larger groups (and g = 0, one
 # group) are cut into chunks whose partial sums the finalize kernel adds.
 MAX_TILE_G = 1024
 # Entries per program. Under the interpreter every program costs ~1.4 ms: use few, large ones.
-BLOCK_FWD = 8192 if INTERPRET else 2048
+BLOCK_FWD = 8192 if INTERPRET else 4096
 TILE_BWD = 8192 if INTERPRET else 2048
 BLOCK_CHUNK = 8192 if INTERPRET else 4096
 BLOCK_FIN = 1024
@@ -62,8 +62,10 @@ def noise_fwd_kernel(
     Bytes per entry (fp32): reads ``w`` 4 and one logit per group (L2-cached), writes ``ŵ`` 4.
     """
     i_p = tl.program_id(0).to(tl.int64)
-    mn, mx, imn, imx = reduce_range(p_part_v, p_part_i, P)
+    mn, mx = reduce_range_values(p_part_v, P)
     if i_p == 0:
+        # Only program 0 needs the indices (for the backward): the others skip their loads.
+        mn, mx, imn, imx = reduce_range(p_part_v, p_part_i, P)
         tl.store(p_stats, mn.to(tl.float64))
         tl.store(p_stats + 1, mx.to(tl.float64))
         tl.store(p_stats + 2, imn.to(tl.float64))

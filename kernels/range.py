@@ -1,7 +1,8 @@
 """Per-tensor range: min, max and their first indices, in two deterministic stages.
 
 Stage one (:func:`range_partial_kernel`) writes one (min, max, argmin, argmax) per program;
-stage two (:func:`reduce_range`) is a ``@triton.jit`` helper that the consuming kernel (noise
+stage two (:func:`reduce_range`, or :func:`reduce_range_values` when only the range is
+needed) is a ``@triton.jit`` helper that the consuming kernel (noise
 forward, eval quantize) runs at its start, so the range costs one launch of its own.
 """
 
@@ -13,8 +14,10 @@ import triton.language as tl
 
 from .common import INTERPRET, next_pow2
 
-# At most this many partial results: the consumers load them all in one block.
-MAX_PARTIALS = 1024
+# At most this many partial results. Every program of a consumer kernel loads them all
+# (8 bytes each), so fewer is cheaper there; 256 programs looping over their span still
+# fill a GPU for the range pass itself.
+MAX_PARTIALS = 256
 BLOCK = 8192 if INTERPRET else 2048
 NUM_WARPS = 4 if INTERPRET else 8
 
@@ -56,6 +59,15 @@ def range_partial_kernel(
     tl.store(p_part_v + P + i_p, mx)
     tl.store(p_part_i + i_p, imn)
     tl.store(p_part_i + P + i_p, imx)
+
+
+@triton.jit
+def reduce_range_values(p_part_v, P: tl.constexpr):
+    """Combine the ``P`` partial results: ``(mn, mx)`` (reads 8·P bytes)."""
+    o_p = tl.arange(0, P)
+    mn = tl.min(tl.load(p_part_v + o_p), axis=0)
+    mx = tl.max(tl.load(p_part_v + P + o_p), axis=0)
+    return mn, mx
 
 
 @triton.jit
