@@ -196,7 +196,10 @@ def unpack_fixed(packed: torch.Tensor, width: int, n: int) -> torch.Tensor:
 
 # ----------------------------------------------------------------------------- CPU paths
 def pack_cpu(levels: torch.Tensor, bits: torch.Tensor, group_size: int) -> torch.Tensor:
-    # Each path checks 0 <= q < 2^b chunk by chunk, while the data is in cache.
+    """:func:`diffq_triton.bitpack.pack_levels` for checked CPU arguments (uint8 stream).
+
+    Each path checks ``0 <= q < 2^b`` chunk by chunk, while the data is in cache.
+    """
     low, high = torch.aminmax(bits)
     if int(low) == int(high):
         return pack_fixed(levels, int(low))
@@ -208,6 +211,7 @@ def pack_cpu(levels: torch.Tensor, bits: torch.Tensor, group_size: int) -> torch
 def unpack_cpu(
     packed: torch.Tensor, bits: torch.Tensor, group_size: int, numel: int
 ) -> torch.Tensor:
+    """:func:`diffq_triton.bitpack.unpack_levels` for checked CPU arguments (int16 levels)."""
     low, high = torch.aminmax(bits)
     if int(low) == int(high):
         return unpack_fixed(packed, int(low), numel)
@@ -217,9 +221,11 @@ def unpack_cpu(
 
 
 # Aligned layout with mixed widths: a group of g entries (g % 8 == 0) is g/8 rows of 8
-# entries, each row exactly b_s bytes. A row is built in a 128-bit lane (two int64) with
-# per-row shifts, and its first b_s bytes are kept: row-major selection of those bytes is
-# the stream, written at the chunk's byte offset.
+# entries, each row exactly b_s bytes. A row is built in a 64-bit lane (widths <= 8) or a
+# 128-bit one (two int64) by the doubling steps with per-row factors, and its first b_s
+# bytes are kept: row-major selection of those bytes is the stream, written at the chunk's
+# byte offset.
+
 # Byte masks "first w of 8 bytes" as one uint64 each, for w in 0..8: a gather, not a compare.
 _FIRST_BYTES = np.array([(1 << 8 * w) // 255 for w in range(9)], dtype=np.uint64)
 
