@@ -157,3 +157,16 @@ def test_chunked_codec_matches_reference(monkeypatch, numel, group_size):
     qt = QuantizedTensor("w", (numel,), torch.float32, "minmax", group_size, levels, bits,
                          float(mn), float(mx))
     assert torch.equal(cpu_codec.dequantize_cpu(levels, bits, qt), qt.dequantize())
+
+
+@pytest.mark.parametrize("dtype", [torch.float16, torch.bfloat16], ids=str)
+def test_low_precision_parameters(dtype):
+    model = torch.nn.Linear(16, 4).to(dtype)
+    levels = torch.arange(64, dtype=torch.int16) % 8
+    bits = torch.full((8,), 3, dtype=torch.uint8)
+    record = QuantizedTensor("weight", (4, 16), dtype, "minmax", 8, levels, bits, -1.0, 1.0)
+    quantizer = HandMade([record], [("bias", torch.ones(4, dtype=dtype), False)])
+    serialization.load_quantized(model, serialization.file_bytes(quantizer))
+    assert model.weight.dtype == dtype
+    assert torch.equal(model.weight, record.dequantize())
+    assert torch.equal(model.bias, torch.ones(4, dtype=dtype))
