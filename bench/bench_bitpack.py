@@ -5,7 +5,7 @@ Three measurements, each row tagged with machine, versions and commit (bench/RES
 1. fixed width (Uniform / LSQ tensors): ``bitpack.pack_levels`` / ``unpack_levels`` against
    diffq's Cython ``bitpack.pack`` / ``unpack`` on the same int16 levels, with a ceiling: a
    copy of the levels (read + write 2 bytes per entry);
-2. mixed widths, group size 8 (DiffQuantizer): ours (levels + width fields) against diffq's
+2. mixed widths, group sizes 8 and 1 (DiffQuantizer): ours (levels + width fields) against diffq's
    own ``DiffQuantizer._bit_pack_param`` / ``_bit_unpack_param`` (Cython bitpack);
 3. end to end, a model of 25M quantized weights (DiffQuantizer, group size 8):
    ``save_quantized`` + ``load_quantized`` against diffq's ``get_quantized_state()`` +
@@ -161,8 +161,8 @@ def run(millions: float = 16.0, e2e_millions: float = 25.0) -> None:
     note = (f"Best of 3-5 runs on the CPU, {threads} torch threads; M/s = million entries per "
             "second; × = diffq time / our time.")
     record("bitpack, fixed width, vs diffq 0.2.4 Cython bitpack", bench_fixed(numel), note)
-    record("bitpack, mixed widths (DiffQuantizer layout) vs diffq 0.2.4", bench_mixed(numel),
-           note)
+    record("bitpack, mixed widths (DiffQuantizer layout) vs diffq 0.2.4",
+           bench_mixed(numel, 8) + bench_mixed(numel // 4, 1), note)
     record("quantized model save + load vs diffq get_quantized_state + restore",
            bench_end_to_end(int(e2e_millions * 1e6)), note)
 
