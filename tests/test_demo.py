@@ -285,3 +285,12 @@ def test_comparison_states_the_verdict():
     assert "smaller, but worse perplexity" in lines[1] and "(+10.0%)" in lines[1]
     assert "2.00x larger" in lines[2] and "better perplexity" in lines[2]
     assert report.comparison([run("float", 8.0, 9.0)]) == []
+
+
+def test_bits_per_weight_counts_model_parameters_only(tiny_demo):
+    _, outcome, _ = tiny_demo
+    results = outcome["results"]
+    # DiffQ's bit logits are parameters of the model but are not stored: not counted.
+    assert {r.params for r in results} == {results[0].params}
+    for r in results:
+        assert r.bits_per_weight == pytest.approx(r.size_mb * 2**23 / r.params)

@@ -32,7 +32,7 @@ class TrainConfig:
         seed: fixes the initial weights, the batches and the noise.
     """
 
-    steps: int = 300
+    steps: int = 400
     batch: int = 32
     lr: float = 3e-3
     warmup: int = 20
@@ -156,7 +156,8 @@ def train_method(
     model.eval()
     windows = eval_windows(corpus.val, model_config.context, config.eval_windows)
     ppl = perplexity(model, windows, config.device)
+    # The model's own parameters only (not DiffQ's bit logits, which are not stored).
     return RunResult(
-        method, model, quantizer, sum(p.numel() for p in model.parameters()),
+        method, model, quantizer, sum(p.numel() for p in weights),
         model_size_mb(model, quantizer), ppl, time.perf_counter() - start, history,
     )
