@@ -87,19 +87,27 @@ def _extremes(flat: torch.Tensor) -> tuple[torch.Tensor, ...]:
 
 
 def _unit_and_slope(
-    logits: torch.Tensor, min_bits: float, max_bits: float, param: str
-) -> tuple[torch.Tensor, torch.Tensor]:
-    """``u(b(l))`` and ``du/dl`` per group, float32 (formulas in kernels/common.py)."""
+    logits: torch.Tensor, min_bits: float, max_bits: float, param: str, slope: bool = True
+) -> tuple[torch.Tensor, torch.Tensor | None]:
+    """``u(b(l))`` and (if ``slope``) ``du/dl`` per group, float32.
+
+    Formulas as in kernels/common.py; with ``p = 2^b``, ``p·u = 1 + u`` shortens the slope
+    of ``param="bits"`` to ``-ln2·(max - min)·u·(1 + u)·σ(1-σ)``. In-place chains: these
+    run on every group at every step.
+    """
     t = torch.sigmoid(logits.float())
-    dt = t * (1 - t)
     if param == "noise":
         lo = math.log(1 / (2**max_bits - 1))
         hi = math.log(1 / (2**min_bits - 1))
-        u = torch.exp(t * lo + (1 - t) * hi)
-        return u, u * (lo - hi) * dt
-    p = torch.exp2(min_bits + t * (max_bits - min_bits))
-    u = 1 / (p - 1)
-    return u, -math.log(2) * p * u * u * (max_bits - min_bits) * dt
+        u = (t * (lo - hi)).add_(hi).exp_()
+        if not slope:
+            return u, None
+        return u, u * (lo - hi) * t * (1 - t)
+    u = (t * (max_bits - min_bits)).add_(min_bits).exp2_().sub_(1).reciprocal_()
+    if not slope:
+        return u, None
+    du = (1 - t).mul_(t).mul_(u).mul_(u + 1).mul_(-math.log(2) * (max_bits - min_bits))
+    return u, du
 
 
 def _per_entry(values: torch.Tensor, numel: int, group_size: int) -> torch.Tensor:
@@ -150,7 +158,7 @@ def noise_forward(
         return w.clone(), torch.zeros(4, dtype=torch.float64, device=w.device), xi
     mn, mx, imn, imx = _extremes(flat)
     stats = torch.stack([mn.double(), mx.double(), imn.double(), imx.double()])
-    u, _ = _unit_and_slope(logits, min_bits, max_bits, param)
+    u, _ = _unit_and_slope(logits, min_bits, max_bits, param, slope=False)
     scale = (mx.float() - mn.float()) * u
     grouped = _grouped(xi, group_size)
     if w.dtype == torch.float32:
@@ -177,12 +185,12 @@ def noise_backward(
     ``∂L/∂w = g + ∂L/∂r·(e_argmax - e_argmin)``.
     """
     n = grad.numel()
-    grad_w = grad.clone()
     if n == 0:
-        return grad_w, torch.zeros_like(logits)
+        return grad.clone(), torch.zeros_like(logits)
     u, du = _unit_and_slope(logits, min_bits, max_bits, param)
     prod = _grouped(grad, group_size).float() * _grouped(xi, group_size)
-    if group_size == 1 and n > 1:
+    per_entry = group_size == 1 and n > 1
+    if per_entry:
         sums = prod.reshape(-1)
     elif prod.dim() == 2:
         # A matrix-vector product sums rows of a few entries far faster than sum(1).
@@ -190,6 +198,12 @@ def noise_backward(
     else:
         ids = torch.arange(n, device=grad.device) // group_size
         sums = torch.zeros(u.numel(), device=grad.device).index_add_(0, ids, prod)
+    if grad.dtype == torch.float32 and not per_entry:
+        # The product is no longer needed: its buffer becomes ∂L/∂w (a fresh weight-sized
+        # buffer costs about as much in page faults as the copy itself).
+        grad_w = prod.view(grad.shape).copy_(grad)
+    else:
+        grad_w = grad.clone()
     r = (stats[1] - stats[0]).float()
     grad_l = (r * sums * du).to(logits.dtype)
     dr = (u * sums).sum()

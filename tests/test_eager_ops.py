@@ -75,3 +75,21 @@ def test_noise_statistics(noise, var):
     assert abs(xi.var().item() - var) < 5 * var * (2 / n) ** 0.5
     if noise == "uniform":
         assert xi.min() >= -0.5 and xi.max() <= 0.5
+
+
+@pytest.mark.parametrize("param,noise", [("noise", "gaussian"), ("bits", "uniform"),
+                                         ("noise", "uniform")])
+@pytest.mark.parametrize("group_size", [0, 1, 8, 100], ids=lambda g: f"g{g}")
+def test_param_and_noise_variants(group_size, param, noise):
+    w, logits = _case(group_size)
+    out, stats, xi = eager_ops.noise_forward(w, logits, torch.tensor([5]), group_size,
+                                             2.0, 15.0, param, noise)
+    w64, l64 = w.double().requires_grad_(), logits.double().requires_grad_()
+    expected = reference.noisy_weight(w64, l64, xi.double(), group_size, 2.0, 15.0, param)
+    torch.testing.assert_close(out, expected.float(), rtol=1e-6, atol=1e-6)
+    grad = torch.randn(N, generator=torch.Generator().manual_seed(3))
+    expected.backward(grad.double())
+    grad_w, grad_l = eager_ops.noise_backward(grad, logits, stats, xi, group_size, 2.0, 15.0,
+                                              param)
+    torch.testing.assert_close(grad_l.double(), l64.grad, rtol=1e-4, atol=1e-5)
+    torch.testing.assert_close(grad_w.double(), w64.grad, rtol=1e-4, atol=1e-5)
