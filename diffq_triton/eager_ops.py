@@ -9,6 +9,7 @@ per-entry tensors when the group size divides the tensor.
 from __future__ import annotations
 
 import math
+import threading
 from concurrent.futures import ThreadPoolExecutor
 
 import torch
@@ -19,6 +20,49 @@ from . import reference
 # values depend on the seed only; chunks run on a thread pool (torch's normal_ is serial).
 NOISE_CHUNK = 1 << 18
 _POOL: ThreadPoolExecutor | None = None
+
+
+class _BufferPool:
+    """Weight-sized CPU buffers reused across training steps.
+
+    Every step needs fresh weight-sized tensors (ξ, ŵ, ∂L/∂w) that die before the next
+    step; on a CPU each new one costs as much in page faults as the arithmetic that fills
+    it. A buffer is handed out again once nothing but the pool references its storage
+    (callers get a view, so their references count). Holds at most what one step needed at
+    its peak; :func:`clear_buffers` frees it.
+    """
+
+    def __init__(self) -> None:
+        self._free: dict[tuple[int, torch.dtype], list[torch.Tensor]] = {}
+        self._lock = threading.Lock()
+
+    def take(self, numel: int, dtype: torch.dtype, device: torch.device) -> torch.Tensor:
+        """An uninitialised ``[numel]`` tensor of ``dtype`` on ``device``."""
+        if device.type != "cpu" or numel < _POOL_MIN:
+            return torch.empty(numel, dtype=dtype, device=device)
+        with self._lock:
+            bufs = self._free.setdefault((numel, dtype), [])
+            for buf in bufs:
+                # 2: the pool's tensor and the temporary storage object of this call.
+                if torch._C._storage_Use_Count(buf.untyped_storage()._cdata) == 2:
+                    return buf.view(numel)
+            buf = torch.empty(numel, dtype=dtype, device=device)
+            bufs.append(buf)
+            return buf.view(numel)
+
+    def clear(self) -> None:
+        with self._lock:
+            self._free.clear()
+
+
+# Tensors smaller than this come from malloc's own free lists anyway (no page faults).
+_POOL_MIN = 1 << 15
+_BUFFERS = _BufferPool()
+
+
+def clear_buffers() -> None:
+    """Free the CPU buffers the eager path keeps for reuse between training steps."""
+    _BUFFERS.clear()
 
 
 def _pool() -> ThreadPoolExecutor:
@@ -46,7 +90,7 @@ def draw_noise(numel: int, seed: int, noise: str, device: torch.device) -> torch
         noise: ``"gaussian"`` or ``"uniform"``.
         device: where to draw.
     """
-    out = torch.empty(numel, dtype=torch.float32, device=device)
+    out = _BUFFERS.take(numel, torch.float32, device)
     chunks = [out[i:i + NOISE_CHUNK] for i in range(0, numel, NOISE_CHUNK)]
     if len(chunks) > 1 and device.type == "cpu" and torch.get_num_threads() > 1:
         futures = [_pool().submit(_fill_chunk, c, seed, i, noise) for i, c in enumerate(chunks)]
@@ -162,8 +206,9 @@ def noise_forward(
     scale = (mx.float() - mn.float()) * u
     grouped = _grouped(xi, group_size)
     if w.dtype == torch.float32:
-        out = torch.addcmul(_grouped(flat, group_size), grouped,
-                            _per_entry(scale, n, group_size))
+        base = _grouped(flat, group_size)
+        out = _BUFFERS.take(n, w.dtype, w.device).view(base.shape)
+        torch.addcmul(base, grouped, _per_entry(scale, n, group_size), out=out)
     else:
         out = (_grouped(flat, group_size).float() + grouped * _per_entry(scale, n, group_size))
     return out.to(w.dtype).view(w.shape), stats, xi
@@ -188,7 +233,9 @@ def noise_backward(
     if n == 0:
         return grad.clone(), torch.zeros_like(logits)
     u, du = _unit_and_slope(logits, min_bits, max_bits, param)
-    prod = _grouped(grad, group_size).float() * _grouped(xi, group_size)
+    g_grouped = _grouped(grad, group_size)
+    prod = _BUFFERS.take(n, torch.float32, grad.device).view(g_grouped.shape)
+    torch.mul(g_grouped, _grouped(xi, group_size), out=prod)
     per_entry = group_size == 1 and n > 1
     if per_entry:
         sums = prod.reshape(-1)
