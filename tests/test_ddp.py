@@ -1,8 +1,9 @@
 """DistributedDataParallel over 2 CPU ranks (gloo on loopback): the ranks stay in agreement."""
 
+import datetime
 import os
-import socket
 
+import pytest
 import torch
 import torch.distributed as dist
 import torch.multiprocessing as mp
@@ -10,16 +11,16 @@ import torch.multiprocessing as mp
 import diffq_triton
 from tests.models import mlp
 
-
-def _free_port() -> int:
-    with socket.socket() as s:
-        s.bind(("127.0.0.1", 0))
-        return s.getsockname()[1]
+DEADLINE_S = 120
 
 
-def _worker(rank: int, world: int, port: int, out_dir: str) -> None:
-    os.environ.update(MASTER_ADDR="127.0.0.1", MASTER_PORT=str(port))
-    dist.init_process_group("gloo", rank=rank, world_size=world)
+def _worker(rank: int, world: int, out_dir: str) -> None:
+    os.environ["GLOO_SOCKET_IFNAME"] = "lo"  # loopback only
+    # A file store needs no port: no race with other processes for a free one.
+    dist.init_process_group(
+        "gloo", init_method=f"file://{out_dir}/store", rank=rank, world_size=world,
+        timeout=datetime.timedelta(seconds=DEADLINE_S),
+    )
     try:
         torch.manual_seed(0)  # same initial weights on every rank
         model = mlp()
@@ -39,10 +40,21 @@ def _worker(rank: int, world: int, port: int, out_dir: str) -> None:
         torch.save(state, os.path.join(out_dir, f"rank{rank}.pt"))
     finally:
         dist.destroy_process_group()
+    # Seen here about once in ten runs: a rank whose work is done hangs in interpreter
+    # shutdown (background threads of the process group). Its results are on disk: leave now.
+    os._exit(0)
 
 
 def test_ddp_two_ranks_agree(tmp_path):
-    mp.spawn(_worker, args=(2, _free_port(), str(tmp_path)), nprocs=2, join=True)
+    context = mp.spawn(_worker, args=(2, str(tmp_path)), nprocs=2, join=False)
+    # Never hang the suite: give up (and kill the ranks) after a deadline.
+    for _ in range(DEADLINE_S):
+        if context.join(timeout=1):
+            break
+    else:
+        for process in context.processes:
+            process.kill()
+        pytest.fail(f"DDP ranks did not finish within {DEADLINE_S} s")
     s0 = torch.load(tmp_path / "rank0.pt")
     s1 = torch.load(tmp_path / "rank1.pt")
     assert set(s0) == set(s1)
