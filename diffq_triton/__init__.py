@@ -5,7 +5,9 @@ A drop-in for diffq 0.2.4: ``import diffq_triton as diffq``.
 
 from .base import BaseQuantizer, restore_quantized_state
 from .diffq import DiffQuantizer
+from .diffq_compat import load_diffq_state
 from .lsq import LSQ
+from .serialization import load_quantized, save_quantized
 from .uniform import UniformQuantizer
 
 __version__ = "0.1.0"
@@ -15,5 +17,8 @@ __all__ = [
     "DiffQuantizer",
     "LSQ",
     "UniformQuantizer",
+    "load_diffq_state",
+    "load_quantized",
     "restore_quantized_state",
+    "save_quantized",
 ]

@@ -326,7 +326,6 @@ class BaseQuantizer:
         """
         out = []
         for record in self._first_uses():
-            validation.check_finite(record.full_name, record.param.detach())
             qt = self._quantize_record(record)
             qt.tied_names = [use.full_name for use in record.tied]
             out.append(qt)

@@ -9,7 +9,7 @@ from torch import nn
 
 from . import ops, reference, validation
 from .base import MEGABYTE_BITS, BaseQuantizer, QuantizedParam
-from .state import QuantizedTensor
+from .state import QuantizedTensor, quantize_minmax
 
 
 class DiffQuantizer(BaseQuantizer):
@@ -181,11 +181,8 @@ class DiffQuantizer(BaseQuantizer):
         return ops.quantized_weight(record.param, self._int_bits(record), self.group_size)
 
     def _quantize_record(self, record: QuantizedParam) -> QuantizedTensor:
-        bits = self._int_bits(record)
-        levels, mn, mx = reference.quantize(record.param, bits, self.group_size)
-        return QuantizedTensor(
-            record.full_name, tuple(record.param.shape), record.param.dtype, "minmax",
-            self.group_size, levels, bits, float(mn), float(mx),
+        return quantize_minmax(
+            record.full_name, record.param.detach(), self._int_bits(record), self.group_size
         )
 
     # ----------------------------------------------------------------- sizes

@@ -119,12 +119,13 @@ class LSQ(BaseQuantizer):
         return w_q.to(record.param.dtype)
 
     def _quantize_record(self, record: QuantizedParam) -> QuantizedTensor:
+        validation.check_finite(record.full_name, record.param.detach())
         with torch.no_grad():
             _, index = reference.lsq_quantize(record.param.float(), record.step, self.bits)
         bits = torch.full((1,), self.bits, dtype=torch.uint8)
         return QuantizedTensor(
             record.full_name, tuple(record.param.shape), record.param.dtype, "lsq", 0,
-            index.reshape(-1).to(torch.int16), bits, float(record.step), 0.0,
+            index.reshape(-1).to(torch.int16), bits, float(record.step.detach()), 0.0,
         )
 
     def model_size(self, exact: bool = False) -> torch.Tensor:

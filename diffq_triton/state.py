@@ -2,6 +2,7 @@
 
 from __future__ import annotations
 
+import math
 from dataclasses import dataclass, field
 
 import torch
@@ -9,6 +10,30 @@ import torch
 from . import reference
 
 SCHEMES = ("minmax", "lsq")
+
+
+def quantize_minmax(
+    name: str, w: torch.Tensor, bits: torch.Tensor, group_size: int
+) -> QuantizedTensor:
+    """Quantize ``w`` (spec §1) with per-group widths into a record named ``name``.
+
+    float32 CPU weights take the chunked CPU codec (same levels as the reference, several
+    times faster on large tensors); others the reference.
+
+    Raises:
+        ValueError: ``w`` holds NaN or Inf (they show in its range).
+    """
+    if w.device.type == "cpu" and w.dtype == torch.float32:
+        from .cpu_codec import quantize_cpu
+
+        levels, mn, mx = quantize_cpu(w, bits, group_size)
+    else:
+        levels, mn, mx = reference.quantize(w, bits, group_size)
+    mn, mx = float(mn), float(mx)
+    if not (math.isfinite(mn) and math.isfinite(mx)):
+        raise ValueError(f"parameter {name!r} holds NaN or Inf values; cannot quantize it")
+    return QuantizedTensor(name, tuple(w.shape), w.dtype, "minmax", group_size, levels,
+                           bits, mn, mx)
 
 
 @dataclass

@@ -9,7 +9,7 @@ from torch import nn
 
 from . import ops, reference, validation
 from .base import MEGABYTE_BITS, BaseQuantizer, QuantizedParam
-from .state import QuantizedTensor
+from .state import QuantizedTensor, quantize_minmax
 
 
 class UniformQuantizer(BaseQuantizer):
@@ -65,12 +65,7 @@ class UniformQuantizer(BaseQuantizer):
         return ops.quantized_weight(record.param, self._int_bits(record), 0)
 
     def _quantize_record(self, record: QuantizedParam) -> QuantizedTensor:
-        bits = self._int_bits(record)
-        levels, mn, mx = reference.quantize(record.param, bits, 0)
-        return QuantizedTensor(
-            record.full_name, tuple(record.param.shape), record.param.dtype, "minmax", 0,
-            levels, bits, float(mn), float(mx),
-        )
+        return quantize_minmax(record.full_name, record.param.detach(), self._int_bits(record), 0)
 
     def model_size(self) -> torch.Tensor:
         """Size in MB: ``bits·d + 64`` bits per quantized tensor plus the float parameters."""
