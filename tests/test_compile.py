@@ -2,7 +2,6 @@
 
 import pytest
 import torch
-import torch._inductor.config
 
 import diffq_triton
 from tests.models import mlp
@@ -18,9 +17,7 @@ def _quantized_mlp(cls=diffq_triton.DiffQuantizer, **kwargs):
 
 
 @pytest.mark.parametrize("backend", ["aot_eager", "inductor"])
-def test_diffq_train_and_eval_compile_fullgraph(backend, monkeypatch):
-    # Compile in-process: a pool of compile workers on a loaded 2-core machine is slower.
-    monkeypatch.setattr(torch._inductor.config, "compile_threads", 1)
+def test_diffq_train_and_eval_compile_fullgraph(backend):
     model, q, opt = _quantized_mlp(group_size=8, init_bits=4)
     compiled = torch.compile(model, fullgraph=True, backend=backend)
     x = torch.randn(4, 32)
