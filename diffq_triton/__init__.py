@@ -4,6 +4,7 @@ A drop-in for diffq 0.2.4: ``import diffq_triton as diffq``.
 """
 
 from .base import BaseQuantizer, restore_quantized_state
+from .budget import SizeBudget, size_range
 from .diffq import DiffQuantizer
 from .diffq_compat import load_diffq_state
 from .lsq import LSQ
@@ -16,9 +17,11 @@ __all__ = [
     "BaseQuantizer",
     "DiffQuantizer",
     "LSQ",
+    "SizeBudget",
     "UniformQuantizer",
     "load_diffq_state",
     "load_quantized",
     "restore_quantized_state",
     "save_quantized",
+    "size_range",
 ]

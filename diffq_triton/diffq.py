@@ -210,3 +210,21 @@ class DiffQuantizer(BaseQuantizer):
     def true_model_size(self) -> float:
         """Size in MB with the widths rounded, as stored without further compression."""
         return float(self.model_size(exact=True))
+
+    def size_penalty(self, target_mb: float) -> torch.Tensor:
+        """``λ·model_size()`` with λ adapting so that training ends at ``target_mb`` MB.
+
+        The first call creates ``self.budget``, a :class:`diffq_triton.SizeBudget` (``.lam``,
+        ``.size`` for logging, ``.state_dict()`` to resume); later calls with the same target
+        reuse it. Call once per optimizer step, and ``self.budget.finalize()`` after training
+        to round the widths to the budget.
+
+        Raises:
+            ValueError: ``target_mb`` is outside the sizes the widths can reach.
+        """
+        from .budget import SizeBudget
+
+        budget = getattr(self, "budget", None)
+        if budget is None or budget.target_mb != target_mb:
+            self.budget = budget = SizeBudget(self, target_mb)
+        return budget.penalty()

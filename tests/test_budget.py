@@ -277,3 +277,21 @@ def test_ddp_ranks_hold_the_same_lambda(tmp_path):
     assert len(torch.unique(r0["lams"])) > 1, "λ moved"
     for key in ("lams", "log_lambda", "step", "last_gap"):
         torch.testing.assert_close(r0[key], r1[key], rtol=0, atol=0, msg=key)
+
+
+def test_size_penalty_method_keeps_one_budget_per_target():
+    import diffq_triton
+    from tests.models import mlp
+
+    model = mlp()
+    quantizer = diffq_triton.DiffQuantizer(model, min_size=0, group_size=8)
+    low, high = diffq_triton.size_range(quantizer)
+    target = low + 0.3 * (high - low)
+    first = quantizer.size_penalty(target)
+    first.backward()
+    budget = quantizer.budget
+    quantizer.size_penalty(target)
+    assert quantizer.budget is budget
+    assert budget.target_mb == target
+    with pytest.raises(ValueError):
+        quantizer.size_penalty(10 * high)
