@@ -11,7 +11,8 @@ $(VENV)/.installed: pyproject.toml
 	python3 -m venv $(VENV)
 	# The CPU build of torch (a bare `torch` would pull a multi-GB CUDA build).
 	$(PIP) torch==2.13.0
-	$(PIP) -e ".[triton,test]"
+	# plot: matplotlib, for the demo's size-against-perplexity PNG.
+	$(PIP) -e ".[triton,test,plot]"
 	# Optional: the original diffq, for side-by-side parity tests and benchmarks.
 	-$(PIP) cython && $(PIP) --no-build-isolation diffq==0.2.4
 	touch $@
