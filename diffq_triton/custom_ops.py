@@ -88,8 +88,10 @@ def _backward(ctx, grad_w_hat, grad_stats, grad_xi):
     logits, seed, stats, xi = ctx.saved_tensors
     grad_w, grad_l = pseudo_quantize_backward(grad_w_hat.contiguous(), logits, seed, stats, xi,
                                               *ctx.config)
-    # Inputs after w and logits: seed (integer), then the six configuration values.
-    return grad_w, grad_l, None, None, None, None, None, None, None
+    return (grad_w, grad_l,
+            None,  # seed: integer
+            None, None, None,  # group_size, min_bits, max_bits: configuration
+            None, None, None)  # param, noise, backend: strings
 
 
 pseudo_quantize.register_autograd(_backward, setup_context=_setup_context)
