@@ -81,8 +81,9 @@ def use_backend(name: str) -> Iterator[None]:
     Args:
         name: ``"triton"``, ``"eager"`` or ``"auto"`` (back to the device rule).
 
-    The choice is made when an op runs, so under ``torch.compile`` it applies to the
-    compiled graph's calls inside the block. Thread-local; blocks nest.
+    In eager mode the choice is made at each call. Under ``torch.compile`` it is made when
+    the graph is traced and kept by that graph (no guard on it): compile inside the block,
+    or call ``torch._dynamo.reset()`` after changing backend. Thread-local; blocks nest.
     """
     if name not in BACKENDS:
         raise ValueError(f"name must be one of {BACKENDS}, got {name!r}")
