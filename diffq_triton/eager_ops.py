@@ -9,6 +9,7 @@ per-entry tensors when the group size divides the tensor.
 from __future__ import annotations
 
 import math
+import os
 import threading
 from concurrent.futures import ThreadPoolExecutor
 
@@ -63,6 +64,16 @@ _BUFFERS = _BufferPool()
 def clear_buffers() -> None:
     """Free the CPU buffers the eager path keeps for reuse between training steps."""
     _BUFFERS.clear()
+
+
+def _forget_pool() -> None:
+    # A forked child inherits the executor but not its threads: work sent to it would
+    # never run. The child makes its own pool on first use.
+    global _POOL
+    _POOL = None
+
+
+os.register_at_fork(after_in_child=_forget_pool)
 
 
 def _pool() -> ThreadPoolExecutor:
