@@ -81,6 +81,7 @@ def plot_size_vs_ppl(results: Sequence[RunResult], path: Path) -> str | None:
 
         matplotlib.use("Agg")
         import matplotlib.pyplot as plt
+        from matplotlib import ticker
     except ImportError:
         return (
             "no plot: matplotlib is not installed "
@@ -93,6 +94,11 @@ def plot_size_vs_ppl(results: Sequence[RunResult], path: Path) -> str | None:
         ax.annotate(r.method.name, (r.size_mb, r.val_ppl), textcoords="offset points",
                     xytext=(6, 4), fontsize=8)
     ax.set_xscale("log")
+    # Ticks at 1, 2, 5 x 10^k written as plain numbers: the default 3x10^-1 style overlaps.
+    ax.xaxis.set_major_locator(ticker.LogLocator(subs=(1.0, 2.0, 5.0)))
+    ax.xaxis.set_major_formatter(ticker.FuncFormatter(lambda v, _: f"{v:g}"))
+    ax.xaxis.set_minor_formatter(ticker.NullFormatter())
+    ax.margins(x=0.25, y=0.1)  # room for the labels of the end points
     ax.set_xlabel("model size (MB, log scale)")
     ax.set_ylabel("validation perplexity (lower is better)")
     ax.set_title("DiffQ demo: size against quality")
