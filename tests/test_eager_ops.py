@@ -130,22 +130,3 @@ def test_retained_graph_backward_twice_gives_the_same_gradients():
     out.backward(grad)
     assert torch.equal(w.grad, first[0]) and torch.equal(logits.grad, first[1])
 
-
-@pytest.mark.skipif(not hasattr(__import__("os"), "fork"), reason="needs fork")
-def test_noise_pool_works_in_a_forked_child():
-    import os
-
-    n = 3 * eager_ops.NOISE_CHUNK
-    threads = torch.get_num_threads()
-    torch.set_num_threads(2)  # the pool is used with more than one thread
-    try:
-        expected = eager_ops.draw_noise(n, 4, "gaussian", torch.device("cpu"))
-        pid = os.fork()
-        if pid == 0:  # child: must not hang on the parent's dead pool threads
-            ok = torch.equal(eager_ops.draw_noise(n, 4, "gaussian", torch.device("cpu")),
-                             expected)
-            os._exit(0 if ok else 1)
-        _, status = os.waitpid(pid, 0)
-    finally:
-        torch.set_num_threads(threads)
-    assert os.WEXITSTATUS(status) == 0
