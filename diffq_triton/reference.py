@@ -27,14 +27,6 @@ def num_groups(numel: int, group_size: int) -> int:
     return -(-numel // group_size)
 
 
-def group_lengths(numel: int, group_size: int) -> list[int]:
-    """Lengths of the groups, in order: all ``group_size`` but the last, which may be shorter."""
-    if group_size == 0 or group_size >= numel:
-        return [numel]
-    n = num_groups(numel, group_size)
-    return [group_size] * (n - 1) + [numel - group_size * (n - 1)]
-
-
 def expand_groups(values: torch.Tensor, numel: int, group_size: int) -> torch.Tensor:
     """Repeat one value per group to one value per entry.
 
@@ -245,11 +237,12 @@ def diffq_tensor_size_bits(
         group_size: entries per group (0: one group).
         min_bits: the quantizer's ``min_bits``.
     """
-    lengths = group_lengths(numel, group_size)
-    if len(lengths) == 1 or lengths[-1] == lengths[0]:
-        payload = lengths[0] * bits.sum()
-    else:
-        payload = lengths[0] * bits[:-1].sum() + lengths[-1] * bits[-1]
+    n = num_groups(numel, group_size)
+    full = numel if n == 1 else group_size
+    last = numel - full * (n - 1)
+    payload = full * bits.sum()
+    if last != full:  # the shorter last group counts its own length, not group_size
+        payload = payload - (full - last) * bits[-1]
     field = bit_width_field(bits.max(), min_bits)
     return payload + 2 * 32 + 8 + field * bits.numel()
 
