@@ -68,6 +68,10 @@ class BaseQuantizer:
     """
 
     _param_suffix: str | None = None
+    # What the quantizer itself trains, for messages ("bit logits", "LSQ steps").
+    _trained_name = "quantizer parameters"
+    # The constructor's arguments but the model (for __repr__ and saved states).
+    _kwargs: dict
 
     def __init__(
         self,
@@ -106,6 +110,7 @@ class BaseQuantizer:
         self._others: list[tuple[str, nn.Parameter]] = []
         self._rnns: list[nn.RNNBase] = []
         self._swapped = False
+        self._optimizer_setup = False
         self._quantized = False
         self._saved: list[torch.Tensor] = []
         self._find_params()
@@ -149,6 +154,47 @@ class BaseQuantizer:
 
     def _first_uses(self) -> Iterator[QuantizedParam]:
         return (qp for qp in self._qparams if qp.first is None)
+
+    def __repr__(self) -> str:
+        args = ", ".join(f"{k}={v!r}" for k, v in self._kwargs.items())
+        return f"{type(self).__name__}({args})"
+
+    def _init_kwargs(self) -> dict:
+        return dict(self._kwargs)
+
+    # ----------------------------------------------------------------- optimizer
+    def _trained_params(self) -> list[nn.Parameter]:
+        """The parameters the quantizer adds to the model (logits, steps), once each."""
+        return []
+
+    def _add_param_group(self, optimizer: torch.optim.Optimizer, group: dict) -> None:
+        if self._optimizer_setup:
+            raise ValueError("setup_optimizer() was already called on this quantizer")
+        params = self._trained_params()
+        held = {id(p) for g in optimizer.param_groups for p in g["params"]}
+        if any(id(p) in held for p in params):
+            raise ValueError(
+                f"the optimizer already holds the {self._trained_name}: create the optimizer "
+                "before the quantizer (or pass only the model's other parameters)"
+            )
+        optimizer.add_param_group({"params": params, **group})
+        self._optimizer_setup = True
+
+    def clear_optimizer(self, optimizer: torch.optim.Optimizer) -> None:
+        """Remove the quantizer's own parameters from every param group of ``optimizer``."""
+        mine = {id(p) for p in self._trained_params()}
+        for group in optimizer.param_groups:
+            group["params"][:] = [p for p in group["params"] if id(p) not in mine]
+
+    def no_optimizer(self) -> None:
+        """Allow training forwards without an optimizer for the quantizer's parameters."""
+        self._optimizer_setup = True
+
+    def _require_optimizer(self) -> None:
+        if not self._optimizer_setup:
+            raise RuntimeError(
+                "call setup_optimizer(optimizer) (or no_optimizer()) before training forwards"
+            )
 
     # ----------------------------------------------------------------- hooks
     def _forward_pre_hook(self, module: nn.Module, inputs: object) -> None:
@@ -335,9 +381,6 @@ class BaseQuantizer:
         """The parameters kept in floating point: ``(full name, tensor, stored as float16)``."""
         half = [(n, p.detach(), True) for n, p in self._float16]
         return half + [(n, p.detach(), False) for n, p in self._others]
-
-    def _init_kwargs(self) -> dict:
-        raise NotImplementedError
 
     def get_quantized_state(self, packed: bool = True, torch_pack: bool = False) -> dict:
         """The quantized weights and the other parameters, enough to rebuild the model.

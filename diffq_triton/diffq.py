@@ -75,7 +75,6 @@ class DiffQuantizer(BaseQuantizer):
         self.noise = noise
         self.suffix = suffix
         self._param_suffix = suffix
-        self._optimizer_setup = False
         self._kwargs = dict(
             min_size=min_size, float16=float16, group_size=group_size, min_bits=min_bits,
             max_bits=max_bits, param=param, noise=noise, init_bits=init_bits,
@@ -83,12 +82,6 @@ class DiffQuantizer(BaseQuantizer):
             detect_bound=detect_bound,
         )
         super().__init__(model, min_size, float16, exclude, detect_bound)
-
-    def __repr__(self) -> str:
-        return f"DiffQuantizer({', '.join(f'{k}={v!r}' for k, v in self._kwargs.items())})"
-
-    def _init_kwargs(self) -> dict:
-        return dict(self._kwargs)
 
     # ----------------------------------------------------------------- logits
     def _register_param(self, record: QuantizedParam) -> None:
@@ -105,8 +98,12 @@ class DiffQuantizer(BaseQuantizer):
             if record.module._parameters.get(name) is record.logit:
                 delattr(record.module, name)
 
-    def _logits(self) -> list[nn.Parameter]:
+    _trained_name = "bit logits"
+
+    def _trained_params(self) -> list[nn.Parameter]:
         return [record.logit for record in self._first_uses()]
+
+    _logits = _trained_params
 
     def get_bits(self, logit: torch.Tensor) -> torch.Tensor:
         """Widths ``[n_groups]`` (float, differentiable) from logits ``[n_groups]``."""
@@ -128,29 +125,7 @@ class DiffQuantizer(BaseQuantizer):
             lr: learning rate of the logits (1e-3 suits Adam).
             **kwargs: other overrides for the logits' param group.
         """
-        if self._optimizer_setup:
-            raise ValueError("setup_optimizer() was already called on this quantizer")
-        logits = self._logits()
-        held = {id(p) for group in optimizer.param_groups for p in group["params"]}
-        if any(id(p) in held for p in logits):
-            raise ValueError(
-                "the optimizer already holds the bit logits: create the optimizer before the "
-                "quantizer (or pass only the model's other parameters)"
-            )
-        group = {"params": logits, "lr": lr, "weight_decay": 0}
-        group.update(kwargs)
-        optimizer.add_param_group(group)
-        self._optimizer_setup = True
-
-    def clear_optimizer(self, optimizer: torch.optim.Optimizer) -> None:
-        """Remove the bit logits from every param group of ``optimizer``."""
-        logits = {id(p) for p in self._logits()}
-        for group in optimizer.param_groups:
-            group["params"][:] = [p for p in group["params"] if id(p) not in logits]
-
-    def no_optimizer(self) -> None:
-        """Allow training forwards without an optimizer for the logits."""
-        self._optimizer_setup = True
+        self._add_param_group(optimizer, {"lr": lr, "weight_decay": 0, **kwargs})
 
     def check_unused(self) -> None:
         """Zero the logits' gradients of weights that got no gradient (unused this step)."""
@@ -161,10 +136,7 @@ class DiffQuantizer(BaseQuantizer):
 
     # ----------------------------------------------------------------- forward
     def _train_weights(self) -> list[torch.Tensor]:
-        if not self._optimizer_setup:
-            raise RuntimeError(
-                "call setup_optimizer(optimizer) (or no_optimizer()) before training forwards"
-            )
+        self._require_optimizer()
         return [
             ops.pseudo_quantize(
                 record.param, record.logit, group_size=self.group_size,

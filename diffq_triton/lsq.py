@@ -46,18 +46,11 @@ class LSQ(BaseQuantizer):
             raise ValueError(f"suffix must be a non-empty string, got {suffix!r}")
         self.suffix = suffix
         self._param_suffix = suffix
-        self._optimizer_setup = False
         self._kwargs = dict(
             bits=bits, min_size=min_size, float16=float16, suffix=suffix,
             exclude=list(exclude or []), detect_bound=detect_bound,
         )
         super().__init__(model, min_size, float16, exclude, detect_bound)
-
-    def __repr__(self) -> str:
-        return f"LSQ({', '.join(f'{k}={v!r}' for k, v in self._kwargs.items())})"
-
-    def _init_kwargs(self) -> dict:
-        return dict(self._kwargs)
 
     def _register_param(self, record: QuantizedParam) -> None:
         w = record.param.detach()
@@ -71,7 +64,9 @@ class LSQ(BaseQuantizer):
             if record.module._parameters.get(name) is record.step:
                 delattr(record.module, name)
 
-    def _steps(self) -> list[nn.Parameter]:
+    _trained_name = "LSQ steps"
+
+    def _trained_params(self) -> list[nn.Parameter]:
         return [record.step for record in self._first_uses()]
 
     def setup_optimizer(self, optimizer: torch.optim.Optimizer, **kwargs: object) -> None:
@@ -81,30 +76,10 @@ class LSQ(BaseQuantizer):
             optimizer: created before the quantizer (it must not hold the steps already).
             **kwargs: overrides for the steps' param group (by default the optimizer's).
         """
-        if self._optimizer_setup:
-            raise ValueError("setup_optimizer() was already called on this quantizer")
-        steps = self._steps()
-        held = {id(p) for group in optimizer.param_groups for p in group["params"]}
-        if any(id(p) in held for p in steps):
-            raise ValueError("the optimizer already holds the LSQ steps: create it first")
-        optimizer.add_param_group({"params": steps, **kwargs})
-        self._optimizer_setup = True
-
-    def clear_optimizer(self, optimizer: torch.optim.Optimizer) -> None:
-        """Remove the steps from every param group of ``optimizer``."""
-        steps = {id(p) for p in self._steps()}
-        for group in optimizer.param_groups:
-            group["params"][:] = [p for p in group["params"] if id(p) not in steps]
-
-    def no_optimizer(self) -> None:
-        """Allow training forwards without an optimizer for the steps."""
-        self._optimizer_setup = True
+        self._add_param_group(optimizer, kwargs)
 
     def _train_weights(self) -> list[torch.Tensor]:
-        if not self._optimizer_setup:
-            raise RuntimeError(
-                "call setup_optimizer(optimizer) (or no_optimizer()) before training forwards"
-            )
+        self._require_optimizer()
         return [
             reference.lsq_quantize(record.param, record.step, self.bits)[0].to(record.param.dtype)
             for record in self._first_uses()

@@ -44,12 +44,6 @@ class UniformQuantizer(BaseQuantizer):
         )
         super().__init__(model, min_size, float16, exclude, detect_bound)
 
-    def __repr__(self) -> str:
-        return f"UniformQuantizer({', '.join(f'{k}={v!r}' for k, v in self._kwargs.items())})"
-
-    def _init_kwargs(self) -> dict:
-        return dict(self._kwargs)
-
     def _int_bits(self, record: QuantizedParam) -> torch.Tensor:
         return torch.full((1,), int(self.bits), dtype=torch.uint8, device=record.param.device)
 
