@@ -21,7 +21,13 @@ from diffq_triton.demo import (
     report,
     run_demo,
 )
-from diffq_triton.demo.methods import Attached, attach, budget_method
+from diffq_triton.demo.methods import (
+    Attached,
+    attach,
+    budget_method,
+    qat_budget_method,
+    resolve_budget,
+)
 from diffq_triton.demo.model import CharTransformer
 from diffq_triton.demo.progress import ProgressBar
 from diffq_triton.demo.train import RunResult
@@ -149,7 +155,9 @@ def test_methods_validate_and_attach():
     with pytest.raises(ValueError, match="penalty"):
         Method("x", "diffq")
     names = [m.name for m in default_methods((1.0, 3.0), qat_bits=3)]
-    assert names == ["float32 baseline", "QAT 3-bit", "DiffQ λ=1", "DiffQ λ=3"]
+    assert names == ["float32 baseline", "QAT 3-bit", "DiffQ ≤0.95×QAT", "DiffQ λ=1", "DiffQ λ=3"]
+    names = [m.name for m in default_methods((1.0,), qat_budget=None)]
+    assert names == ["float32 baseline", "QAT 4-bit", "DiffQ λ=1"]
 
     settings = QuantSettings(min_size=0.0)
     for method, cls in [(Method("q", "qat", bits=3), diffq_triton.UniformQuantizer),
@@ -181,6 +189,20 @@ def test_budget_method_attaches_a_size_budget():
     assert attached.quantizer.true_model_size() <= 0.01
 
 
+def test_qat_budget_is_resolved_from_the_qat_size():
+    method = qat_budget_method(0.9)
+    assert method.kind == "budget" and method.target_mb == 0 and method.qat_ratio == 0.9
+    resolved = resolve_budget(method, 0.5)
+    assert resolved.target_mb == pytest.approx(0.45) and resolved.name == "DiffQ ≤0.45 MB"
+    fixed = budget_method(0.3)
+    assert resolve_budget(fixed, 0.5) is fixed
+    assert resolve_budget(Method("d", "diffq", penalty=1.0), None).penalty == 1.0
+    with pytest.raises(ValueError, match="QAT method before it"):
+        resolve_budget(method, None)
+    with pytest.raises(ValueError, match="ratio"):
+        qat_budget_method(0.0)
+
+
 def test_train_config_errors():
     with pytest.raises(ValueError, match="steps"):
         TrainConfig(steps=0)
@@ -207,14 +229,18 @@ def tiny_demo(tmp_path_factory):
 def test_demo_end_to_end(tiny_demo):
     out, outcome, text = tiny_demo
     results = outcome["results"]
-    assert [r.method.kind for r in results] == ["float", "qat", "diffq", "diffq"]
-    float_run, qat = results[0], results[1]
+    assert [r.method.kind for r in results] == ["float", "qat", "budget", "diffq", "diffq"]
+    float_run, qat, budget = results[0], results[1], results[2]
+    # The budget row is sized from the QAT run and ends at or under its budget.
+    assert budget.method.target_mb == pytest.approx(0.95 * qat.size_mb, rel=1e-3)
+    assert budget.size_mb <= budget.method.target_mb < qat.size_mb
+    assert budget.method.name in text
     assert float_run.bits_per_weight == pytest.approx(32.0)
     assert float_run.size_mb == pytest.approx(float_run.params * 4 / 2**20)
     # min_size=0: every parameter quantized at 4 bits plus 64 bits of range per tensor.
     assert qat.bits_per_weight == pytest.approx(4.0, abs=1.0)
     # A larger penalty gives a smaller model.
-    assert results[3].size_mb < results[2].size_mb < float_run.size_mb
+    assert results[4].size_mb < results[3].size_mb < float_run.size_mb
     for r in results:
         assert r.val_ppl > 1 and r.val_ppl == r.val_ppl
     for line in ("method", "float32 baseline", "QAT 4-bit", "DiffQ λ=50"):
@@ -224,11 +250,11 @@ def test_demo_end_to_end(tiny_demo):
 def test_demo_reload_matches_quantized(tiny_demo):
     out, outcome, text = tiny_demo
     checks = outcome["reload"]
-    assert len(checks) == 2
+    assert len(checks) == 3
     for check in checks:
         assert check.path.exists() and check.file_mb > 0
         assert check.reloaded_ppl == check.quantized_ppl
-    assert text.count("(equal)") == 2
+    assert text.count("(equal)") == 3
 
 
 def test_demo_writes_results(tiny_demo):
@@ -238,7 +264,7 @@ def test_demo_writes_results(tiny_demo):
         r.method.name for r in outcome["results"]
     ]
     assert record["config"]["train"]["steps"] == 6
-    assert len(record["reload"]) == 2
+    assert len(record["reload"]) == 3
     assert (out / "results.md").read_text().startswith("| method | bits/weight |")
 
 

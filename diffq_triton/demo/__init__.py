@@ -1,7 +1,7 @@
 """Offline demo: a character-level Transformer LM on the Python standard library's sources,
 trained unquantized, with 4-bit QAT and with DiffQ, compared on size and perplexity."""
 
-from .methods import Method, QuantSettings, default_methods
+from .methods import Method, QuantSettings, default_methods, qat_budget_method
 from .model import CharTransformer, ModelConfig
 from .runner import DemoConfig, run_demo
 from .train import TrainConfig
@@ -14,5 +14,6 @@ __all__ = [
     "QuantSettings",
     "TrainConfig",
     "default_methods",
+    "qat_budget_method",
     "run_demo",
 ]
