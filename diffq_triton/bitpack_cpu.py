@@ -345,12 +345,62 @@ def unpack_cpu(
 _FIRST_BYTES = np.array([(1 << 8 * w) // 255 for w in range(9)], dtype=np.uint64)
 
 
+_COUNT = np.arange(1 << 18, dtype=np.int64)  # 0, 1, 2, ... grown on demand, never written
+
+
 def _kept_bytes(w: np.ndarray, lane: int) -> np.ndarray:
     """Indices of the first ``w[r]`` bytes of each ``lane``-byte row, in order (int64)."""
+    global _COUNT
     w = w.astype(np.int64)
-    starts = np.cumsum(w) - w
-    return np.repeat(np.arange(w.size, dtype=np.int64) * lane - starts, w) + np.arange(
-        int(starts[-1] + w[-1]) if w.size else 0)
+    if not w.size:
+        return np.zeros(0, dtype=np.int64)
+    ends = np.cumsum(w)
+    total = int(ends[-1])
+    count = _COUNT  # one read: other threads may swap in a longer one meanwhile
+    if total > count.size:
+        count = _COUNT = np.arange(2 * total, dtype=np.int64)
+    # Byte j of row r sits at r·lane + j; its kept rank is start_r + j.
+    index = np.repeat(np.arange(0, w.size * lane, lane, dtype=np.int64) - ends + w, w)
+    index += count[:total]
+    return index
+
+
+# Per-width factors and shifts of the doubling steps, one table row per width, gathered
+# per row (np.take) into arrays the shape of the lanes: numpy's broadcasting of a [R, 1]
+# factor over a short inner axis runs several times slower than a same-shape operand.
+_W = np.arange(16, dtype=np.int64)[:, None]
+
+
+def _table(values: np.ndarray, dtype: type, lanes: int) -> np.ndarray:
+    """``values[w]`` (per width) repeated over ``lanes`` columns: ``[16, lanes]``."""
+    return np.ascontiguousarray(np.broadcast_to(values.astype(dtype), (16, lanes)))
+
+
+_NARROW_PACK = [  # (lane bits, lane dtype, factor table) per doubling step
+    (8, np.int16, _table((1 << _W) - (1 << 8), np.int16, 4)),
+    (16, np.int32, _table((1 << 2 * _W) - (1 << 16), np.int32, 2)),
+    (32, np.int64, _table((1 << 4 * _W) - (1 << 32), np.int64, 1)),
+]
+_NARROW_UNPACK = [  # (lane dtype, shift table, factor table) per halving step
+    (np.int64, _table(4 * _W, np.int64, 1), _table((1 << 32) - (1 << 4 * _W), np.int64, 1)),
+    (np.int32, _table(2 * _W, np.int32, 2), _table((1 << 16) - (1 << 2 * _W), np.int32, 2)),
+    (np.int16, _table(_W, np.int16, 4), _table((1 << 8) - (1 << _W), np.int16, 4)),
+]
+_WIDE_PAIR = _table((1 << _W) - (1 << 16), np.int32, 4)
+_WIDE_QUAD = _table((1 << 2 * _W) - (1 << 32), np.int64, 2)
+_WIDE_SHIFT = (_table(2 * _W, np.int64, 2), _table(_W, np.int32, 4))
+
+
+def _check_rows(r: np.ndarray, w64: np.ndarray) -> None:
+    """Raise unless every entry of row ``i`` of ``r`` ``[R, 8]`` int16 is in
+    ``[0, 2^w64[i])``: the OR of a row's entries (a negative one sets bit 15) must fit."""
+    x = r.view(np.int64)
+    o = x[:, 0] | x[:, 1]
+    o |= o >> 32
+    o |= o >> 16
+    o &= 0xFFFF
+    if (o >> w64).any():
+        raise ValueError("a level does not fit in its group's bit width")
 
 
 def _pack_rows_narrow(rows: torch.Tensor, w: torch.Tensor) -> torch.Tensor:
@@ -360,14 +410,11 @@ def _pack_rows_narrow(rows: torch.Tensor, w: torch.Tensor) -> torch.Tensor:
     Same doubling steps as the fixed path, with the per-row slide factor as an array."""
     r = rows.numpy()
     wn = w.numpy()
-    if (r >> wn.astype(np.int16)[:, None]).any():
-        raise ValueError("a level does not fit in its group's bit width")
+    _check_rows(r, wn.astype(np.int64))
     x = r.astype(np.uint8)
-    w64 = wn.astype(np.int64)[:, None]
-    for lane, dtype, count in ((8, np.int16, 1), (16, np.int32, 2), (32, np.int64, 4)):
+    for lane, dtype, table in _NARROW_PACK:
         x = x.view(dtype)
-        factor = ((np.int64(1) << count * w64) - (1 << lane)).astype(dtype)
-        x = x + (x >> lane) * factor
+        x = x + (x >> lane) * np.take(table, wn, axis=0)
     keep = _FIRST_BYTES[wn].view(np.bool_)
     return torch.from_numpy(np.compress(keep.reshape(-1), x.view(np.uint8).reshape(-1)))
 
@@ -378,12 +425,9 @@ def _unpack_rows_narrow(stream: torch.Tensor, w: torch.Tensor) -> torch.Tensor:
     lanes = np.zeros(wn.size * 8, dtype=np.uint8)
     lanes[_FIRST_BYTES[wn].view(np.bool_).reshape(-1)] = stream.numpy()
     x = lanes.view(np.int64)[:, None]
-    w64 = wn.astype(np.int64)[:, None]
-    for half, dtype, count in ((32, np.int64, 2), (16, np.int32, 1), (8, np.int16, 0)):
+    for dtype, shifts, factors in _NARROW_UNPACK:
         x = x.view(dtype)
-        shift = (w64 << count).astype(dtype)
-        factor = ((1 << half) - (np.int64(1) << (w64 << count))).astype(dtype)
-        x = x + (x >> shift) * factor
+        x = x + (x >> np.take(shifts, wn, axis=0)) * np.take(factors, wn, axis=0)
     return torch.from_numpy(x.view(np.uint8).reshape(-1, 8).astype(np.int16))
 
 
@@ -391,18 +435,17 @@ def _pack_rows_wide(rows: torch.Tensor, w: torch.Tensor) -> torch.Tensor:
     """As :func:`_pack_rows_narrow` for widths up to 15: int16 entries, two int64 per row."""
     r = rows.numpy()
     wn = w.numpy()
-    if (r >> wn.astype(np.int16)[:, None]).any():
-        raise ValueError("a level does not fit in its group's bit width")
-    w64 = wn.astype(np.int64)[:, None]
+    w64 = wn.astype(np.int64)
+    _check_rows(r, w64)
     x = r.view(np.int32)
-    x = x + (x >> 16) * ((np.int64(1) << w64) - (1 << 16)).astype(np.int32)
+    x = x + (x >> 16) * np.take(_WIDE_PAIR, wn, axis=0)
     x = x.view(np.int64)
-    x = x + (x >> 32) * ((np.int64(1) << 2 * w64) - (1 << 32))
-    quad = 4 * w64[:, 0]
-    lo = x[:, 0] | (x[:, 1] << quad)
-    hi = x[:, 1] >> (64 - quad)
-    lanes = np.stack((lo, hi), 1).view(np.uint8).reshape(-1)
-    return torch.from_numpy(np.take(lanes, _kept_bytes(wn, 16)))
+    x = x + (x >> 32) * np.take(_WIDE_QUAD, wn, axis=0)
+    quad = 4 * w64
+    lanes = np.empty_like(x)
+    np.bitwise_or(x[:, 0], x[:, 1] << quad, out=lanes[:, 0])
+    np.right_shift(x[:, 1], 64 - quad, out=lanes[:, 1])
+    return torch.from_numpy(np.take(lanes.view(np.uint8).reshape(-1), _kept_bytes(wn, 16)))
 
 
 def _unpack_rows_wide(stream: torch.Tensor, w: torch.Tensor) -> torch.Tensor:
@@ -411,15 +454,16 @@ def _unpack_rows_wide(stream: torch.Tensor, w: torch.Tensor) -> torch.Tensor:
     lanes = np.zeros(wn.size * 16, dtype=np.uint8)
     lanes[_kept_bytes(wn, 16)] = stream.numpy()
     words = lanes.view(np.int64).reshape(-1, 2)
-    w64 = wn.astype(np.int64)[:, None]
-    quad = 4 * w64[:, 0]
+    quad = 4 * wn.astype(np.int64)
     lo, hi = words[:, 0], words[:, 1]
-    h0 = lo & ((np.int64(1) << quad) - 1)
-    h1 = ((lo >> quad) & ((np.int64(1) << (64 - quad)) - 1)) | (hi << (64 - quad))
-    x = np.stack((h0, h1), 1)
-    x = x + (x >> 2 * w64) * ((1 << 32) - (np.int64(1) << 2 * w64))
+    x = np.empty_like(words)
+    np.bitwise_and(lo, (np.int64(1) << quad) - 1, out=x[:, 0])
+    h1 = (lo >> quad) & ((np.int64(1) << (64 - quad)) - 1)
+    np.bitwise_or(h1, hi << (64 - quad), out=x[:, 1])
+    pair = np.take(_WIDE_QUAD, wn, axis=0)
+    x = x - (x >> np.take(_WIDE_SHIFT[0], wn, axis=0)) * pair
     x = x.view(np.int32)
-    x = x + (x >> w64.astype(np.int32)) * ((1 << 16) - (np.int64(1) << w64)).astype(np.int32)
+    x = x - (x >> np.take(_WIDE_SHIFT[1], wn, axis=0)) * np.take(_WIDE_PAIR, wn, axis=0)
     return torch.from_numpy(x.view(np.int16).reshape(-1, 8).copy())
 
 
