@@ -107,7 +107,13 @@ def run_chunks(n: int, chunk: int, work: Callable[[list[int]], None]) -> None:
 
 def pack_fixed(values: torch.Tensor, width: int) -> torch.Tensor:
     """``[n]`` non-negative integers < 2^width → ``[ceil(n·width/8)]`` uint8, LSB first."""
-    if width in _SMALL and values.dtype == torch.int16:
+    if width in _SMALL:
+        if values.dtype != torch.int16 and values.numel():
+            # Checked before narrowing so that no value wraps into range.
+            low, high = torch.aminmax(values)
+            if int(low) < 0 or int(high) >> width:
+                raise ValueError(f"a level does not fit in {width} bits")
+            values = values.to(torch.int16)
         return _pack_small(values, width)
     n = values.numel()
     entry, per_lane, per_row = _plan(width)
