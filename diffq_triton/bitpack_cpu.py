@@ -425,12 +425,36 @@ def _pack_rows_narrow(rows: torch.Tensor, w: torch.Tensor) -> torch.Tensor:
     return torch.from_numpy(np.compress(keep.reshape(-1), x.view(np.uint8).reshape(-1)))
 
 
+# Unpacking reads each row's bytes back with two or three aligned 64-bit loads around its
+# byte offset and funnel shifts, then zeroes the bytes past its width: row-sized work, not
+# byte-sized scatters.
+_ROW_MASKS = np.array([[((1 << 8 * w) - 1) >> 64 * k & ((1 << 64) - 1) for k in range(2)]
+                       for w in range(16)], dtype=np.uint64)
+
+
+def _row_words(stream: np.ndarray, wn: np.ndarray, words: int) -> np.ndarray:
+    """Row ``r``'s ``wn[r]`` bytes (rows packed back to back in ``stream``) as
+    ``[R, words]`` uint64, little-endian, bytes past ``wn[r]`` zero."""
+    buf = np.zeros(stream.size // 8 + words + 2, dtype=np.uint64)
+    buf.view(np.uint8)[: stream.size] = stream
+    w = wn.astype(np.uint64)
+    start = np.cumsum(w) - w
+    q = (start >> np.uint64(3)).astype(np.intp)
+    shift = (start & np.uint64(7)) << np.uint64(3)
+    spill = np.uint64(63) - shift  # (x << 1) << spill: no shift by 64 when shift is 0
+    out = np.empty((wn.size, words), dtype=np.uint64)
+    nxt = buf[q]
+    for k in range(words):
+        cur, nxt = nxt, buf[q + (k + 1)]
+        np.bitwise_or(cur >> shift, (nxt << np.uint64(1)) << spill, out=out[:, k])
+    out &= np.take(_ROW_MASKS[:, :words], wn, axis=0)
+    return out
+
+
 def _unpack_rows_narrow(stream: torch.Tensor, w: torch.Tensor) -> torch.Tensor:
     """Inverse of :func:`_pack_rows_narrow`: ``[R, 8]`` int16."""
     wn = w.numpy()
-    lanes = np.zeros(wn.size * 8, dtype=np.uint8)
-    lanes[_FIRST_BYTES[wn].view(np.bool_).reshape(-1)] = stream.numpy()
-    x = lanes.view(np.int64)[:, None]
+    x = _row_words(stream.numpy(), wn, 1).view(np.int64)
     for dtype, shifts, factors in _NARROW_UNPACK:
         x = x.view(dtype)
         x = x + (x >> np.take(shifts, wn, axis=0)) * np.take(factors, wn, axis=0)
@@ -457,9 +481,7 @@ def _pack_rows_wide(rows: torch.Tensor, w: torch.Tensor) -> torch.Tensor:
 def _unpack_rows_wide(stream: torch.Tensor, w: torch.Tensor) -> torch.Tensor:
     """Inverse of :func:`_pack_rows_wide`: ``[R, 8]`` int16."""
     wn = w.numpy()
-    lanes = np.zeros(wn.size * 16, dtype=np.uint8)
-    lanes[_kept_bytes(wn, 16)] = stream.numpy()
-    words = lanes.view(np.int64).reshape(-1, 2)
+    words = _row_words(stream.numpy(), wn, 2).view(np.int64)
     quad = 4 * wn.astype(np.int64)
     lo, hi = words[:, 0], words[:, 1]
     x = np.empty_like(words)
