@@ -22,7 +22,7 @@ def test_demo_command_runs_and_reports(tmp_path, capsys):
     # and its row is skipped with the reason, the rest of the demo runs.
     assert "skipped: target_mb=" in out and out.count("(equal)") == 2
     assert (tmp_path / "results.json").exists()
-    assert (tmp_path / "diffq_penalty_30.pt").exists()
+    assert (tmp_path / "diffq_penalty_30.safetensors").exists()
 
 
 def test_arguments_reach_the_config(tmp_path):

@@ -146,9 +146,9 @@ def _save_and_reload(
     checks = []
     for result in results:
         if result.method.kind == "diffq":
-            path = config.out / f"diffq_penalty_{result.method.penalty:g}.pt"
+            path = config.out / f"diffq_penalty_{result.method.penalty:g}.safetensors"
         elif result.method.kind == "budget":
-            path = config.out / f"diffq_target_{result.method.target_mb:.4g}mb.pt"
+            path = config.out / f"diffq_target_{result.method.target_mb:.4g}mb.safetensors"
         else:
             continue
         checkpoint.save(result.quantizer, path)
