@@ -163,9 +163,14 @@ class BaseQuantizer:
         return dict(self._kwargs)
 
     # ----------------------------------------------------------------- optimizer
+    def _own_param(self, record: QuantizedParam) -> nn.Parameter | None:
+        """The parameter the quantizer registered for a first use (its logits, its step)."""
+        return None
+
     def _trained_params(self) -> list[nn.Parameter]:
         """The parameters the quantizer adds to the model (logits, steps), once each."""
-        return []
+        own = (self._own_param(record) for record in self._first_uses())
+        return [p for p in own if p is not None]
 
     def _add_param_group(self, optimizer: torch.optim.Optimizer, group: dict) -> None:
         if self._optimizer_setup:
@@ -318,6 +323,11 @@ class BaseQuantizer:
 
     def _unregister_params(self) -> None:
         """Remove the quantizer's own parameters (logits, steps) from the modules."""
+        for record in self._first_uses():
+            own = self._own_param(record)
+            name = f"{record.name}{self._param_suffix}"
+            if own is not None and record.module._parameters.get(name) is own:
+                delattr(record.module, name)
 
     # ----------------------------------------------------------------- sizes
     def _float_size_bits(self) -> float:

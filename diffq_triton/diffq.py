@@ -92,18 +92,13 @@ class DiffQuantizer(BaseQuantizer):
         record.logit = nn.Parameter(torch.full((n,), logit.item(), device=record.param.device))
         record.module.register_parameter(record.name + self.suffix, record.logit)
 
-    def _unregister_params(self) -> None:
-        for record in self._first_uses():
-            name = record.name + self.suffix
-            if record.module._parameters.get(name) is record.logit:
-                delattr(record.module, name)
-
     _trained_name = "bit logits"
 
-    def _trained_params(self) -> list[nn.Parameter]:
-        return [record.logit for record in self._first_uses()]
+    def _own_param(self, record: QuantizedParam) -> nn.Parameter:
+        return record.logit
 
-    _logits = _trained_params
+    def _logits(self) -> list[nn.Parameter]:
+        return self._trained_params()
 
     def get_bits(self, logit: torch.Tensor) -> torch.Tensor:
         """Widths ``[n_groups]`` (float, differentiable) from logits ``[n_groups]``."""

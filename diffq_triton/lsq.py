@@ -58,16 +58,10 @@ class LSQ(BaseQuantizer):
         record.step = nn.Parameter(step.float())
         record.module.register_parameter(record.name + self.suffix, record.step)
 
-    def _unregister_params(self) -> None:
-        for record in self._first_uses():
-            name = record.name + self.suffix
-            if record.module._parameters.get(name) is record.step:
-                delattr(record.module, name)
-
     _trained_name = "LSQ steps"
 
-    def _trained_params(self) -> list[nn.Parameter]:
-        return [record.step for record in self._first_uses()]
+    def _own_param(self, record: QuantizedParam) -> nn.Parameter:
+        return record.step
 
     def setup_optimizer(self, optimizer: torch.optim.Optimizer, **kwargs: object) -> None:
         """Add the steps to ``optimizer`` as a new group with its own hyper-parameters.
