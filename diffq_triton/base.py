@@ -443,6 +443,11 @@ class BaseQuantizer:
         """
         firsts = list(self._first_uses())
         quantized = state["quantized"]
+        if any(not isinstance(entry, dict) for entry in quantized):
+            raise ValueError(
+                "state entries are not diffq_triton's: a state made by diffq 0.2.4 is read with "
+                "diffq_triton.load_diffq_state(model, path)"
+            )
         if len(quantized) != len(firsts):
             raise ValueError(
                 f"state holds {len(quantized)} quantized tensors, the model has {len(firsts)}"

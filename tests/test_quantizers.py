@@ -307,3 +307,12 @@ def test_forward_that_raises_does_not_leave_noisy_weights():
     with pytest.raises(RuntimeError):
         model(torch.randn(2, 5))  # wrong input width
     assert isinstance(model[0]._parameters["weight"], nn.Parameter)
+
+
+def test_restoring_a_foreign_state_points_to_the_migration_path():
+    model = mlp()
+    q = diffq_triton.DiffQuantizer(model, min_size=0)
+    state = q.get_quantized_state(packed=False)
+    state["quantized"] = [(torch.zeros(3), (0.0, 1.0), torch.ones(1))] * len(state["quantized"])
+    with pytest.raises(ValueError, match="load_diffq_state"):
+        q.restore_quantized_state(state)
