@@ -413,15 +413,10 @@ class BaseQuantizer:
                 "min": qt.mn,
                 "max": qt.mx,
             }
-            levels = qt.levels.cpu()
             if packed:
-                from . import bitpack
-
-                if qt.scheme == "lsq":
-                    levels = levels + (1 << (int(qt.bits[0]) - 1))
-                entry["packed"] = bitpack.pack_levels(levels, entry["bits"], qt.group_size)
+                entry["packed"] = qt.stream().cpu()
             else:
-                entry["levels"] = levels
+                entry["levels"] = qt.levels.cpu()
             quantized.append(entry)
         return {
             "quantized": quantized,

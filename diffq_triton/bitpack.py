@@ -17,6 +17,7 @@ import sys
 
 import torch
 
+from . import native
 from .bitpack_cpu import (
     MAX_WIDTH,
     cpu_threads,
@@ -68,6 +69,9 @@ def pack_levels(levels: torch.Tensor, bits: torch.Tensor, group_size: int) -> to
         levels, bits = _check_args(levels, bits, group_size)
         if levels.numel() == 0:
             return torch.zeros(0, dtype=torch.uint8)
+        lib = native.library()
+        if lib is not None:
+            return native.pack(lib, levels, bits.cpu(), group_size)
         return pack_cpu(levels, bits.cpu(), group_size)
 
 
@@ -101,6 +105,9 @@ def unpack_levels(
         if numel == 0:
             return torch.zeros(0, dtype=torch.int16, device=packed.device)
         if not packed.is_cuda:
+            lib = native.library()
+            if lib is not None:
+                return native.unpack(lib, packed, bits, group_size, numel)
             return unpack_cpu(packed, bits, group_size, numel)
     from .kernels import bitpack as kernels
 
@@ -131,15 +138,18 @@ def pack_widths(bits: torch.Tensor, min_bits: int) -> tuple[torch.Tensor, int]:
     if bits.numel() and int(bits.min()) < min_bits:
         raise ValueError(f"bits holds a width below min_bits={min_bits}")
     field = width_field_bits(bits, min_bits)
-    excess = bits.to(torch.int64) - min_bits
     if field == 0:
         return torch.zeros(0, dtype=torch.uint8, device=bits.device), 0
     if bits.is_cuda:
         from .kernels import bitpack as kernels
 
-        return kernels.pack_fixed(excess, field), field
+        return kernels.pack_fixed(bits.to(torch.int64) - min_bits, field), field
     with cpu_threads():
-        return pack_fixed(excess, field), field
+        lib = native.library()
+        if lib is not None:
+            return native.pack(lib, bits, torch.tensor([field], dtype=torch.uint8), 0,
+                               offset=-min_bits), field
+        return pack_fixed(bits.to(torch.int64) - min_bits, field), field
 
 
 def unpack_widths(
@@ -165,6 +175,11 @@ def unpack_widths(
         excess = kernels.unpack_fixed(packed, field_bits, n_groups)
     else:
         with cpu_threads():
+            lib = native.library()
+            if lib is not None:
+                widths = native.unpack(lib, packed, torch.tensor([field_bits], dtype=torch.uint8),
+                                       0, n_groups, offset=-min_bits)
+                return widths.to(torch.uint8)
             excess = unpack_fixed(packed, field_bits, n_groups)
     return (excess.to(torch.int16) + min_bits).to(torch.uint8)
 

@@ -105,6 +105,41 @@ def run_chunks(n: int, chunk: int, work: Callable[[list[int]], None]) -> None:
         job.result()
 
 
+def run_calls(calls: list[tuple[Callable, tuple]]) -> list:
+    """Run ``fn(*args)`` for each call, as many at once as the scope has workers.
+
+    Workers take the next call as they finish one, so uneven calls still end together;
+    the calling thread is one of them. Returns the results in order.
+    """
+    global _POOL
+    results: list = [None] * len(calls)
+    workers = min(getattr(_SCOPE, "workers", None) or 1, len(calls))
+    pending = iter(enumerate(calls))
+    lock = threading.Lock()
+
+    def drain() -> None:
+        while True:
+            with lock:
+                item = next(pending, None)
+            if item is None:
+                return
+            i, (fn, args) = item
+            results[i] = fn(*args)
+
+    if workers <= 1:
+        drain()
+        return results
+    if _POOL is None:
+        _POOL = ThreadPoolExecutor(8, thread_name_prefix="diffq-bitpack")
+    jobs = [_POOL.submit(drain) for _ in range(workers - 1)]
+    try:
+        drain()
+    finally:
+        for job in jobs:
+            job.result()
+    return results
+
+
 def pack_fixed(values: torch.Tensor, width: int) -> torch.Tensor:
     """``[n]`` non-negative integers < 2^width → ``[ceil(n·width/8)]`` uint8, LSB first."""
     if width in _SMALL:

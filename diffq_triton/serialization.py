@@ -22,7 +22,7 @@ from typing import BinaryIO
 import torch
 from torch import nn
 
-from . import bitpack, cpu_codec, reference
+from . import bitpack, cpu_codec, native, reference
 from .bitpack_cpu import cpu_threads
 from .state import SCHEMES, QuantizedTensor
 
@@ -100,13 +100,9 @@ def _encode(exported: list[QuantizedTensor], float_params: list) -> tuple[list, 
 
 def _encode_quantized(qt: QuantizedTensor, entries: list) -> dict:
     bits = qt.bits.reshape(-1).to(torch.uint8).cpu()
-    levels = qt.levels.reshape(-1)
-    if qt.scheme == "lsq":
-        # Signed levels in [-2^(b-1), 2^(b-1)) are stored offset by 2^(b-1).
-        levels = levels.to(torch.int32) + (1 << (int(bits[0]) - 1))
     base = int(bits.min())
     widths, field = bitpack.pack_widths(bits, base)
-    packed = bitpack.pack_levels(levels, bits.to(levels.device), qt.group_size).cpu()
+    packed = qt.stream().cpu()
     record = {
         "name": qt.name, "tied": list(qt.tied_names), "shape": list(qt.shape),
         "dtype": _dtype_name(qt.dtype), "scheme": qt.scheme, "group_size": qt.group_size,
@@ -414,6 +410,15 @@ def _decode(plan: _Plan, device: torch.device, out: torch.Tensor | None = None) 
     if plan.qt is None:
         return plan.floats.to(device)
     qt = plan.qt
+    lib = native.library() if device.type == "cpu" and qt.scheme == "minmax" else None
+    if lib is not None:
+        # One pass from the stream to the weights, into the parameter when given.
+        mn = torch.tensor(qt.mn, dtype=torch.float32)
+        span = torch.tensor(qt.mx, dtype=torch.float32) - mn
+        flat = out.view(-1) if out is not None else None
+        weight = native.unpack_dequantize(lib, plan.packed, qt.bits, qt.group_size, qt.numel,
+                                          float(mn), float(span), flat)
+        return weight.view(qt.shape).to(qt.dtype)
     packed, bits = plan.packed.to(device), qt.bits.to(device)
     levels = bitpack.unpack_levels(packed, bits, qt.group_size, qt.numel)
     if qt.scheme == "lsq":

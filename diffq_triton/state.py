@@ -3,11 +3,10 @@
 from __future__ import annotations
 
 import math
-from dataclasses import dataclass, field
 
 import torch
 
-from . import reference
+from . import native, reference
 
 SCHEMES = ("minmax", "lsq")
 
@@ -17,12 +16,23 @@ def quantize_minmax(
 ) -> QuantizedTensor:
     """Quantize ``w`` (spec §1) with per-group widths into a record named ``name``.
 
-    float32 CPU weights take the chunked CPU codec (same levels as the reference, several
-    times faster on large tensors); others the reference.
+    float32 CPU weights are quantized and packed in one pass by the native codec (same
+    levels as the reference; the record unpacks them only if asked), or else by the chunked
+    torch codec; others by the reference.
 
     Raises:
         ValueError: ``w`` holds NaN or Inf (they show in its range).
     """
+    lib = native.library() if w.device.type == "cpu" and w.dtype == torch.float32 else None
+    if lib is not None:
+        mn_t, mx_t = torch.aminmax(w.detach())
+        _check_range(name, float(mn_t), float(mx_t))
+        scale = mx_t - mn_t
+        safe = float(scale) if float(scale) > 0 else 1.0
+        stream = native.quantize_pack(lib, w, bits, group_size, float(mn_t), safe)
+        return QuantizedTensor(name, tuple(w.shape), w.dtype, "minmax", group_size, None,
+                               bits.reshape(-1).to(torch.uint8), float(mn_t), float(mx_t),
+                               stream=stream)
     if w.device.type == "cpu" and w.dtype == torch.float32:
         from .cpu_codec import quantize_cpu
 
@@ -30,15 +40,21 @@ def quantize_minmax(
     else:
         levels, mn, mx = reference.quantize(w, bits, group_size)
     mn, mx = float(mn), float(mx)
-    if not (math.isfinite(mn) and math.isfinite(mx)):
-        raise ValueError(f"parameter {name!r} holds NaN or Inf values; cannot quantize it")
+    _check_range(name, mn, mx)
     return QuantizedTensor(name, tuple(w.shape), w.dtype, "minmax", group_size, levels,
                            bits, mn, mx)
 
 
-@dataclass
+def _check_range(name: str, mn: float, mx: float) -> None:
+    if not (math.isfinite(mn) and math.isfinite(mx)):
+        raise ValueError(f"parameter {name!r} holds NaN or Inf values; cannot quantize it")
+
+
 class QuantizedTensor:
     """One quantized parameter (counted once even when tied).
+
+    Holds its levels, its packed stream, or both: each is computed from the other on first
+    use (the native codec quantizes straight into the stream, files hold only the stream).
 
     Attributes:
         name: full parameter name of its first use (``"encoder.0.weight"``).
@@ -53,23 +69,63 @@ class QuantizedTensor:
         mn, mx: float32 range (minmax); ``mn`` holds the step for lsq, ``mx`` is unused (0).
     """
 
-    name: str
-    shape: tuple[int, ...]
-    dtype: torch.dtype
-    scheme: str
-    group_size: int
-    levels: torch.Tensor
-    bits: torch.Tensor
-    mn: float
-    mx: float
-    tied_names: list[str] = field(default_factory=list)
+    def __init__(self, name: str, shape: tuple[int, ...], dtype: torch.dtype, scheme: str,
+                 group_size: int, levels: torch.Tensor | None, bits: torch.Tensor,
+                 mn: float, mx: float, tied_names: list[str] | None = None, *,
+                 stream: torch.Tensor | None = None):
+        if levels is None and stream is None:
+            raise ValueError(f"tensor {name!r}: a record needs its levels or its stream")
+        self.name = name
+        self.shape = tuple(shape)
+        self.dtype = dtype
+        self.scheme = scheme
+        self.group_size = group_size
+        self.bits = bits
+        self.mn = mn
+        self.mx = mx
+        self.tied_names = list(tied_names or [])
+        self._levels = levels
+        self._stream = stream
+
+    def __repr__(self) -> str:
+        return (f"QuantizedTensor(name={self.name!r}, shape={self.shape}, "
+                f"dtype={self.dtype}, scheme={self.scheme!r}, group_size={self.group_size})")
 
     @property
     def numel(self) -> int:
-        n = 1
-        for s in self.shape:
-            n *= s
-        return n
+        return math.prod(self.shape)
+
+    @property
+    def offset(self) -> int:
+        """What the stream adds to a level: ``2^(b-1)`` for lsq, 0 for minmax."""
+        return 1 << (int(self.bits.reshape(-1)[0]) - 1) if self.scheme == "lsq" else 0
+
+    @property
+    def levels(self) -> torch.Tensor:
+        """``[numel]`` int16 levels (unpacked from the stream on first use)."""
+        if self._levels is None:
+            from . import bitpack
+
+            levels = bitpack.unpack_levels(self._stream, self.bits.to(self._stream.device),
+                                           self.group_size, self.numel)
+            self._levels = levels - self.offset if self.offset else levels
+        return self._levels
+
+    @levels.setter
+    def levels(self, value: torch.Tensor) -> None:
+        self._levels, self._stream = value, None
+
+    def stream(self) -> torch.Tensor:
+        """The packed level stream of docs/format.md §1 (lsq levels offset), uint8."""
+        if self._stream is None:
+            from . import bitpack
+
+            levels = self._levels.reshape(-1)
+            if self.offset:
+                levels = levels.to(torch.int32) + self.offset
+            self._stream = bitpack.pack_levels(levels, self.bits.to(levels.device),
+                                               self.group_size)
+        return self._stream
 
     def dequantize(self, device: torch.device | str | None = None) -> torch.Tensor:
         """The float weight this represents, of ``shape`` and ``dtype``, on ``device``."""

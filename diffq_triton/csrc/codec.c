@@ -1,0 +1,312 @@
+/* Native CPU codec of diffq-triton: bitstreams (docs/format.md) fused with quantization.
+ *
+ * Built at first use by diffq_triton/native.py with the system C compiler and called
+ * through ctypes, which releases the GIL: Python threads run the pieces of one tensor in
+ * parallel. Every function works on the entries [e0, e1) of one tensor, e0 the first entry
+ * of a group (or of the tensor's single group), starting at stream bit bit0 = the sum of
+ * the widths of the entries before e0. Bytes wholly inside a piece are stored; the two
+ * bytes a piece may share with its neighbours are OR-ed atomically, so the caller zeroes
+ * them first.
+ *
+ * Float arithmetic is the reference's, operation for operation and in float32: compile
+ * without -ffast-math and with -ffp-contract=off, so that the levels and the weights come
+ * out bit-identical to diffq_triton.reference.
+ */
+#include <stdint.h>
+#include <string.h>
+
+#if defined(__x86_64__) && defined(__linux__) && defined(__GNUC__)
+#define MULTIVERSION __attribute__((target_clones("avx2", "default")))
+#else
+#define MULTIVERSION
+#endif
+
+/* Entries per block: the widths, units and levels of a block stay in L1. */
+#define BLOCK 1024
+
+typedef struct {
+    uint8_t *out;
+    int64_t pos;     /* byte of out where acc's bit 0 lands */
+    uint64_t acc;    /* pending bits, least significant first */
+    int nacc;        /* number of pending bits (< 32 between entries) */
+    int shared_head; /* the byte at pos is shared with the previous piece */
+} writer;
+
+static inline void put_byte(writer *w, int64_t at, uint8_t v, int shared) {
+    if (shared)
+        __atomic_fetch_or(w->out + at, v, __ATOMIC_RELAXED);
+    else
+        w->out[at] = v;
+}
+
+static inline void flush32(writer *w) {
+    uint32_t v = (uint32_t)w->acc;
+    if (__builtin_expect(w->shared_head, 0)) {
+        put_byte(w, w->pos, (uint8_t)v, 1);
+        put_byte(w, w->pos + 1, (uint8_t)(v >> 8), 0);
+        put_byte(w, w->pos + 2, (uint8_t)(v >> 16), 0);
+        put_byte(w, w->pos + 3, (uint8_t)(v >> 24), 0);
+        w->shared_head = 0;
+    } else {
+        memcpy(w->out + w->pos, &v, 4);
+    }
+    w->pos += 4;
+    w->acc >>= 32;
+    w->nacc -= 32;
+}
+
+/* Append the levels q (widths wb) of one block. Bytes below `limit` belong to this piece
+ * alone: while they are far enough ahead, every entry stores the low 32 pending bits
+ * unconditionally and advances by 0 or 4 bytes, which has no branch to mispredict (the
+ * flush pattern follows the widths); bytes stored early are stored again, complete,
+ * later. Near the shared bytes the careful path runs. */
+static inline void pack_block(writer *w, const uint16_t *q, const uint8_t *wb, int64_t len,
+                              int64_t limit, int rows) {
+    int64_t j = 0;
+    if (rows && w->nacc == 0 && !w->shared_head) {
+        /* Rows of 8 entries of one width b are b whole bytes: four entries make the low
+         * 4b bits (one 64-bit word), four the high ones, stored at byte b/2 shifted by the
+         * odd nibble. No dependency from row to row but the output pointer. */
+        int64_t at = w->pos;
+        for (; j + 8 <= len && at + 16 <= limit; j += 8) {
+            const unsigned b = wb[j];
+            const uint16_t *r = q + j;
+            uint64_t lo = (uint64_t)r[0] | (uint64_t)r[1] << b | (uint64_t)r[2] << 2 * b |
+                          (uint64_t)r[3] << 3 * b;
+            uint64_t hi = (uint64_t)r[4] | (uint64_t)r[5] << b | (uint64_t)r[6] << 2 * b |
+                          (uint64_t)r[7] << 3 * b;
+            uint64_t top = (lo >> (8 * (b >> 1))) | hi << (4 * (b & 1));
+            memcpy(w->out + at, &lo, 8);
+            memcpy(w->out + at + (b >> 1), &top, 8);
+            at += b;
+        }
+        w->pos = at;
+    }
+    for (; j < len && w->shared_head; j++) {
+        w->acc |= (uint64_t)q[j] << w->nacc;
+        w->nacc += wb[j];
+        if (w->nacc >= 32) flush32(w);
+    }
+    /* An entry adds at most 15 bits: fewer than 2 bytes. */
+    if (w->pos + 2 * (len - j) + 8 <= limit) {
+        uint64_t acc = w->acc;
+        int nacc = w->nacc;
+        uint8_t *p = w->out + w->pos;
+        for (; j < len; j++) {
+            acc |= (uint64_t)q[j] << nacc;
+            nacc += wb[j];
+            uint32_t v = (uint32_t)acc;
+            memcpy(p, &v, 4);
+            int full = nacc >> 5;
+            p += full << 2;
+            acc >>= full << 5;
+            nacc -= full << 5;
+        }
+        w->acc = acc;
+        w->nacc = nacc;
+        w->pos = p - w->out;
+        return;
+    }
+    for (; j < len; j++) {
+        w->acc |= (uint64_t)q[j] << w->nacc;
+        w->nacc += wb[j];
+        if (w->nacc >= 32) flush32(w);
+    }
+}
+
+static void writer_finish(writer *w) {
+    int nbytes = (w->nacc + 7) / 8;
+    for (int k = 0; k < nbytes; k++) {
+        int shared = (k == 0 && w->shared_head) || (k == nbytes - 1 && (w->nacc & 7));
+        put_byte(w, w->pos + k, (uint8_t)(w->acc >> (8 * k)), shared);
+    }
+}
+
+static inline void writer_init(writer *w, uint8_t *out, int64_t bit0) {
+    w->out = out;
+    w->pos = bit0 >> 3;
+    w->acc = 0;
+    w->nacc = (int)(bit0 & 7);
+    w->shared_head = w->nacc != 0;
+}
+
+/* Widths (and units when wanted) of entries [e, e + len) into wb / ub; (g, left) walk the
+ * groups: g the group of entry e, left the entries of g from e on. */
+static inline void fill_widths(const uint8_t *bits, int64_t gs, int64_t *g, int64_t *left,
+                               int64_t len, uint8_t *wb, const float *unit, float *ub) {
+    int64_t j = 0;
+    while (j < len) {
+        int64_t k = *left < len - j ? *left : len - j;
+        uint8_t b = bits[*g];
+        memset(wb + j, b, (size_t)k);
+        if (ub) {
+            float u = unit[b];
+            for (int64_t i = 0; i < k; i++) ub[j + i] = u;
+        }
+        j += k;
+        *left -= k;
+        if (*left == 0) {
+            (*g)++;
+            *left = gs;
+        }
+    }
+}
+
+static inline void start_group(int64_t e0, int64_t gs, int64_t *g, int64_t *left) {
+    *g = e0 / gs;
+    *left = gs - e0 % gs;
+}
+
+MULTIVERSION
+static void quantize_block(const float *x, const float *ub, int64_t len, float mn, float safe,
+                           uint16_t *q) {
+    for (int64_t j = 0; j < len; j++) {
+        float t = (x[j] - mn) / safe;
+        t = t / ub[j];
+        /* Round half to even (torch.round) for 0 <= t < 2^23, in any rounding mode's
+         * default: adding and removing 2^23 leaves the nearest integer. */
+        t = (t + 8388608.0f) - 8388608.0f;
+        q[j] = (uint16_t)t;
+    }
+}
+
+/* Quantize float32 weights w (reference.quantize: round(((w - mn)/safe)/unit[b])) and pack
+ * the levels of entries [e0, e1). */
+void dq_quantize_pack(const float *w, int64_t e0, int64_t e1, int64_t gs, const uint8_t *bits,
+                      const float *unit, float mn, float safe, uint8_t *out, int64_t bit0,
+                      int64_t bit1, int rows) {
+    int64_t limit = bit1 >> 3;
+    uint8_t wb[BLOCK];
+    float ub[BLOCK];
+    uint16_t q[BLOCK];
+    int64_t g, left;
+    writer wr;
+    start_group(e0, gs, &g, &left);
+    writer_init(&wr, out, bit0);
+    for (int64_t e = e0; e < e1; e += BLOCK) {
+        int64_t len = e1 - e < BLOCK ? e1 - e : BLOCK;
+        fill_widths(bits, gs, &g, &left, len, wb, unit, ub);
+        quantize_block(w + e, ub, len, mn, safe, q);
+        pack_block(&wr, q, wb, len, limit, rows);
+    }
+    writer_finish(&wr);
+}
+
+/* Pack integer levels x + add of entries [e0, e1). Returns the number of levels outside
+ * [0, 2^b) (nothing meaningful is written then). */
+#define DEFINE_PACK(NAME, T)                                                                 \
+    int64_t NAME(const T *x, int64_t e0, int64_t e1, int64_t gs, const uint8_t *bits,       \
+                 int32_t add, uint8_t *out, int64_t bit0, int64_t bit1, int rows) {          \
+        uint8_t wb[BLOCK];                                                                   \
+        uint16_t q[BLOCK];                                                                   \
+        int64_t g, left, bad = 0;                                                            \
+        writer wr;                                                                           \
+        start_group(e0, gs, &g, &left);                                                      \
+        writer_init(&wr, out, bit0);                                                         \
+        for (int64_t e = e0; e < e1; e += BLOCK) {                                           \
+            int64_t len = e1 - e < BLOCK ? e1 - e : BLOCK;                                   \
+            fill_widths(bits, gs, &g, &left, len, wb, 0, 0);                                 \
+            for (int64_t j = 0; j < len; j++) {                                              \
+                uint32_t v = (uint32_t)((int32_t)x[e + j] + add);                            \
+                bad += (v >> wb[j]) != 0;                                                    \
+                q[j] = (uint16_t)(v & ((1u << wb[j]) - 1));                                  \
+            }                                                                                \
+            pack_block(&wr, q, wb, len, bit1 >> 3, rows);                                          \
+        }                                                                                    \
+        writer_finish(&wr);                                                                  \
+        return bad;                                                                          \
+    }
+
+DEFINE_PACK(dq_pack_i16, int16_t)
+DEFINE_PACK(dq_pack_u8, uint8_t)
+
+/* Levels of entries [e0, e0 + len) from a stream of nbytes bytes. */
+static inline void read_block(const uint8_t *in, int64_t nbytes, int64_t *bitpos,
+                              const uint8_t *wb, int64_t len, uint16_t *q, int rows) {
+    int64_t pos = *bitpos;
+    int64_t j = 0;
+    if (rows && (pos & 7) == 0) {
+        /* The inverse of pack_block's rows: two 64-bit loads per row of 8 entries. */
+        int64_t at = pos >> 3;
+        for (; j + 8 <= len && at + 16 <= nbytes; j += 8) {
+            const unsigned b = wb[j];
+            const uint64_t mask = (1u << b) - 1;
+            uint64_t lo, top;
+            memcpy(&lo, in + at, 8);
+            memcpy(&top, in + at + (b >> 1), 8);
+            uint64_t hi = top >> (4 * (b & 1));
+            uint16_t *r = q + j;
+            r[0] = (uint16_t)(lo & mask);
+            r[1] = (uint16_t)((lo >> b) & mask);
+            r[2] = (uint16_t)((lo >> 2 * b) & mask);
+            r[3] = (uint16_t)((lo >> 3 * b) & mask);
+            r[4] = (uint16_t)(hi & mask);
+            r[5] = (uint16_t)((hi >> b) & mask);
+            r[6] = (uint16_t)((hi >> 2 * b) & mask);
+            r[7] = (uint16_t)((hi >> 3 * b) & mask);
+            at += b;
+        }
+        pos = at * 8;
+    }
+    for (; j < len; j++) {
+        int64_t p = pos >> 3;
+        uint64_t v = 0;
+        if (__builtin_expect(p + 8 <= nbytes, 1))
+            memcpy(&v, in + p, 8);
+        else
+            memcpy(&v, in + p, (size_t)(nbytes - p));
+        q[j] = (uint16_t)((v >> (pos & 7)) & ((1u << wb[j]) - 1));
+        pos += wb[j];
+    }
+    *bitpos = pos;
+}
+
+MULTIVERSION
+static void dequantize_block(const uint16_t *q, const float *ub, int64_t len, float mn,
+                             float span, float *o) {
+    for (int64_t j = 0; j < len; j++) {
+        float t = (float)q[j] * ub[j];
+        t = t * span;
+        o[j] = t + mn;
+    }
+}
+
+/* Unpack entries [e0, e1) and dequantize them (reference.dequantize: q·unit[b]·span + mn)
+ * into float32 o (indexed by entry). */
+void dq_unpack_dequantize(const uint8_t *in, int64_t nbytes, int64_t e0, int64_t e1,
+                          int64_t gs, const uint8_t *bits, int64_t bit0, const float *unit,
+                          float mn, float span, float *o, int rows) {
+    uint8_t wb[BLOCK];
+    float ub[BLOCK];
+    uint16_t q[BLOCK];
+    int64_t g, left, pos = bit0;
+    start_group(e0, gs, &g, &left);
+    for (int64_t e = e0; e < e1; e += BLOCK) {
+        int64_t len = e1 - e < BLOCK ? e1 - e : BLOCK;
+        fill_widths(bits, gs, &g, &left, len, wb, unit, ub);
+        read_block(in, nbytes, &pos, wb, len, q, rows);
+        dequantize_block(q, ub, len, mn, span, o + e);
+    }
+}
+
+/* Unpack entries [e0, e1) as int16 levels q - sub into o (indexed by entry). */
+void dq_unpack_i16(const uint8_t *in, int64_t nbytes, int64_t e0, int64_t e1, int64_t gs,
+                   const uint8_t *bits, int64_t bit0, int32_t sub, int16_t *o, int rows) {
+    uint8_t wb[BLOCK];
+    uint16_t q[BLOCK];
+    int64_t g, left, pos = bit0;
+    start_group(e0, gs, &g, &left);
+    for (int64_t e = e0; e < e1; e += BLOCK) {
+        int64_t len = e1 - e < BLOCK ? e1 - e : BLOCK;
+        fill_widths(bits, gs, &g, &left, len, wb, 0, 0);
+        read_block(in, nbytes, &pos, wb, len, q, rows);
+        for (int64_t j = 0; j < len; j++) o[e + j] = (int16_t)((int32_t)q[j] - sub);
+    }
+}
+
+/* Sum of n uint8 values (stream bit offsets of pieces). */
+int64_t dq_sum_u8(const uint8_t *x, int64_t n) {
+    int64_t s = 0;
+    for (int64_t i = 0; i < n; i++) s += x[i];
+    return s;
+}

@@ -1,0 +1,355 @@
+"""The native CPU codec: bit packing fused with quantization, built from ``csrc/codec.c``.
+
+Packing a model of 25M weights with whole-tensor torch ops costs several passes over
+memory and fresh pages for every temporary; the C loops of ``csrc/codec.c`` quantize and
+pack (or unpack and dequantize) a block of entries while it is in L1, one pass each way.
+The source is compiled at first use with the system C compiler (``$CC``, else ``cc``,
+``gcc`` or ``clang``: Triton needs one too), cached under ``$DIFFQ_TRITON_CACHE_DIR`` or
+``~/.cache/diffq_triton``, loaded with :mod:`ctypes` and checked on known values before use.
+ctypes releases the GIL, so the pieces of a tensor run on the bitpack thread pool.
+
+When no compiler works, or ``DIFFQ_TRITON_NATIVE=0``, :func:`library` returns ``None`` (with
+one warning in the first case) and callers take the torch path of :mod:`bitpack_cpu` and
+:mod:`cpu_codec`, which computes the same bytes and values.
+
+The float arithmetic is the reference's, operation for operation, so the levels and the
+weights are bit-identical to :mod:`diffq_triton.reference` (the tests compare them).
+"""
+
+from __future__ import annotations
+
+import ctypes
+import hashlib
+import os
+import platform
+import shutil
+import subprocess
+import tempfile
+import threading
+import warnings
+from pathlib import Path
+
+import torch
+
+from .bitpack_cpu import MAX_WIDTH, cpu_threads, run_calls
+from .reference import num_groups
+
+SOURCE = Path(__file__).with_name("csrc") / "codec.c"
+# No -ffast-math and no FMA contraction: each float operation rounds as torch's does.
+CFLAGS = ("-O3", "-std=c11", "-fPIC", "-shared", "-ffp-contract=off", "-fno-fast-math")
+# Entries per piece of work: large enough that a ctypes call is negligible, small enough
+# that both threads stay busy to the end.
+PIECE = 1 << 20
+
+_P, _I, _F, _I32 = ctypes.c_void_p, ctypes.c_int64, ctypes.c_float, ctypes.c_int32
+_SIGNATURES = {
+    "dq_quantize_pack": ([_P, _I, _I, _I, _P, _P, _F, _F, _P, _I, _I, _I32], None),
+    "dq_pack_i16": ([_P, _I, _I, _I, _P, _I32, _P, _I, _I, _I32], _I),
+    "dq_pack_u8": ([_P, _I, _I, _I, _P, _I32, _P, _I, _I, _I32], _I),
+    "dq_unpack_dequantize": ([_P, _I, _I, _I, _I, _P, _I, _P, _F, _F, _P, _I32], None),
+    "dq_unpack_i16": ([_P, _I, _I, _I, _I, _P, _I, _I32, _P, _I32], None),
+    "dq_sum_u8": ([_P, _I], _I),
+}
+
+_LOCK = threading.Lock()
+_STATE: dict = {}
+
+
+def library() -> ctypes.CDLL | None:
+    """The loaded codec, building it on first use; ``None`` when disabled or unavailable."""
+    if os.environ.get("DIFFQ_TRITON_NATIVE", "1") == "0":
+        return None
+    with _LOCK:
+        if "lib" not in _STATE:
+            try:
+                _STATE["lib"] = _self_test(_load(_build()))
+            except (OSError, RuntimeError, subprocess.SubprocessError) as exc:
+                _STATE["lib"] = None
+                _STATE["error"] = str(exc)
+                warnings.warn(f"diffq_triton: native CPU codec unavailable ({exc}); "
+                              "packing runs on the slower torch path", RuntimeWarning,
+                              stacklevel=3)
+        return _STATE["lib"]
+
+
+def unavailable_reason() -> str | None:
+    """Why :func:`library` returned ``None`` (``None`` when it did not, or was not called)."""
+    if os.environ.get("DIFFQ_TRITON_NATIVE", "1") == "0":
+        return "disabled by DIFFQ_TRITON_NATIVE=0"
+    return _STATE.get("error")
+
+
+# ----------------------------------------------------------------------------- build
+def _compiler() -> str:
+    for name in (os.environ.get("CC"), "cc", "gcc", "clang"):
+        if name and shutil.which(name):
+            return shutil.which(name)
+    raise RuntimeError("no C compiler found (set CC)")
+
+
+def _cache_dir() -> Path:
+    root = os.environ.get("DIFFQ_TRITON_CACHE_DIR")
+    if root:
+        return Path(root)
+    base = os.environ.get("XDG_CACHE_HOME") or Path.home() / ".cache"
+    return Path(base) / "diffq_triton"
+
+
+def _build() -> Path:
+    """Compile the codec unless a build of this source, compiler and flags is cached."""
+    cc = _compiler()
+    source = SOURCE.read_bytes()
+    key = hashlib.sha256(b"\0".join(
+        [source, cc.encode(), " ".join(CFLAGS).encode(), platform.machine().encode()]
+    )).hexdigest()[:16]
+    target = _cache_dir() / f"codec-{key}.so"
+    if target.exists():
+        return target
+    try:
+        target.parent.mkdir(parents=True, exist_ok=True)
+        folder = target.parent
+    except OSError:  # read-only home: build into a private temporary folder instead
+        folder = Path(tempfile.mkdtemp(prefix="diffq_triton-"))
+        target = folder / target.name
+    # Build under a unique name and rename: processes building at once never load a half
+    # written file.
+    fd, partial = tempfile.mkstemp(suffix=".so", dir=folder)
+    os.close(fd)
+    try:
+        res = subprocess.run([cc, *CFLAGS, "-o", partial, str(SOURCE)], capture_output=True,
+                             text=True, timeout=120)
+        if res.returncode != 0:
+            raise RuntimeError(f"{cc} failed: {res.stderr.strip()[-2000:]}")
+        os.replace(partial, target)
+    finally:
+        if os.path.exists(partial):
+            os.unlink(partial)
+    return target
+
+
+def _load(path: Path) -> ctypes.CDLL:
+    lib = ctypes.CDLL(str(path))
+    for name, (args, result) in _SIGNATURES.items():
+        fn = getattr(lib, name)
+        fn.argtypes, fn.restype = args, result
+    return lib
+
+
+def _self_test(lib: ctypes.CDLL) -> ctypes.CDLL:
+    """Refuse a build that does not reproduce docs/format.md's golden bytes and levels."""
+    levels = torch.tensor([1, 2, 3, 0, 5], dtype=torch.int16)
+    bits = torch.tensor([2, 3, 3], dtype=torch.uint8)
+    out = torch.zeros(2, dtype=torch.uint8)
+    bad = lib.dq_pack_i16(levels.data_ptr(), 0, 5, 2, bits.data_ptr(), 0, out.data_ptr(), 0, 13, 0)
+    back = torch.empty(5, dtype=torch.int16)
+    lib.dq_unpack_i16(out.data_ptr(), 2, 0, 5, 2, bits.data_ptr(), 0, 0, back.data_ptr(), 0)
+    w = torch.tensor([0.0, 0.5, 1.0, 0.25], dtype=torch.float32)
+    four = torch.tensor([2], dtype=torch.uint8)
+    packed = torch.zeros(1, dtype=torch.uint8)
+    lib.dq_quantize_pack(w.data_ptr(), 0, 4, 4, four.data_ptr(), _units().data_ptr(), 0.0,
+                         1.0, packed.data_ptr(), 0, 8, 1)
+    # Rows of 8 (the whole-byte fast path): the stream is the integer Σ q_i·2^(3i).
+    rows = torch.arange(80, dtype=torch.int16) * 5 % 8
+    row_bits = torch.tensor([3], dtype=torch.uint8)
+    row_out = torch.zeros(30, dtype=torch.uint8)
+    bad += lib.dq_pack_i16(rows.data_ptr(), 0, 80, 80, row_bits.data_ptr(), 0,
+                           row_out.data_ptr(), 0, 240, 1)
+    expected = sum(int(q) << 3 * i for i, q in enumerate(rows.tolist())).to_bytes(30, "little")
+    # 0.5·3 = 1.5 and 0.25·3 = 0.75 round to 2 and 1 (half to even): 0, 2, 3, 1.
+    if (bad or out.tolist() != [0b00111001, 0b00010100] or back.tolist() != levels.tolist()
+            or packed.tolist() != [0b01111000] or bytes(row_out.tolist()) != expected):
+        raise RuntimeError("the compiled codec failed its self-test")
+    return lib
+
+
+# ----------------------------------------------------------------------------- pieces
+_UNITS: list[torch.Tensor] = []
+
+
+def _units() -> torch.Tensor:
+    """``u(b) = 1/(2^b - 1)`` for b = 0..15 in float32, computed as the reference does."""
+    if not _UNITS:
+        widths = torch.arange(MAX_WIDTH + 1, dtype=torch.int64)
+        _UNITS.append((1 / ((1 << widths) - 1)).to(torch.float32).contiguous())
+    return _UNITS[0]
+
+
+class _Layout:
+    """Pieces of one tensor's stream: ``(first entry, end entry, first bit, end bit)``.
+
+    Pieces start on group boundaries (anywhere for a single group), so the C loops know
+    each entry's width; the bit offsets are prefix sums of the widths.
+    """
+
+    def __init__(self, lib: ctypes.CDLL, bits: torch.Tensor, group_size: int, numel: int):
+        self.single = bits.numel() == 1
+        self.group = numel if self.single or group_size == 0 else group_size
+        # Rows of 8 entries start on bytes: one width, or groups of a multiple of 8 entries
+        # (pieces start on multiples of 8 entries, PIECE being one).
+        self.rows = int(self.single or self.group % 8 == 0)
+        step = PIECE if self.single else max(1, PIECE // self.group) * self.group
+        bits_ptr = bits.data_ptr()
+        self.pieces: list[tuple[int, int, int, int]] = []
+        bit = 0
+        for e0 in range(0, numel, step):
+            e1 = min(numel, e0 + step)
+            if self.single:
+                span = (e1 - e0) * int(bits[0])
+            else:
+                g0, g1 = e0 // self.group, -(-e1 // self.group)
+                span = lib.dq_sum_u8(bits_ptr + g0, g1 - g0) * self.group
+                if e1 == numel:  # the last group may be shorter
+                    span -= (g1 * self.group - numel) * int(bits[-1])
+            self.pieces.append((e0, e1, bit, bit + span))
+            bit += span
+        self.total_bits = bit
+        self.nbytes = (bit + 7) // 8
+
+    def empty_stream(self) -> torch.Tensor:
+        """An uninitialised stream with the bytes that pieces share zeroed (they OR them)."""
+        out = torch.empty(self.nbytes, dtype=torch.uint8)
+        if self.nbytes:
+            shared = [b0 >> 3 for _, _, b0, _ in self.pieces if b0 & 7] + [self.nbytes - 1]
+            out[torch.tensor(shared, dtype=torch.int64)] = 0
+        return out
+
+
+def _widths(bits: torch.Tensor, numel: int, group_size: int) -> torch.Tensor:
+    """Checked contiguous uint8 widths: the C loops index tables by them."""
+    bits = bits.reshape(-1).to(torch.uint8).contiguous()
+    expected = num_groups(numel, group_size)
+    if bits.numel() != expected:
+        raise ValueError(f"bits holds {bits.numel()} widths, {numel} entries need {expected}")
+    if bits.numel():
+        low, high = torch.aminmax(bits)
+        if int(low) < 1 or int(high) > MAX_WIDTH:
+            raise ValueError(f"bit widths must lie in [1, {MAX_WIDTH}], got "
+                             f"[{int(low)}, {int(high)}]")
+    return bits
+
+
+# ----------------------------------------------------------------------------- public
+def quantize_pack(lib: ctypes.CDLL, w: torch.Tensor, bits: torch.Tensor, group_size: int,
+                  mn: float, safe: float) -> torch.Tensor:
+    """Quantize float32 CPU weights and pack the levels in one pass.
+
+    Levels are ``round(((w - mn)/safe)/u(b))`` in float32, half to even, as
+    :func:`reference.quantize` computes them; the stream is :func:`bitpack.pack_levels`'s.
+
+    Args:
+        lib: :func:`library`'s codec.
+        w: float32 CPU weights, any shape (read flattened).
+        bits: ``[n_groups]`` integer widths in ``[1, 15]``.
+        group_size: entries per group (0: one group).
+        mn, safe: the range minimum and ``mx - mn`` (1 when the range is empty), finite.
+
+    Returns:
+        ``[ceil(Σ b_i / 8)]`` uint8 stream. Moves 4 bytes read + ``b/8`` written per entry.
+    """
+    flat = w.detach().reshape(-1).contiguous()
+    if flat.dtype != torch.float32 or flat.device.type != "cpu":
+        raise ValueError(f"quantize_pack needs float32 CPU weights, got {flat.dtype} on "
+                         f"{flat.device}")
+    bits = _widths(bits, flat.numel(), group_size)
+    layout = _Layout(lib, bits, group_size, flat.numel())
+    out = layout.empty_stream()
+    units = _units()
+    with cpu_threads():
+        run_calls([
+            (lib.dq_quantize_pack, (flat.data_ptr(), e0, e1, layout.group, bits.data_ptr(),
+                                    units.data_ptr(), mn, safe, out.data_ptr(), b0, b1,
+                                    layout.rows))
+            for e0, e1, b0, b1 in layout.pieces
+        ])
+    return out
+
+
+def pack(lib: ctypes.CDLL, levels: torch.Tensor, bits: torch.Tensor, group_size: int,
+         offset: int = 0) -> torch.Tensor:
+    """Pack integer levels ``q + offset`` (int16 or uint8, CPU) into a stream.
+
+    Raises:
+        ValueError: a level plus ``offset`` lies outside ``[0, 2^b)`` of its group.
+    """
+    flat = levels.reshape(-1)
+    if flat.dtype not in (torch.int16, torch.uint8):
+        flat = _narrow(flat, offset)
+    flat = flat.contiguous()
+    fn = lib.dq_pack_u8 if flat.dtype == torch.uint8 else lib.dq_pack_i16
+    bits = _widths(bits, flat.numel(), group_size)
+    layout = _Layout(lib, bits, group_size, flat.numel())
+    out = layout.empty_stream()
+    with cpu_threads():
+        bad = run_calls([
+            (fn, (flat.data_ptr(), e0, e1, layout.group, bits.data_ptr(), offset,
+                  out.data_ptr(), b0, b1, layout.rows))
+            for e0, e1, b0, b1 in layout.pieces
+        ])
+    if any(bad):
+        raise ValueError("a level does not fit in its group's bit width")
+    return out
+
+
+def _narrow(levels: torch.Tensor, offset: int) -> torch.Tensor:
+    """int16 copy of wider integer levels, refusing values that would wrap."""
+    if levels.numel():
+        low, high = torch.aminmax(levels)
+        if int(low) + offset < 0 or int(high) + offset > (1 << MAX_WIDTH) - 1:
+            raise ValueError("a level does not fit in its group's bit width")
+    return levels.to(torch.int16)
+
+
+def unpack(lib: ctypes.CDLL, packed: torch.Tensor, bits: torch.Tensor, group_size: int,
+           numel: int, offset: int = 0) -> torch.Tensor:
+    """``[numel]`` int16 levels ``q - offset`` of a stream of exactly the right length."""
+    bits = _widths(bits, numel, group_size)
+    layout = _Layout(lib, bits, group_size, numel)
+    packed = _stream(packed, layout)
+    out = torch.empty(numel, dtype=torch.int16)
+    with cpu_threads():
+        run_calls([
+            (lib.dq_unpack_i16, (packed.data_ptr(), layout.nbytes, e0, e1, layout.group,
+                                 bits.data_ptr(), b0, offset, out.data_ptr(), layout.rows))
+            for e0, e1, b0, _ in layout.pieces
+        ])
+    return out
+
+
+def unpack_dequantize(lib: ctypes.CDLL, packed: torch.Tensor, bits: torch.Tensor,
+                      group_size: int, numel: int, mn: float, span: float,
+                      out: torch.Tensor | None = None) -> torch.Tensor:
+    """Unpack a minmax stream and dequantize it (``q·u(b)·span + mn`` in float32).
+
+    Args:
+        out: optional contiguous float32 CPU tensor of ``numel`` entries to write into
+            (a model's parameter: no new memory).
+
+    Returns:
+        ``[numel]`` float32 (``out`` flattened when given). Moves ``b/8`` bytes read + 4
+        written per entry.
+    """
+    bits = _widths(bits, numel, group_size)
+    layout = _Layout(lib, bits, group_size, numel)
+    packed = _stream(packed, layout)
+    if out is None:
+        out = torch.empty(numel, dtype=torch.float32)
+    if out.dtype != torch.float32 or not out.is_contiguous() or out.numel() != numel:
+        raise ValueError("out must be a contiguous float32 tensor of numel entries")
+    out = out.view(-1)
+    units = _units()
+    with cpu_threads():
+        run_calls([
+            (lib.dq_unpack_dequantize, (packed.data_ptr(), layout.nbytes, e0, e1,
+                                        layout.group, bits.data_ptr(), b0, units.data_ptr(),
+                                        mn, span, out.data_ptr(), layout.rows))
+            for e0, e1, b0, _ in layout.pieces
+        ])
+    return out
+
+
+def _stream(packed: torch.Tensor, layout: _Layout) -> torch.Tensor:
+    # The C loops read every byte up to nbytes: a shorter buffer would be read past its end.
+    if packed.dtype != torch.uint8 or packed.dim() != 1 or packed.numel() != layout.nbytes:
+        raise ValueError(f"packed stream holds {packed.numel()} bytes, expected "
+                         f"{layout.nbytes}")
+    return packed.contiguous()
