@@ -29,9 +29,10 @@ import threading
 import warnings
 from pathlib import Path
 
+import numpy as np
 import torch
 
-from .bitpack_cpu import MAX_WIDTH, cpu_threads, run_calls
+from .bitpack_cpu import MAX_WIDTH, call_workers, run_calls
 from .reference import num_groups
 
 SOURCE = Path(__file__).with_name("csrc") / "codec.c"
@@ -39,7 +40,7 @@ SOURCE = Path(__file__).with_name("csrc") / "codec.c"
 CFLAGS = ("-O3", "-std=c11", "-fPIC", "-shared", "-ffp-contract=off", "-fno-fast-math")
 # Entries per piece of work: large enough that a ctypes call is negligible, small enough
 # that both threads stay busy to the end.
-PIECE = 1 << 20
+PIECE = 1 << 18
 
 _P, _I, _F, _I32 = ctypes.c_void_p, ctypes.c_int64, ctypes.c_float, ctypes.c_int32
 _SIGNATURES = {
@@ -207,11 +208,21 @@ class _Layout:
 
     def empty_stream(self) -> torch.Tensor:
         """An uninitialised stream with the bytes that pieces share zeroed (they OR them)."""
-        out = torch.empty(self.nbytes, dtype=torch.uint8)
+        out = _host_bytes(self.nbytes)
         if self.nbytes:
             shared = [b0 >> 3 for _, _, b0, _ in self.pieces if b0 & 7] + [self.nbytes - 1]
             out[torch.tensor(shared, dtype=torch.int64)] = 0
         return out
+
+
+def _host_bytes(nbytes: int) -> torch.Tensor:
+    """``[nbytes]`` uninitialised uint8 from numpy's allocator.
+
+    torch's CPU allocator maps every large block afresh, so each new stream pays a page
+    fault per 4 KiB (about as long as packing it); the C allocator behind numpy reuses
+    freed blocks, already mapped, from one save to the next.
+    """
+    return torch.from_numpy(np.empty(nbytes, dtype=np.uint8))
 
 
 def _widths(bits: torch.Tensor, numel: int, group_size: int) -> torch.Tensor:
@@ -254,13 +265,12 @@ def quantize_pack(lib: ctypes.CDLL, w: torch.Tensor, bits: torch.Tensor, group_s
     layout = _Layout(lib, bits, group_size, flat.numel())
     out = layout.empty_stream()
     units = _units()
-    with cpu_threads():
-        run_calls([
-            (lib.dq_quantize_pack, (flat.data_ptr(), e0, e1, layout.group, bits.data_ptr(),
-                                    units.data_ptr(), mn, safe, out.data_ptr(), b0, b1,
-                                    layout.rows))
-            for e0, e1, b0, b1 in layout.pieces
-        ])
+    run_calls([
+        (lib.dq_quantize_pack, (flat.data_ptr(), e0, e1, layout.group, bits.data_ptr(),
+                                units.data_ptr(), mn, safe, out.data_ptr(), b0, b1,
+                                layout.rows))
+        for e0, e1, b0, b1 in layout.pieces
+    ], call_workers())
     return out
 
 
@@ -279,12 +289,11 @@ def pack(lib: ctypes.CDLL, levels: torch.Tensor, bits: torch.Tensor, group_size:
     bits = _widths(bits, flat.numel(), group_size)
     layout = _Layout(lib, bits, group_size, flat.numel())
     out = layout.empty_stream()
-    with cpu_threads():
-        bad = run_calls([
-            (fn, (flat.data_ptr(), e0, e1, layout.group, bits.data_ptr(), offset,
-                  out.data_ptr(), b0, b1, layout.rows))
-            for e0, e1, b0, b1 in layout.pieces
-        ])
+    bad = run_calls([
+        (fn, (flat.data_ptr(), e0, e1, layout.group, bits.data_ptr(), offset,
+              out.data_ptr(), b0, b1, layout.rows))
+        for e0, e1, b0, b1 in layout.pieces
+    ], call_workers())
     if any(bad):
         raise ValueError("a level does not fit in its group's bit width")
     return out
@@ -306,12 +315,11 @@ def unpack(lib: ctypes.CDLL, packed: torch.Tensor, bits: torch.Tensor, group_siz
     layout = _Layout(lib, bits, group_size, numel)
     packed = _stream(packed, layout)
     out = torch.empty(numel, dtype=torch.int16)
-    with cpu_threads():
-        run_calls([
-            (lib.dq_unpack_i16, (packed.data_ptr(), layout.nbytes, e0, e1, layout.group,
-                                 bits.data_ptr(), b0, offset, out.data_ptr(), layout.rows))
-            for e0, e1, b0, _ in layout.pieces
-        ])
+    run_calls([
+        (lib.dq_unpack_i16, (packed.data_ptr(), layout.nbytes, e0, e1, layout.group,
+                             bits.data_ptr(), b0, offset, out.data_ptr(), layout.rows))
+        for e0, e1, b0, _ in layout.pieces
+    ], call_workers())
     return out
 
 
@@ -337,13 +345,12 @@ def unpack_dequantize(lib: ctypes.CDLL, packed: torch.Tensor, bits: torch.Tensor
         raise ValueError("out must be a contiguous float32 tensor of numel entries")
     out = out.view(-1)
     units = _units()
-    with cpu_threads():
-        run_calls([
-            (lib.dq_unpack_dequantize, (packed.data_ptr(), layout.nbytes, e0, e1,
-                                        layout.group, bits.data_ptr(), b0, units.data_ptr(),
-                                        mn, span, out.data_ptr(), layout.rows))
-            for e0, e1, b0, _ in layout.pieces
-        ])
+    run_calls([
+        (lib.dq_unpack_dequantize, (packed.data_ptr(), layout.nbytes, e0, e1,
+                                    layout.group, bits.data_ptr(), b0, units.data_ptr(),
+                                    mn, span, out.data_ptr(), layout.rows))
+        for e0, e1, b0, _ in layout.pieces
+    ], call_workers())
     return out
 
 

@@ -21,6 +21,10 @@
 #define MULTIVERSION
 #endif
 
+/* Eight float32 or int32 lanes: one AVX register (two SSE ones), whatever the target. */
+typedef float v8f __attribute__((vector_size(32)));
+typedef int32_t v8i __attribute__((vector_size(32)));
+
 /* Entries per block: the widths, units and levels of a block stay in L1. */
 #define BLOCK 1024
 
@@ -170,6 +174,49 @@ static void quantize_block(const float *x, const float *ub, int64_t len, float m
     }
 }
 
+/* Stores of a row of 8 levels of width b (b whole bytes) at out + at: see pack_block. */
+static inline void store_row(uint8_t *out, int64_t at, const uint64_t *q, unsigned b) {
+    uint64_t lo = q[0] | q[1] << b | q[2] << 2 * b | q[3] << 3 * b;
+    uint64_t hi = q[4] | q[5] << b | q[6] << 2 * b | q[7] << 3 * b;
+    uint64_t top = (lo >> (8 * (b >> 1))) | hi << (4 * (b & 1));
+    memcpy(out + at, &lo, 8);
+    memcpy(out + at + (b >> 1), &top, 8);
+}
+
+/* The rows fast path of dq_quantize_pack, from byte `*at` on: whole rows of 8 entries of one
+ * group go from the weights to their b bytes with no staging, while the stores stay below
+ * `limit`. Advances the group walk and *at; returns the next entry. */
+MULTIVERSION
+static int64_t quantize_pack_rows(const float *w, int64_t e, int64_t e1, int64_t gs,
+                                  const uint8_t *bits, const float *unit, float mn, float safe,
+                                  uint8_t *out, int64_t *at, int64_t limit, int64_t *g,
+                                  int64_t *left) {
+    while (e + 8 <= e1 && *left >= 8) {
+        const unsigned b = bits[*g];
+        const float u = unit[b];
+        int64_t n = *left < e1 - e ? *left : e1 - e;
+        int64_t stop = e + n / 8 * 8;
+        for (; e < stop; e += 8) {
+            if (*at + 16 > limit) return e;
+            v8f t;
+            memcpy(&t, w + e, sizeof t);
+            t = (t - mn) / safe;
+            t = t / u;
+            t = (t + 8388608.0f) - 8388608.0f; /* half to even, as in quantize_block */
+            v8i qi = __builtin_convertvector(t, v8i);
+            uint64_t q[8];
+            for (int j = 0; j < 8; j++) q[j] = (uint32_t)qi[j];
+            store_row(out, *at, q, b);
+            *at += b;
+            *left -= 8;
+        }
+        if (*left != 0) break;
+        (*g)++;
+        *left = gs;
+    }
+    return e;
+}
+
 /* Quantize float32 weights w (reference.quantize: round(((w - mn)/safe)/unit[b])) and pack
  * the levels of entries [e0, e1). */
 void dq_quantize_pack(const float *w, int64_t e0, int64_t e1, int64_t gs, const uint8_t *bits,
@@ -179,11 +226,14 @@ void dq_quantize_pack(const float *w, int64_t e0, int64_t e1, int64_t gs, const 
     uint8_t wb[BLOCK];
     float ub[BLOCK];
     uint16_t q[BLOCK];
-    int64_t g, left;
+    int64_t g, left, e = e0;
     writer wr;
     start_group(e0, gs, &g, &left);
     writer_init(&wr, out, bit0);
-    for (int64_t e = e0; e < e1; e += BLOCK) {
+    if (rows && (bit0 & 7) == 0)
+        e = quantize_pack_rows(w, e0, e1, gs, bits, unit, mn, safe, out, &wr.pos, limit, &g,
+                               &left);
+    for (; e < e1; e += BLOCK) {
         int64_t len = e1 - e < BLOCK ? e1 - e : BLOCK;
         fill_widths(bits, gs, &g, &left, len, wb, unit, ub);
         quantize_block(w + e, ub, len, mn, safe, q);
@@ -271,6 +321,48 @@ static void dequantize_block(const uint16_t *q, const float *ub, int64_t len, fl
     }
 }
 
+/* The rows fast path of dq_unpack_dequantize, from stream bit *pos (a byte boundary): two
+ * 64-bit loads per row of 8 entries of one group, straight to the weights. Advances the
+ * group walk and *pos; returns the next entry. */
+MULTIVERSION
+static int64_t unpack_dequantize_rows(const uint8_t *in, int64_t nbytes, int64_t e,
+                                      int64_t e1, int64_t gs, const uint8_t *bits,
+                                      const float *unit, float mn, float span, float *o,
+                                      int64_t *pos, int64_t *g, int64_t *left) {
+    int64_t at = *pos >> 3;
+    while (e + 8 <= e1 && *left >= 8) {
+        const unsigned b = bits[*g];
+        const float u = unit[b];
+        const uint64_t mask = (1u << b) - 1;
+        int64_t n = *left < e1 - e ? *left : e1 - e;
+        int64_t stop = e + n / 8 * 8;
+        for (; e < stop; e += 8) {
+            if (at + 16 > nbytes) goto done;
+            uint64_t lo, top;
+            memcpy(&lo, in + at, 8);
+            memcpy(&top, in + at + (b >> 1), 8);
+            uint64_t hi = top >> (4 * (b & 1));
+            v8i qi;
+            for (int j = 0; j < 4; j++) {
+                qi[j] = (int32_t)((lo >> (j * b)) & mask);
+                qi[4 + j] = (int32_t)((hi >> (j * b)) & mask);
+            }
+            v8f t = __builtin_convertvector(qi, v8f) * u;
+            t = t * span;
+            t = t + mn;
+            memcpy(o + e, &t, sizeof t);
+            at += b;
+            *left -= 8;
+        }
+        if (*left != 0) break;
+        (*g)++;
+        *left = gs;
+    }
+done:
+    *pos = at * 8;
+    return e;
+}
+
 /* Unpack entries [e0, e1) and dequantize them (reference.dequantize: q·unit[b]·span + mn)
  * into float32 o (indexed by entry). */
 void dq_unpack_dequantize(const uint8_t *in, int64_t nbytes, int64_t e0, int64_t e1,
@@ -279,9 +371,12 @@ void dq_unpack_dequantize(const uint8_t *in, int64_t nbytes, int64_t e0, int64_t
     uint8_t wb[BLOCK];
     float ub[BLOCK];
     uint16_t q[BLOCK];
-    int64_t g, left, pos = bit0;
+    int64_t g, left, pos = bit0, e = e0;
     start_group(e0, gs, &g, &left);
-    for (int64_t e = e0; e < e1; e += BLOCK) {
+    if (rows && (bit0 & 7) == 0)
+        e = unpack_dequantize_rows(in, nbytes, e0, e1, gs, bits, unit, mn, span, o, &pos, &g,
+                                   &left);
+    for (; e < e1; e += BLOCK) {
         int64_t len = e1 - e < BLOCK ? e1 - e : BLOCK;
         fill_widths(bits, gs, &g, &left, len, wb, unit, ub);
         read_block(in, nbytes, &pos, wb, len, q, rows);
