@@ -18,10 +18,13 @@ os.environ.setdefault("DIFFQ_TRITON_BACKEND", "eager")
 _CACHE = os.path.join(tempfile.gettempdir(), f"diffq_triton_tests_{os.getuid()}")
 os.environ.setdefault("TRITON_CACHE_DIR", os.path.join(_CACHE, "triton"))
 os.environ.setdefault("TORCHINDUCTOR_CACHE_DIR", os.path.join(_CACHE, "inductor"))
+# The native codec compiles into its cache dir: keep test builds out of the home directory.
+os.environ.setdefault("DIFFQ_TRITON_CACHE_DIR", os.path.join(_CACHE, "native"))
 
 from collections.abc import Iterator  # noqa: E402
 from contextlib import contextmanager  # noqa: E402
 
+import numpy as np  # noqa: E402
 import pytest  # noqa: E402
 import torch  # noqa: E402
 
@@ -43,8 +46,9 @@ def poison(t: torch.Tensor) -> torch.Tensor:
 
 @contextmanager
 def poisoned_empty() -> Iterator[None]:
-    """Inside the block, ``torch.empty`` and ``torch.empty_like`` return poisoned tensors."""
-    empty, empty_like = torch.empty, torch.empty_like
+    """Inside the block, ``torch.empty``, ``torch.empty_like`` and ``numpy.empty`` return
+    poisoned buffers (host code may allocate its outputs with numpy and wrap them)."""
+    empty, empty_like, np_empty = torch.empty, torch.empty_like, np.empty
 
     def poisoned(*args, **kwargs):
         return poison(empty(*args, **kwargs))
@@ -52,11 +56,21 @@ def poisoned_empty() -> Iterator[None]:
     def poisoned_like(*args, **kwargs):
         return poison(empty_like(*args, **kwargs))
 
-    torch.empty, torch.empty_like = poisoned, poisoned_like
+    def poisoned_np(*args, **kwargs):
+        array = np_empty(*args, **kwargs)
+        if array.dtype.kind in "fc":
+            array.fill(np.nan)
+        elif array.dtype.kind == "i" and array.itemsize > 1:
+            array.fill(POISON_INT)
+        elif array.dtype.kind in "iu":
+            array.view(np.uint8).fill(0xA5)
+        return array
+
+    torch.empty, torch.empty_like, np.empty = poisoned, poisoned_like, poisoned_np
     try:
         yield
     finally:
-        torch.empty, torch.empty_like = empty, empty_like
+        torch.empty, torch.empty_like, np.empty = empty, empty_like, np_empty
 
 
 @pytest.fixture
@@ -83,3 +97,18 @@ def eager_backend():
 
     with use_backend("eager"):
         yield
+
+
+@pytest.fixture(params=["native", "torch"])
+def cpu_codec(request, monkeypatch):
+    """Run the test on the native C codec, then on the torch path (``DIFFQ_TRITON_NATIVE``).
+
+    Both must give the same bytes and values; the torch path is also what users without a C
+    compiler get, so it stays tested on machines where native works.
+    """
+    from diffq_triton import native
+
+    monkeypatch.setenv("DIFFQ_TRITON_NATIVE", "1" if request.param == "native" else "0")
+    if request.param == "native" and native.library() is None:
+        pytest.skip(f"native CPU codec unavailable: {native.unavailable_reason()}")
+    return request.param

@@ -8,6 +8,9 @@ import torch
 from diffq_triton import bitpack, bitpack_cpu
 from diffq_triton.reference import bit_width_field, expand_groups, num_groups
 
+# Every test runs on the native codec and on the torch path: both must write the same bytes.
+pytestmark = pytest.mark.usefixtures("cpu_codec")
+
 
 def stream_as_int(levels: torch.Tensor, bits: torch.Tensor, group_size: int) -> bytes:
     """The layout's definition: the little-endian integer Σ q_i·2^{o_i}, o_i = Σ_{j<i} b_j."""

@@ -12,6 +12,9 @@ from diffq_triton import serialization
 from diffq_triton.state import QuantizedTensor
 from tests.models import TiedLM, conv_net, mlp
 
+# Every test runs on the native codec and on the torch path: both must write the same bytes.
+pytestmark = pytest.mark.usefixtures("cpu_codec")
+
 
 def quantized_weights(model, quantizer):
     """The weights the quantized model uses in eval: what a loaded file must reproduce."""
