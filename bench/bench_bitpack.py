@@ -11,20 +11,27 @@ Three measurements, each row tagged with machine, versions and commit (bench/RES
    ``save_quantized`` + ``load_quantized`` against diffq's ``get_quantized_state()`` +
    ``restore_quantized_state()``.
 
-Best of several runs. Run with ``python bench/bench_bitpack.py [millions of entries]`` or
+Each measurement runs with the native codec (``diffq_triton.native``, the default when a C
+compiler is present) and with the torch-only fallback (``DIFFQ_TRITON_NATIVE=0``): the
+``codec`` column. Best of several runs; the end-to-end rows also give the first save + load
+of the process (codec already built and cached on disk, memory not yet reused).
+Run with ``python bench/bench_bitpack.py [millions of entries]`` or
 ``pytest bench/bench_bitpack.py`` (smaller sizes).
 """
 
 from __future__ import annotations
 
+import os
 import sys
 import tempfile
 import time
+from collections.abc import Iterator
+from contextlib import contextmanager
 from pathlib import Path
 
 import torch
 
-from diffq_triton import DiffQuantizer, bitpack, serialization
+from diffq_triton import DiffQuantizer, bitpack, native, serialization
 
 sys.path.insert(0, str(Path(__file__).resolve().parent))
 from results import record  # noqa: E402
@@ -34,6 +41,25 @@ try:
     from diffq import bitpack as diffq_bitpack
 except ImportError:  # the comparison needs the original package
     diffq = diffq_bitpack = None
+
+
+CODECS = ("native", "torch")
+
+
+@contextmanager
+def codec(name: str) -> Iterator[None]:
+    """Run the block with the native codec (``"native"``) or the torch fallback."""
+    before = os.environ.get("DIFFQ_TRITON_NATIVE")
+    os.environ["DIFFQ_TRITON_NATIVE"] = "1" if name == "native" else "0"
+    try:
+        if name == "native" and native.library() is None:
+            raise RuntimeError(f"native codec unavailable: {native.unavailable_reason()}")
+        yield
+    finally:
+        if before is None:
+            del os.environ["DIFFQ_TRITON_NATIVE"]
+        else:
+            os.environ["DIFFQ_TRITON_NATIVE"] = before
 
 
 def best_of(fn, reps: int = 5) -> float:
@@ -135,21 +161,25 @@ def bench_end_to_end(numel: int, layers: int = 5) -> list[dict]:
     _spread(model)
     with tempfile.TemporaryDirectory() as tmp:
         path = Path(tmp) / "model.safetensors"
-        save = best_of(lambda: serialization.save_quantized(quantizer, path), 3)
         fresh = _model(dim, layers)
-        load = best_of(lambda: serialization.load_quantized(fresh, path), 3)
+        start = time.perf_counter()
+        serialization.save_quantized(quantizer, path)
+        serialization.load_quantized(fresh, path)
+        first = time.perf_counter() - start
+        save = best_of(lambda: serialization.save_quantized(quantizer, path), 5)
+        load = best_of(lambda: serialization.load_quantized(fresh, path), 5)
         size = path.stat().st_size
     row = {"case": f"save + load, {layers}×Linear({dim})", "weights (M)": layers * dim**2 / 1e6,
            "file (MB)": size / 2**20, "true size (MB)": quantizer.true_model_size(),
-           "save (s)": save, "load (s)": load}
+           "first save + load (s)": first, "save (s)": save, "load (s)": load}
     quantizer.detach()
     if diffq is not None:
         theirs_model = _model(dim, layers)
         theirs = diffq.DiffQuantizer(theirs_model, group_size=8)
         _spread(theirs_model)
         state = theirs.get_quantized_state()
-        get = best_of(theirs.get_quantized_state, 3)
-        restore = best_of(lambda: theirs.restore_quantized_state(state), 3)
+        get = best_of(theirs.get_quantized_state, 5)
+        restore = best_of(lambda: theirs.restore_quantized_state(state), 5)
         row.update({"diffq get (s)": get, "diffq restore (s)": restore,
                     "×": (get + restore) / (save + load)})
     return [row]
@@ -160,19 +190,26 @@ def run(millions: float = 16.0, e2e_millions: float = 25.0) -> None:
     threads = torch.get_num_threads()
     note = (f"Best of 3-5 runs on the CPU, {threads} torch threads; M/s = million entries per "
             "second; × = diffq time / our time.")
-    record("bitpack, fixed width, vs diffq 0.2.4 Cython bitpack", bench_fixed(numel), note)
-    record("bitpack, mixed widths (DiffQuantizer layout) vs diffq 0.2.4",
-           bench_mixed(numel, 8) + bench_mixed(numel // 4, 1), note)
-    record("quantized model save + load vs diffq get_quantized_state + restore",
-           bench_end_to_end(int(e2e_millions * 1e6)), note)
+    fixed, mixed, e2e = [], [], []
+    for name in CODECS:
+        with codec(name):
+            fixed += [{"codec": name, **r} for r in bench_fixed(numel)]
+            mixed += [{"codec": name, **r}
+                      for r in bench_mixed(numel, 8) + bench_mixed(numel // 4, 1)]
+            e2e += [{"codec": name, **r} for r in bench_end_to_end(int(e2e_millions * 1e6))]
+    record("bitpack, fixed width, vs diffq 0.2.4 Cython bitpack", fixed, note)
+    record("bitpack, mixed widths (DiffQuantizer layout) vs diffq 0.2.4", mixed, note)
+    record("quantized model save + load vs diffq get_quantized_state + restore", e2e, note)
 
 
 def test_bitpack_side_by_side():
-    rows = bench_fixed(2_000_000, widths=(4,)) + bench_mixed(2_000_000)
-    for row in rows:
-        assert row["pack (M/s)"] > 0 and row["unpack (M/s)"] > 0
-    e2e = bench_end_to_end(2_000_000, layers=2)
-    assert e2e[0]["file (MB)"] <= e2e[0]["true size (MB)"] * 1.01 + 1 / 64
+    for name in CODECS:
+        with codec(name):
+            rows = bench_fixed(2_000_000, widths=(4,)) + bench_mixed(2_000_000)
+            for row in rows:
+                assert row["pack (M/s)"] > 0 and row["unpack (M/s)"] > 0
+            e2e = bench_end_to_end(2_000_000, layers=2)
+            assert e2e[0]["file (MB)"] <= e2e[0]["true size (MB)"] * 1.01 + 1 / 64
 
 
 if __name__ == "__main__":

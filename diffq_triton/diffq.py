@@ -107,7 +107,16 @@ class DiffQuantizer(BaseQuantizer):
     _get_bits = get_bits  # diffq 0.2.4 name
 
     def _int_bits(self, record: QuantizedParam) -> torch.Tensor:
-        return reference.round_bits(self.extra_bits + self.get_bits(record.logit.detach()))
+        """Rounded widths ``[n_groups]`` uint8: ``round_bits(extra_bits + get_bits(logit))``."""
+        logit = record.logit.detach()
+        if self.param != "bits" or type(self).get_bits is not DiffQuantizer.get_bits:
+            return reference.round_bits(self.extra_bits + self.get_bits(logit))
+        # The same float32 operations in the same order, in place: one temporary instead of
+        # eight (a third of the time of a 25M-weight save went to fresh pages for them).
+        t = torch.sigmoid(logit)
+        bits = self.max_bits * t
+        bits.add_(t.neg_().add_(1).mul_(self.min_bits))  # max·t + (1 - t)·min
+        return bits.add_(self.extra_bits).round_().clamp_(1, 15).to(torch.uint8)
 
     # ----------------------------------------------------------------- optimizer
     def setup_optimizer(

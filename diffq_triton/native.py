@@ -144,11 +144,14 @@ def _self_test(lib: ctypes.CDLL) -> ctypes.CDLL:
     bad = lib.dq_pack_i16(levels.data_ptr(), 0, 5, 2, bits.data_ptr(), 0, out.data_ptr(), 0, 13, 0)
     back = torch.empty(5, dtype=torch.int16)
     lib.dq_unpack_i16(out.data_ptr(), 2, 0, 5, 2, bits.data_ptr(), 0, 0, back.data_ptr(), 0)
-    w = torch.tensor([0.0, 0.5, 1.0, 0.25], dtype=torch.float32)
-    four = torch.tensor([2], dtype=torch.uint8)
-    packed = torch.zeros(1, dtype=torch.uint8)
-    lib.dq_quantize_pack(w.data_ptr(), 0, 4, 4, four.data_ptr(), _units().data_ptr(), 0.0,
-                         1.0, packed.data_ptr(), 0, 8, 1)
+    # Width 1 (unit 1): w is its own scaled value, so 0.5 is an exact tie and must round to
+    # the even level 0. 160 entries: the rows path, then the per-entry path near the end.
+    w = (torch.arange(160) * 7 % 3).to(torch.float32) / 2  # 0, 0.5, 1
+    one = torch.tensor([1], dtype=torch.uint8)
+    packed = torch.zeros(20, dtype=torch.uint8)
+    lib.dq_quantize_pack(w.data_ptr(), 0, 160, 160, one.data_ptr(), _units().data_ptr(), 0.0,
+                         1.0, packed.data_ptr(), 0, 160, 1)
+    tied = sum(1 << i for i, x in enumerate(w.tolist()) if x == 1.0).to_bytes(20, "little")
     # Rows of 8 (the whole-byte fast path): the stream is the integer Σ q_i·2^(3i).
     rows = torch.arange(80, dtype=torch.int16) * 5 % 8
     row_bits = torch.tensor([3], dtype=torch.uint8)
@@ -156,9 +159,8 @@ def _self_test(lib: ctypes.CDLL) -> ctypes.CDLL:
     bad += lib.dq_pack_i16(rows.data_ptr(), 0, 80, 80, row_bits.data_ptr(), 0,
                            row_out.data_ptr(), 0, 240, 1)
     expected = sum(int(q) << 3 * i for i, q in enumerate(rows.tolist())).to_bytes(30, "little")
-    # 0.5·3 = 1.5 and 0.25·3 = 0.75 round to 2 and 1 (half to even): 0, 2, 3, 1.
     if (bad or out.tolist() != [0b00111001, 0b00010100] or back.tolist() != levels.tolist()
-            or packed.tolist() != [0b01111000] or bytes(row_out.tolist()) != expected):
+            or bytes(packed.tolist()) != tied or bytes(row_out.tolist()) != expected):
         raise RuntimeError("the compiled codec failed its self-test")
     return lib
 
@@ -226,8 +228,14 @@ def _host_bytes(nbytes: int) -> torch.Tensor:
 
 
 def _widths(bits: torch.Tensor, numel: int, group_size: int) -> torch.Tensor:
-    """Checked contiguous uint8 widths: the C loops index tables by them."""
-    bits = bits.reshape(-1).to(torch.uint8).contiguous()
+    """Checked contiguous uint8 widths: the C loops index tables by them.
+
+    Checked before narrowing to uint8, so that no width wraps (257) or truncates (1.9)
+    into range.
+    """
+    if bits.is_floating_point() or bits.is_complex() or bits.dtype == torch.bool:
+        raise ValueError(f"bit widths must be an integer tensor, got {bits.dtype}")
+    bits = bits.reshape(-1)
     expected = num_groups(numel, group_size)
     if bits.numel() != expected:
         raise ValueError(f"bits holds {bits.numel()} widths, {numel} entries need {expected}")
@@ -236,10 +244,30 @@ def _widths(bits: torch.Tensor, numel: int, group_size: int) -> torch.Tensor:
         if int(low) < 1 or int(high) > MAX_WIDTH:
             raise ValueError(f"bit widths must lie in [1, {MAX_WIDTH}], got "
                              f"[{int(low)}, {int(high)}]")
-    return bits
+    return bits.to(torch.uint8).contiguous()
 
 
 # ----------------------------------------------------------------------------- public
+def weight_range(w: torch.Tensor) -> tuple[float, float]:
+    """``(min, max)`` of a CPU tensor as Python floats (NaN if it holds NaN), in parallel.
+
+    torch.aminmax over slices on the pool threads (torch releases the GIL): the range is a
+    whole pass over the weights before the quantizing pass can start.
+    """
+    flat = w.detach().reshape(-1)
+    n = flat.numel()
+    if n == 0:
+        raise ValueError("cannot take the range of an empty tensor")
+    step = max(PIECE, -(-n // 8))
+    parts = run_calls([(torch.aminmax, (flat[i : i + step],)) for i in range(0, n, step)],
+                      call_workers())
+    lows = torch.stack([lo for lo, _ in parts])
+    highs = torch.stack([hi for _, hi in parts])
+    if bool(torch.isnan(lows).any() | torch.isnan(highs).any()):
+        return float("nan"), float("nan")
+    return float(lows.min()), float(highs.max())
+
+
 def quantize_pack(lib: ctypes.CDLL, w: torch.Tensor, bits: torch.Tensor, group_size: int,
                   mn: float, safe: float) -> torch.Tensor:
     """Quantize float32 CPU weights and pack the levels in one pass.

@@ -10,14 +10,16 @@ files: the float parameters load with any safetensors reader under their own nam
 from __future__ import annotations
 
 import contextlib
+import ctypes
 import io
 import json
 import math
 import os
 import secrets
 import struct
+import sys
 import zlib
-from collections.abc import Iterable
+from collections.abc import Callable, Iterable
 from dataclasses import dataclass
 from typing import BinaryIO
 
@@ -59,9 +61,11 @@ def save_quantized(quantizer, path: str | os.PathLike | BinaryIO) -> None:
             (anything with ``export_quantized()`` and ``export_float()``).
         path: file name, or a writable binary file object.
     """
-    # Quantizing the weights runs the codec on the chunk pool; the small per-tensor torch
-    # ops around it (widths from logits, ranges) keep torch's own threads.
-    entries, meta = _encode(quantizer.export_quantized(), quantizer.export_float())
+    # Torch on one thread inside, the codec on the chunk pool: torch's OpenMP threads, still
+    # spinning after each small op (widths from logits), would take the pool's CPUs
+    # (measured: packing half as fast).
+    with cpu_threads():
+        entries, meta = _encode(quantizer.export_quantized(), quantizer.export_float())
     header: dict = {"__metadata__": {
         "format": FORMAT, META_KEY: meta, "crc32": str(zlib.crc32(meta.encode())),
     }}
@@ -93,7 +97,7 @@ def _write_atomic(path: str | os.PathLike, chunks: list) -> None:
     try:
         with os.fdopen(fd, "wb") as f:
             f.writelines(chunks)
-        os.replace(partial, path)
+        _replace(partial, path)
     except BaseException:
         with contextlib.suppress(OSError):
             os.unlink(partial)
@@ -165,6 +169,36 @@ def _crc(raw: torch.Tensor) -> int:
 def _crcs(raws: list[torch.Tensor]) -> list[int]:
     """CRC-32 of each payload, several at once (zlib releases the GIL on large buffers)."""
     return run_calls([(_crc, (raw,)) for raw in raws], call_workers())
+
+
+def _renameat2() -> Callable | None:
+    try:
+        fn = ctypes.CDLL(None, use_errno=True).renameat2
+    except (OSError, AttributeError):
+        return None
+    fn.argtypes = [ctypes.c_int, ctypes.c_char_p, ctypes.c_int, ctypes.c_char_p, ctypes.c_uint]
+    fn.restype = ctypes.c_int
+    return fn
+
+
+_RENAMEAT2 = _renameat2() if sys.platform.startswith("linux") else None
+_AT_FDCWD, _RENAME_EXCHANGE = -100, 2
+
+
+def _replace(partial: str, path: str) -> None:
+    """``os.replace(partial, path)``, by an atomic swap and an unlink where Linux allows.
+
+    Renaming over an existing file makes ext4 write the new file's data out at once (its
+    ``auto_da_alloc`` guard), which doubled the time of a 20 MB save; swapping the two
+    names and unlinking the old file is just as atomic for readers and costs no flush.
+    """
+    if _RENAMEAT2 is not None and os.path.exists(path):
+        if _RENAMEAT2(_AT_FDCWD, os.fsencode(partial), _AT_FDCWD, os.fsencode(path),
+                      _RENAME_EXCHANGE) == 0:
+            with contextlib.suppress(OSError):  # the save itself is done
+                os.unlink(partial)  # now the previous file
+            return
+    os.replace(partial, path)
 
 
 # ============================================================================ reading

@@ -25,14 +25,14 @@ def quantize_minmax(
     """
     lib = native.library() if w.device.type == "cpu" and w.dtype == torch.float32 else None
     if lib is not None:
-        mn_t, mx_t = torch.aminmax(w.detach())
-        _check_range(name, float(mn_t), float(mx_t))
-        scale = mx_t - mn_t
-        safe = float(scale) if float(scale) > 0 else 1.0
-        stream = native.quantize_pack(lib, w, bits, group_size, float(mn_t), safe)
+        mn, mx = native.weight_range(w) if w.numel() else (0.0, 0.0)
+        _check_range(name, mn, mx)
+        # mx - mn in float32, as the reference computes the scale.
+        scale = float(torch.tensor(mx, dtype=torch.float32) - torch.tensor(mn, dtype=torch.float32))
+        safe = scale if scale > 0 else 1.0
+        stream = native.quantize_pack(lib, w, bits, group_size, mn, safe)
         return QuantizedTensor(name, tuple(w.shape), w.dtype, "minmax", group_size, None,
-                               bits.reshape(-1).to(torch.uint8), float(mn_t), float(mx_t),
-                               stream=stream)
+                               bits.reshape(-1).to(torch.uint8), mn, mx, stream=stream)
     if w.device.type == "cpu" and w.dtype == torch.float32:
         from .cpu_codec import quantize_cpu
 

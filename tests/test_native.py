@@ -337,8 +337,6 @@ def test_rejects_bad_widths(lib):
             native.unpack_dequantize(lib, packed, bits, gs, 6, 0.0, 1.0)
 
 
-@pytest.mark.xfail(strict=True, reason="native._widths casts to uint8 before its range check: "
-                   "257 wraps to 1 and 1.9 truncates to 1, both accepted as width 1")
 @pytest.mark.parametrize("bad", [257, 1.9], ids=str)
 def test_rejects_widths_that_wrap_in_uint8(lib, bad):
     # bitpack checks widths before calling native, so only direct callers can reach this.
@@ -535,9 +533,7 @@ BROKEN = {
 @pytest.mark.parametrize("edit", [
     "fast-math",
     "rows",
-    pytest.param("half-up", marks=pytest.mark.xfail(
-        strict=True, reason="native._self_test quantizes 1.5 and 0.75 only: half up and half "
-        "to even agree on both (a level k + 1/2 with k even, e.g. 0.5 at 1 bit, would tell)")),
+    "half-up",
 ])
 def test_self_test_refuses_broken_build(fresh_build, monkeypatch, tmp_path, edit):
     replace, flags = BROKEN[edit]

@@ -316,3 +316,23 @@ def test_restoring_a_foreign_state_points_to_the_migration_path():
     state["quantized"] = [(torch.zeros(3), (0.0, 1.0), torch.ones(1))] * len(state["quantized"])
     with pytest.raises(ValueError, match="load_diffq_state"):
         q.restore_quantized_state(state)
+
+
+@pytest.mark.parametrize("extra_bits", [0, 0.3, -0.7, 1])
+@pytest.mark.parametrize("bounds", [(2, 15, 8), (1, 8, 4), (3, 12, 5)], ids=str)
+def test_int_bits_equal_rounded_get_bits(extra_bits, bounds):
+    """The in-place widths of _int_bits are round_bits(extra_bits + get_bits(logit)), exactly."""
+    from diffq_triton import reference
+
+    min_bits, max_bits, init_bits = bounds
+    q = diffq_triton.DiffQuantizer(torch.nn.Linear(97, 31), group_size=8, min_bits=min_bits,
+                                   max_bits=max_bits, init_bits=init_bits,
+                                   extra_bits=extra_bits)
+    record = next(iter(q._first_uses()))
+    gen = torch.Generator().manual_seed(0)
+    with torch.no_grad():
+        record.logit.copy_(torch.randn(record.logit.shape, generator=gen) * 4)
+        record.logit[:9] = torch.tensor([0.0, -0.0, 1e-8, -50, 50, float("inf"),
+                                         -float("inf"), 0.5, -0.5])
+    expected = reference.round_bits(q.extra_bits + q.get_bits(record.logit.detach()))
+    assert torch.equal(q._int_bits(record), expected)

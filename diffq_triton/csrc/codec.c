@@ -321,48 +321,6 @@ static void dequantize_block(const uint16_t *q, const float *ub, int64_t len, fl
     }
 }
 
-/* The rows fast path of dq_unpack_dequantize, from stream bit *pos (a byte boundary): two
- * 64-bit loads per row of 8 entries of one group, straight to the weights. Advances the
- * group walk and *pos; returns the next entry. */
-MULTIVERSION
-static int64_t unpack_dequantize_rows(const uint8_t *in, int64_t nbytes, int64_t e,
-                                      int64_t e1, int64_t gs, const uint8_t *bits,
-                                      const float *unit, float mn, float span, float *o,
-                                      int64_t *pos, int64_t *g, int64_t *left) {
-    int64_t at = *pos >> 3;
-    while (e + 8 <= e1 && *left >= 8) {
-        const unsigned b = bits[*g];
-        const float u = unit[b];
-        const uint64_t mask = (1u << b) - 1;
-        int64_t n = *left < e1 - e ? *left : e1 - e;
-        int64_t stop = e + n / 8 * 8;
-        for (; e < stop; e += 8) {
-            if (at + 16 > nbytes) goto done;
-            uint64_t lo, top;
-            memcpy(&lo, in + at, 8);
-            memcpy(&top, in + at + (b >> 1), 8);
-            uint64_t hi = top >> (4 * (b & 1));
-            v8i qi;
-            for (int j = 0; j < 4; j++) {
-                qi[j] = (int32_t)((lo >> (j * b)) & mask);
-                qi[4 + j] = (int32_t)((hi >> (j * b)) & mask);
-            }
-            v8f t = __builtin_convertvector(qi, v8f) * u;
-            t = t * span;
-            t = t + mn;
-            memcpy(o + e, &t, sizeof t);
-            at += b;
-            *left -= 8;
-        }
-        if (*left != 0) break;
-        (*g)++;
-        *left = gs;
-    }
-done:
-    *pos = at * 8;
-    return e;
-}
-
 /* Unpack entries [e0, e1) and dequantize them (reference.dequantize: q·unit[b]·span + mn)
  * into float32 o (indexed by entry). */
 void dq_unpack_dequantize(const uint8_t *in, int64_t nbytes, int64_t e0, int64_t e1,
@@ -371,12 +329,9 @@ void dq_unpack_dequantize(const uint8_t *in, int64_t nbytes, int64_t e0, int64_t
     uint8_t wb[BLOCK];
     float ub[BLOCK];
     uint16_t q[BLOCK];
-    int64_t g, left, pos = bit0, e = e0;
+    int64_t g, left, pos = bit0;
     start_group(e0, gs, &g, &left);
-    if (rows && (bit0 & 7) == 0)
-        e = unpack_dequantize_rows(in, nbytes, e0, e1, gs, bits, unit, mn, span, o, &pos, &g,
-                                   &left);
-    for (; e < e1; e += BLOCK) {
+    for (int64_t e = e0; e < e1; e += BLOCK) {
         int64_t len = e1 - e < BLOCK ? e1 - e : BLOCK;
         fill_widths(bits, gs, &g, &left, len, wb, unit, ub);
         read_block(in, nbytes, &pos, wb, len, q, rows);
