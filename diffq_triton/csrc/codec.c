@@ -142,7 +142,9 @@ static inline void fill_widths(const uint8_t *bits, int64_t gs, int64_t *g, int6
     while (j < len) {
         int64_t k = *left < len - j ? *left : len - j;
         uint8_t b = bits[*g];
-        memset(wb + j, b, (size_t)k);
+        /* Groups are often a few entries: a libc memset call per group cost more than the
+         * stores (a tenth of the unpack time at group size 8). */
+        for (int64_t i = 0; i < k; i++) wb[j + i] = b;
         if (ub) {
             float u = unit[b];
             for (int64_t i = 0; i < k; i++) ub[j + i] = u;
@@ -272,32 +274,9 @@ DEFINE_PACK(dq_pack_u8, uint8_t)
 
 /* Levels of entries [e0, e0 + len) from a stream of nbytes bytes. */
 static inline void read_block(const uint8_t *in, int64_t nbytes, int64_t *bitpos,
-                              const uint8_t *wb, int64_t len, uint16_t *q, int rows) {
+                              const uint8_t *wb, int64_t len, uint16_t *q) {
     int64_t pos = *bitpos;
     int64_t j = 0;
-    if (rows && (pos & 7) == 0) {
-        /* The inverse of pack_block's rows: two 64-bit loads per row of 8 entries. */
-        int64_t at = pos >> 3;
-        for (; j + 8 <= len && at + 16 <= nbytes; j += 8) {
-            const unsigned b = wb[j];
-            const uint64_t mask = (1u << b) - 1;
-            uint64_t lo, top;
-            memcpy(&lo, in + at, 8);
-            memcpy(&top, in + at + (b >> 1), 8);
-            uint64_t hi = top >> (4 * (b & 1));
-            uint16_t *r = q + j;
-            r[0] = (uint16_t)(lo & mask);
-            r[1] = (uint16_t)((lo >> b) & mask);
-            r[2] = (uint16_t)((lo >> 2 * b) & mask);
-            r[3] = (uint16_t)((lo >> 3 * b) & mask);
-            r[4] = (uint16_t)(hi & mask);
-            r[5] = (uint16_t)((hi >> b) & mask);
-            r[6] = (uint16_t)((hi >> 2 * b) & mask);
-            r[7] = (uint16_t)((hi >> 3 * b) & mask);
-            at += b;
-        }
-        pos = at * 8;
-    }
     for (; j < len; j++) {
         int64_t p = pos >> 3;
         uint64_t v = 0;
@@ -309,6 +288,41 @@ static inline void read_block(const uint8_t *in, int64_t nbytes, int64_t *bitpos
         pos += wb[j];
     }
     *bitpos = pos;
+}
+
+/* The rows path of the unpackers, from stream bit *pos (a byte boundary): the levels of
+ * whole rows of 8 entries of one group (two 64-bit loads per row) into q, and their units
+ * into ub when given, for at most maxlen entries and while the loads stay in the stream.
+ * Advances the group walk and *pos; returns the number of entries read (a multiple of 8). */
+static inline int64_t read_rows(const uint8_t *in, int64_t nbytes, int64_t *pos,
+                                const uint8_t *bits, const float *unit, int64_t gs, int64_t *g,
+                                int64_t *left, int64_t maxlen, uint16_t *q, float *ub) {
+    int64_t at = *pos >> 3, j = 0;
+    while (j + 8 <= maxlen && *left >= 8 && at + 16 <= nbytes) {
+        const unsigned b = bits[*g];
+        const uint64_t mask = (1u << b) - 1;
+        uint64_t lo, top;
+        memcpy(&lo, in + at, 8);
+        memcpy(&top, in + at + (b >> 1), 8);
+        uint64_t hi = top >> (4 * (b & 1));
+        for (int k = 0; k < 4; k++) {
+            q[j + k] = (uint16_t)((lo >> (k * b)) & mask);
+            q[j + 4 + k] = (uint16_t)((hi >> (k * b)) & mask);
+        }
+        if (ub) {
+            const float u = unit[b];
+            for (int k = 0; k < 8; k++) ub[j + k] = u;
+        }
+        at += b;
+        j += 8;
+        *left -= 8;
+        if (*left == 0) {
+            (*g)++;
+            *left = gs;
+        }
+    }
+    *pos = at * 8;
+    return j;
 }
 
 MULTIVERSION
@@ -331,10 +345,17 @@ void dq_unpack_dequantize(const uint8_t *in, int64_t nbytes, int64_t e0, int64_t
     uint16_t q[BLOCK];
     int64_t g, left, pos = bit0;
     start_group(e0, gs, &g, &left);
-    for (int64_t e = e0; e < e1; e += BLOCK) {
-        int64_t len = e1 - e < BLOCK ? e1 - e : BLOCK;
-        fill_widths(bits, gs, &g, &left, len, wb, unit, ub);
-        read_block(in, nbytes, &pos, wb, len, q, rows);
+    for (int64_t e = e0, len; e < e1; e += len) {
+        len = e1 - e < BLOCK ? e1 - e : BLOCK;
+        int64_t got = rows && (pos & 7) == 0
+                          ? read_rows(in, nbytes, &pos, bits, unit, gs, &g, &left, len, q, ub)
+                          : 0;
+        if (got) {
+            len = got;
+        } else {
+            fill_widths(bits, gs, &g, &left, len, wb, unit, ub);
+            read_block(in, nbytes, &pos, wb, len, q);
+        }
         dequantize_block(q, ub, len, mn, span, o + e);
     }
 }
@@ -346,10 +367,17 @@ void dq_unpack_i16(const uint8_t *in, int64_t nbytes, int64_t e0, int64_t e1, in
     uint16_t q[BLOCK];
     int64_t g, left, pos = bit0;
     start_group(e0, gs, &g, &left);
-    for (int64_t e = e0; e < e1; e += BLOCK) {
-        int64_t len = e1 - e < BLOCK ? e1 - e : BLOCK;
-        fill_widths(bits, gs, &g, &left, len, wb, 0, 0);
-        read_block(in, nbytes, &pos, wb, len, q, rows);
+    for (int64_t e = e0, len; e < e1; e += len) {
+        len = e1 - e < BLOCK ? e1 - e : BLOCK;
+        int64_t got = rows && (pos & 7) == 0
+                          ? read_rows(in, nbytes, &pos, bits, 0, gs, &g, &left, len, q, 0)
+                          : 0;
+        if (got) {
+            len = got;
+        } else {
+            fill_widths(bits, gs, &g, &left, len, wb, 0, 0);
+            read_block(in, nbytes, &pos, wb, len, q);
+        }
         for (int64_t j = 0; j < len; j++) o[e + j] = (int16_t)((int32_t)q[j] - sub);
     }
 }
