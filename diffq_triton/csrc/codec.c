@@ -247,6 +247,19 @@ void dq_quantize_pack(const float *w, int64_t e0, int64_t e1, int64_t gs, const 
 /* Pack integer levels x + add of entries [e0, e1). Returns the number of levels outside
  * [0, 2^b) (nothing meaningful is written then). */
 #define DEFINE_PACK(NAME, T)                                                                 \
+    /* Levels x + add of one block, masked to their widths, and how many did not fit. */    \
+    MULTIVERSION                                                                             \
+    static int32_t NAME##_levels(const T *x, int32_t add, const uint8_t *wb, int64_t len,  \
+                                 uint16_t *q) {                                              \
+        int32_t bad = 0;                                                                     \
+        for (int64_t j = 0; j < len; j++) {                                                  \
+            uint32_t v = (uint32_t)((int32_t)x[j] + add), w = wb[j];                         \
+            bad += (v >> w) != 0;                                                            \
+            q[j] = (uint16_t)(v & ((1u << w) - 1));                                          \
+        }                                                                                    \
+        return bad;                                                                          \
+    }                                                                                        \
+                                                                                             \
     int64_t NAME(const T *x, int64_t e0, int64_t e1, int64_t gs, const uint8_t *bits,       \
                  int32_t add, uint8_t *out, int64_t bit0, int64_t bit1, int rows) {          \
         uint8_t wb[BLOCK];                                                                   \
@@ -258,12 +271,8 @@ void dq_quantize_pack(const float *w, int64_t e0, int64_t e1, int64_t gs, const 
         for (int64_t e = e0; e < e1; e += BLOCK) {                                           \
             int64_t len = e1 - e < BLOCK ? e1 - e : BLOCK;                                   \
             fill_widths(bits, gs, &g, &left, len, wb, 0, 0);                                 \
-            for (int64_t j = 0; j < len; j++) {                                              \
-                uint32_t v = (uint32_t)((int32_t)x[e + j] + add);                            \
-                bad += (v >> wb[j]) != 0;                                                    \
-                q[j] = (uint16_t)(v & ((1u << wb[j]) - 1));                                  \
-            }                                                                                \
-            pack_block(&wr, q, wb, len, bit1 >> 3, rows);                                          \
+            bad += NAME##_levels(x + e, add, wb, len, q);                                    \
+            pack_block(&wr, q, wb, len, bit1 >> 3, rows);                                    \
         }                                                                                    \
         writer_finish(&wr);                                                                  \
         return bad;                                                                          \
