@@ -22,6 +22,7 @@ import torch
 from torch import nn
 
 from . import validation
+from .bitpack_cpu import run_calls
 from .state import QuantizedTensor
 
 # Models that carry a quantizer: a second one on the same model is an error.
@@ -371,7 +372,12 @@ class BaseQuantizer:
         return total / 2**20
 
     # ----------------------------------------------------------------- export / state
-    def _quantize_record(self, record: QuantizedParam) -> QuantizedTensor:
+    def _export_bits(self, record: QuantizedParam) -> torch.Tensor | None:
+        """Integer widths of a record for export (``None`` when the record has none)."""
+        return None
+
+    def _quantize_record(self, record: QuantizedParam, bits: torch.Tensor | None
+                         ) -> QuantizedTensor:
         raise NotImplementedError
 
     def export_quantized(self) -> list[QuantizedTensor]:
@@ -380,9 +386,13 @@ class BaseQuantizer:
         Raises:
             ValueError: a weight holds NaN or Inf.
         """
+        records = list(self._first_uses())
+        # The widths of all tensors first: inside save_quantized (torch on one thread) their
+        # small torch ops run several at once on the pool threads, as torch releases the GIL.
+        widths = run_calls([(self._export_bits, (r,)) for r in records])
         out = []
-        for record in self._first_uses():
-            qt = self._quantize_record(record)
+        for record, bits in zip(records, widths, strict=True):
+            qt = self._quantize_record(record, bits)
             qt.tied_names = [use.full_name for use in record.tied]
             out.append(qt)
         return out

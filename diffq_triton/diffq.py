@@ -156,10 +156,13 @@ class DiffQuantizer(BaseQuantizer):
     def _quantized_weight(self, record: QuantizedParam) -> torch.Tensor:
         return ops.quantized_weight(record.param, self._int_bits(record), self.group_size)
 
-    def _quantize_record(self, record: QuantizedParam) -> QuantizedTensor:
-        return quantize_minmax(
-            record.full_name, record.param.detach(), self._int_bits(record), self.group_size
-        )
+    def _export_bits(self, record: QuantizedParam) -> torch.Tensor:
+        return self._int_bits(record)
+
+    def _quantize_record(self, record: QuantizedParam, bits: torch.Tensor | None
+                         ) -> QuantizedTensor:
+        bits = self._int_bits(record) if bits is None else bits
+        return quantize_minmax(record.full_name, record.param.detach(), bits, self.group_size)
 
     # ----------------------------------------------------------------- sizes
     def model_size(self, exact: bool = False) -> torch.Tensor:

@@ -87,7 +87,8 @@ class LSQ(BaseQuantizer):
             w_q, _ = reference.lsq_quantize(record.param, record.step, self.bits)
         return w_q.to(record.param.dtype)
 
-    def _quantize_record(self, record: QuantizedParam) -> QuantizedTensor:
+    def _quantize_record(self, record: QuantizedParam, bits: torch.Tensor | None = None
+                         ) -> QuantizedTensor:
         validation.check_finite(record.full_name, record.param.detach())
         with torch.no_grad():
             _, index = reference.lsq_quantize(record.param.float(), record.step, self.bits)

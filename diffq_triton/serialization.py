@@ -192,7 +192,9 @@ def _replace(partial: str, path: str) -> None:
     ``auto_da_alloc`` guard), which doubled the time of a 20 MB save; swapping the two
     names and unlinking the old file is just as atomic for readers and costs no flush.
     """
-    if _RENAMEAT2 is not None and os.path.exists(path):
+    # Only over a regular file: an exchange would also swap a directory (contents and all)
+    # into the partial name and succeed, where rename(2) refuses a directory.
+    if _RENAMEAT2 is not None and os.path.isfile(path):
         if _RENAMEAT2(_AT_FDCWD, os.fsencode(partial), _AT_FDCWD, os.fsencode(path),
                       _RENAME_EXCHANGE) == 0:
             with contextlib.suppress(OSError):  # the save itself is done

@@ -58,8 +58,13 @@ class UniformQuantizer(BaseQuantizer):
     def _quantized_weight(self, record: QuantizedParam) -> torch.Tensor:
         return ops.quantized_weight(record.param, self._int_bits(record), 0)
 
-    def _quantize_record(self, record: QuantizedParam) -> QuantizedTensor:
-        return quantize_minmax(record.full_name, record.param.detach(), self._int_bits(record), 0)
+    def _export_bits(self, record: QuantizedParam) -> torch.Tensor:
+        return self._int_bits(record)
+
+    def _quantize_record(self, record: QuantizedParam, bits: torch.Tensor | None
+                         ) -> QuantizedTensor:
+        bits = self._int_bits(record) if bits is None else bits
+        return quantize_minmax(record.full_name, record.param.detach(), bits, 0)
 
     def model_size(self) -> torch.Tensor:
         """Size in MB: ``bits·d + 64`` bits per quantized tensor plus the float parameters."""
