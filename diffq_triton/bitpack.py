@@ -39,6 +39,10 @@ if sys.byteorder != "little":  # pragma: no cover - the byte views below assume 
 # ----------------------------------------------------------------------------- public API
 def packed_nbytes(bits: torch.Tensor, group_size: int, numel: int) -> int:
     """Bytes of the stream of ``numel`` entries with per-group widths ``bits`` (host sync)."""
+    if bits.device.type == "cpu" and bits.dtype == torch.uint8 and bits.numel() > 1:
+        lib = native.library()
+        if lib is not None:
+            return native.stream_nbytes(lib, bits, group_size, numel)
     return stream_nbytes(bits, group_size, numel)
 
 

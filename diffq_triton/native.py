@@ -248,6 +248,17 @@ def _widths(bits: torch.Tensor, numel: int, group_size: int) -> torch.Tensor:
 
 
 # ----------------------------------------------------------------------------- public
+def stream_nbytes(lib: ctypes.CDLL, bits: torch.Tensor, group_size: int, numel: int) -> int:
+    """Bytes of the stream of ``numel`` entries with uint8 CPU widths ``bits`` ``[n_groups]``."""
+    bits = bits.contiguous()
+    n_groups = bits.numel()
+    if n_groups == 1:
+        return (numel * int(bits[0]) + 7) // 8
+    total = group_size * lib.dq_sum_u8(bits.data_ptr(), n_groups)
+    total -= (group_size * n_groups - numel) * int(bits[-1])  # the shorter last group
+    return (total + 7) // 8
+
+
 def weight_range(w: torch.Tensor) -> tuple[float, float]:
     """``(min, max)`` of a CPU tensor as Python floats (NaN if it holds NaN), in parallel.
 
