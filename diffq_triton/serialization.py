@@ -392,6 +392,11 @@ def _check_quantized(record: object, params: dict, file: _File) -> _Plan:
     mn, mx = (_field(record, k, (int, float), name) for k in ("min", "max"))
     if not (math.isfinite(mn) and math.isfinite(mx)):
         raise ValueError(f"tensor {name!r}: range ({mn}, {mx}) is not finite")
+    # Weights are computed in float32: a range finite as a double may still overflow there.
+    low, high = torch.tensor([mn, mx], dtype=torch.float32)
+    if not (math.isfinite(float(low)) and math.isfinite(float(high))
+            and math.isfinite(float(high - low))):
+        raise ValueError(f"tensor {name!r}: range ({mn}, {mx}) overflows float32")
     if scheme == "minmax" and mn > mx:
         raise ValueError(f"tensor {name!r}: range min {mn} exceeds max {mx}")
     base = _field(record, "min_bits", int, name)

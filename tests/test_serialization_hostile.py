@@ -127,6 +127,7 @@ def test_payload_bit_flip_names_tensor(good_file):
         ("min", float("nan"), "holds NaN"),
         ("max", "__HUGE__", "not finite"),
         ("min", 1e30, "exceeds max"),
+        ("max", 1e300, "overflows float32"),
         ("shape", [40, 15], "does not match"),
         ("shape", [-1, 16], "non-negative"),
         ("scheme", "zip", "unknown scheme"),
@@ -143,6 +144,14 @@ def test_forged_metadata(good_file, field, value, match):
         meta["quantized"][0][field] = value
 
     assert_rejected(forge(good_file, edit), match)
+
+
+def test_range_span_overflows_float32(good_file):
+    # Each end is a finite float32, but max - min is not: every weight would load as inf.
+    def edit(meta, header):
+        meta["quantized"][0]["min"], meta["quantized"][0]["max"] = -3e38, 3.4e38
+
+    assert_rejected(forge(good_file, edit), "overflows float32")
 
 
 def test_widths_above_fifteen(good_file):
