@@ -217,14 +217,14 @@ class _Layout:
         return out
 
 
-def _host_bytes(nbytes: int) -> torch.Tensor:
-    """``[nbytes]`` uninitialised uint8 from numpy's allocator.
+def _host_bytes(count: int, dtype: type = np.uint8) -> torch.Tensor:
+    """``[count]`` uninitialised entries (uint8 unless ``dtype``) from numpy's allocator.
 
     torch's CPU allocator maps every large block afresh, so each new stream pays a page
     fault per 4 KiB (about as long as packing it); the C allocator behind numpy reuses
     freed blocks, already mapped, from one save to the next.
     """
-    return torch.from_numpy(np.empty(nbytes, dtype=np.uint8))
+    return torch.from_numpy(np.empty(count, dtype=dtype))
 
 
 def _widths(bits: torch.Tensor, numel: int, group_size: int) -> torch.Tensor:
@@ -353,7 +353,7 @@ def unpack(lib: ctypes.CDLL, packed: torch.Tensor, bits: torch.Tensor, group_siz
     bits = _widths(bits, numel, group_size)
     layout = _Layout(lib, bits, group_size, numel)
     packed = _stream(packed, layout)
-    out = torch.empty(numel, dtype=torch.int16)
+    out = _host_bytes(numel, np.int16)
     run_calls([
         (lib.dq_unpack_i16, (packed.data_ptr(), layout.nbytes, e0, e1, layout.group,
                              bits.data_ptr(), b0, offset, out.data_ptr(), layout.rows))
@@ -379,7 +379,7 @@ def unpack_dequantize(lib: ctypes.CDLL, packed: torch.Tensor, bits: torch.Tensor
     layout = _Layout(lib, bits, group_size, numel)
     packed = _stream(packed, layout)
     if out is None:
-        out = torch.empty(numel, dtype=torch.float32)
+        out = _host_bytes(numel, np.float32)
     if out.dtype != torch.float32 or not out.is_contiguous() or out.numel() != numel:
         raise ValueError("out must be a contiguous float32 tensor of numel entries")
     out = out.view(-1)
