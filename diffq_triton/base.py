@@ -476,17 +476,14 @@ class BaseQuantizer:
                 )
             numel = record.param.numel()
             bits = entry["bits"].to(torch.uint8)
-            if "packed" in entry:
-                from . import bitpack
-
-                levels = bitpack.unpack_levels(entry["packed"], bits, entry["group_size"], numel)
-                if entry["scheme"] == "lsq":
-                    levels = levels - (1 << (int(bits[0]) - 1))
-            else:
-                levels = entry["levels"].reshape(-1)
+            packed = entry.get("packed")
+            levels = None if packed is not None else entry["levels"].reshape(-1)
+            if levels is not None and levels.numel() != numel:
+                raise ValueError(f"quantized tensor for {record.full_name!r} holds "
+                                 f"{levels.numel()} levels, the model's has {numel} entries")
             qt = QuantizedTensor(
                 record.full_name, shape, record.param.dtype, entry["scheme"],
-                entry["group_size"], levels, bits, entry["min"], entry["max"],
+                entry["group_size"], levels, bits, entry["min"], entry["max"], stream=packed,
             )
             weights.append(qt.dequantize(record.param.device))
         self._restore_params()

@@ -129,6 +129,18 @@ class QuantizedTensor:
 
     def dequantize(self, device: torch.device | str | None = None) -> torch.Tensor:
         """The float weight this represents, of ``shape`` and ``dtype``, on ``device``."""
+        stream = self._stream
+        on_cpu = (torch.device(device).type == "cpu" if device is not None
+                  else (stream is not None and stream.device.type == "cpu"))
+        if self.scheme == "minmax" and stream is not None and on_cpu:
+            lib = native.library()
+            if lib is not None:  # one pass from the stream to the weights
+                mn = torch.tensor(self.mn, dtype=torch.float32)
+                span = torch.tensor(self.mx, dtype=torch.float32) - mn
+                out = native.unpack_dequantize(lib, stream.cpu(), self.bits.cpu(),
+                                               self.group_size, self.numel, float(mn),
+                                               float(span))
+                return out.view(self.shape).to(self.dtype)
         levels = self.levels.to(device) if device is not None else self.levels
         if self.scheme == "lsq":
             out = levels.float() * torch.tensor(self.mn, dtype=torch.float32, device=levels.device)
