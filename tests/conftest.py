@@ -112,3 +112,15 @@ def cpu_codec(request, monkeypatch):
     if request.param == "native" and native.library() is None:
         pytest.skip(f"native CPU codec unavailable: {native.unavailable_reason()}")
     return request.param
+
+
+@pytest.fixture
+def native_lib(monkeypatch):
+    """The compiled native CPU codec (enabled whatever the caller's environment says)."""
+    from diffq_triton import native
+
+    monkeypatch.setenv("DIFFQ_TRITON_NATIVE", "1")
+    loaded = native.library()
+    if loaded is None:
+        pytest.skip(f"native CPU codec unavailable: {native.unavailable_reason()}")
+    return loaded

@@ -27,13 +27,9 @@ WIDTHS = ["1-15", "equal", "9-15"]
 
 
 @pytest.fixture
-def lib(monkeypatch):
-    """The compiled codec (native enabled whatever the caller's environment says)."""
-    monkeypatch.setenv("DIFFQ_TRITON_NATIVE", "1")
-    loaded = native.library()
-    if loaded is None:
-        pytest.skip(f"native CPU codec unavailable: {native.unavailable_reason()}")
-    return loaded
+def lib(native_lib):
+    """The compiled codec (tests/conftest.py)."""
+    return native_lib
 
 
 @pytest.fixture(params=[None, 64, 40], ids=lambda p: "whole" if p is None else f"piece{p}")

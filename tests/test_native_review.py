@@ -31,13 +31,9 @@ WIDTHS = [(1, 15), (9, 15), (1, 1), (8, 8), (15, 15), (3, 3)]
 
 
 @pytest.fixture
-def lib(monkeypatch):
-    """The compiled codec (native enabled whatever the caller's environment says)."""
-    monkeypatch.setenv("DIFFQ_TRITON_NATIVE", "1")
-    loaded = native.library()
-    if loaded is None:
-        pytest.skip(f"native CPU codec unavailable: {native.unavailable_reason()}")
-    return loaded
+def lib(native_lib):
+    """The compiled codec (tests/conftest.py)."""
+    return native_lib
 
 
 @pytest.fixture

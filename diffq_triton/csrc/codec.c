@@ -344,6 +344,23 @@ static void dequantize_block(const uint16_t *q, const float *ub, int64_t len, fl
     }
 }
 
+/* The levels (and units, when ub is given) of the next block of at most `remaining`
+ * entries from stream bit *pos: whole rows when they start on a byte, entry by entry
+ * otherwise. Advances the group walk and *pos; returns the number of entries read. */
+static inline int64_t next_levels(const uint8_t *in, int64_t nbytes, int64_t *pos,
+                                  const uint8_t *bits, const float *unit, int64_t gs,
+                                  int64_t *g, int64_t *left, int64_t remaining, int rows,
+                                  uint8_t *wb, uint16_t *q, float *ub) {
+    int64_t len = remaining < BLOCK ? remaining : BLOCK;
+    int64_t got = rows && (*pos & 7) == 0
+                      ? read_rows(in, nbytes, pos, bits, unit, gs, g, left, len, q, ub)
+                      : 0;
+    if (got) return got;
+    fill_widths(bits, gs, g, left, len, wb, unit, ub);
+    read_block(in, nbytes, pos, wb, len, q);
+    return len;
+}
+
 /* Unpack entries [e0, e1) and dequantize them (reference.dequantize: q·unit[b]·span + mn)
  * into float32 o (indexed by entry). */
 void dq_unpack_dequantize(const uint8_t *in, int64_t nbytes, int64_t e0, int64_t e1,
@@ -355,16 +372,7 @@ void dq_unpack_dequantize(const uint8_t *in, int64_t nbytes, int64_t e0, int64_t
     int64_t g, left, pos = bit0;
     start_group(e0, gs, &g, &left);
     for (int64_t e = e0, len; e < e1; e += len) {
-        len = e1 - e < BLOCK ? e1 - e : BLOCK;
-        int64_t got = rows && (pos & 7) == 0
-                          ? read_rows(in, nbytes, &pos, bits, unit, gs, &g, &left, len, q, ub)
-                          : 0;
-        if (got) {
-            len = got;
-        } else {
-            fill_widths(bits, gs, &g, &left, len, wb, unit, ub);
-            read_block(in, nbytes, &pos, wb, len, q);
-        }
+        len = next_levels(in, nbytes, &pos, bits, unit, gs, &g, &left, e1 - e, rows, wb, q, ub);
         dequantize_block(q, ub, len, mn, span, o + e);
     }
 }
@@ -377,16 +385,7 @@ void dq_unpack_i16(const uint8_t *in, int64_t nbytes, int64_t e0, int64_t e1, in
     int64_t g, left, pos = bit0;
     start_group(e0, gs, &g, &left);
     for (int64_t e = e0, len; e < e1; e += len) {
-        len = e1 - e < BLOCK ? e1 - e : BLOCK;
-        int64_t got = rows && (pos & 7) == 0
-                          ? read_rows(in, nbytes, &pos, bits, 0, gs, &g, &left, len, q, 0)
-                          : 0;
-        if (got) {
-            len = got;
-        } else {
-            fill_widths(bits, gs, &g, &left, len, wb, 0, 0);
-            read_block(in, nbytes, &pos, wb, len, q);
-        }
+        len = next_levels(in, nbytes, &pos, bits, 0, gs, &g, &left, e1 - e, rows, wb, q, 0);
         for (int64_t j = 0; j < len; j++) o[e + j] = (int16_t)((int32_t)q[j] - sub);
     }
 }
