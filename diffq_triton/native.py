@@ -27,6 +27,7 @@ import subprocess
 import tempfile
 import threading
 import warnings
+import zlib
 from pathlib import Path
 
 import numpy as np
@@ -50,6 +51,7 @@ _SIGNATURES = {
     "dq_unpack_dequantize": ([_P, _I, _I, _I, _I, _P, _I, _P, _F, _F, _P, _I32], None),
     "dq_unpack_i16": ([_P, _I, _I, _I, _I, _P, _I, _I32, _P, _I32], None),
     "dq_sum_u8": ([_P, _I], _I),
+    "dq_crc32": ([_P, _I, ctypes.c_uint32, ctypes.POINTER(_I32)], ctypes.c_uint32),
 }
 
 _LOCK = threading.Lock()
@@ -159,8 +161,10 @@ def _self_test(lib: ctypes.CDLL) -> ctypes.CDLL:
     bad += lib.dq_pack_i16(rows.data_ptr(), 0, 80, 80, row_bits.data_ptr(), 0,
                            row_out.data_ptr(), 0, 240, 1)
     expected = sum(int(q) << 3 * i for i, q in enumerate(rows.tolist())).to_bytes(30, "little")
+    sample = torch.arange(200, dtype=torch.int64).mul_(2654435761).to(torch.uint8)
     if (bad or out.tolist() != [0b00111001, 0b00010100] or back.tolist() != levels.tolist()
-            or bytes(packed.tolist()) != tied or bytes(row_out.tolist()) != expected):
+            or bytes(packed.tolist()) != tied or bytes(row_out.tolist()) != expected
+            or _crc32(lib, sample, 7) != zlib.crc32(bytes(sample.tolist()), 7)):
         raise RuntimeError("the compiled codec failed its self-test")
     return lib
 
@@ -248,6 +252,27 @@ def _widths(bits: torch.Tensor, numel: int, group_size: int) -> torch.Tensor:
 
 
 # ----------------------------------------------------------------------------- public
+def crc32(lib: ctypes.CDLL | None, data: torch.Tensor, crc: int = 0) -> int:
+    """``zlib.crc32`` of a contiguous CPU uint8 tensor, about 3× faster on large ones.
+
+    The codec folds the bulk with carry-less multiplications (x86-64 with PCLMULQDQ) and
+    zlib finishes the last bytes; elsewhere, or without ``lib``, zlib does it all.
+    """
+    if lib is None or data.numel() < 64:
+        return zlib.crc32(data.numpy(), crc)
+    return _crc32(lib, data, crc)
+
+
+def _crc32(lib: ctypes.CDLL, data: torch.Tensor, crc: int) -> int:
+    n = data.numel()
+    bulk = n - n % 16
+    ok = ctypes.c_int32(0)
+    value = lib.dq_crc32(data.data_ptr(), bulk, crc, ctypes.byref(ok)) if bulk >= 64 else 0
+    if not ok.value:
+        return zlib.crc32(data.numpy(), crc)
+    return zlib.crc32(data[bulk:].numpy(), value)
+
+
 def stream_nbytes(lib: ctypes.CDLL, bits: torch.Tensor, group_size: int, numel: int) -> int:
     """Bytes of the stream of ``numel`` entries with uint8 CPU widths ``bits`` ``[n_groups]``."""
     bits = bits.contiguous()

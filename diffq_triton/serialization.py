@@ -163,7 +163,10 @@ def _as_bytes(raw: torch.Tensor) -> memoryview:
 
 
 def _crc(raw: torch.Tensor) -> int:
-    return zlib.crc32(_as_bytes(raw.contiguous().cpu())) if raw.numel() else 0
+    """CRC-32 (zlib's) of a payload's bytes."""
+    if not raw.numel():
+        return 0
+    return native.crc32(native.library(), raw.contiguous().cpu().reshape(-1).view(torch.uint8))
 
 
 def _crcs(raws: list[torch.Tensor]) -> list[int]:

@@ -11,6 +11,7 @@ from __future__ import annotations
 
 import subprocess
 import warnings
+import zlib
 
 import pytest
 import torch
@@ -551,3 +552,19 @@ def test_default_cache_dir(monkeypatch, tmp_path):
     monkeypatch.delenv("DIFFQ_TRITON_CACHE_DIR", raising=False)
     monkeypatch.setenv("XDG_CACHE_HOME", str(tmp_path))
     assert native._cache_dir() == tmp_path / "diffq_triton"
+
+
+@pytest.mark.parametrize("offset", [0, 1, 7, 15])
+def test_crc32_matches_zlib_at_every_length_and_alignment(lib, offset):
+    """The folded CRC (bulk of 16-byte blocks) plus zlib's tail equals zlib's CRC-32."""
+    gen = torch.Generator().manual_seed(offset)
+    data = torch.randint(0, 256, (70_000,), generator=gen, dtype=torch.uint8)
+    for n in [*range(0, 300), 1023, 4096, 4111, 65_536, 69_999 - offset]:
+        view = data[offset : offset + n]
+        for start in (0, 1, 0xFFFFFFFF):
+            assert native.crc32(lib, view, start) == zlib.crc32(view.numpy(), start), (n, start)
+
+
+def test_crc32_without_codec_is_zlib():
+    data = torch.arange(1000, dtype=torch.int64).mul_(7919).to(torch.uint8)
+    assert native.crc32(None, data, 5) == zlib.crc32(bytes(data.tolist()), 5)
