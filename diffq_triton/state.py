@@ -16,22 +16,25 @@ def quantize_minmax(
 ) -> QuantizedTensor:
     """Quantize ``w`` (spec §1) with per-group widths into a record named ``name``.
 
-    float32 CPU weights are quantized and packed in one pass by the native codec (same
-    levels as the reference; the record unpacks them only if asked), or else by the chunked
+    CPU weights are quantized and packed in one pass by the native codec (same levels as
+    the reference; the record unpacks them only if asked), or else (float32) by the chunked
     torch codec; others by the reference.
 
     Raises:
         ValueError: ``w`` holds NaN or Inf (they show in its range).
     """
-    lib = native.library() if w.device.type == "cpu" and w.dtype == torch.float32 else None
+    dtype = w.dtype
+    lib = native.library() if w.device.type == "cpu" and w.is_floating_point() else None
     if lib is not None:
+        # The reference computes in float32 (``w.float()``): so does the codec.
+        w = w.detach() if w.dtype == torch.float32 else w.detach().float()
         mn, mx = native.weight_range(w) if w.numel() else (0.0, 0.0)
         _check_range(name, mn, mx)
         # mx - mn in float32, as the reference computes the scale.
         scale = float(torch.tensor(mx, dtype=torch.float32) - torch.tensor(mn, dtype=torch.float32))
         safe = scale if scale > 0 else 1.0
         stream = native.quantize_pack(lib, w, bits, group_size, mn, safe)
-        return QuantizedTensor(name, tuple(w.shape), w.dtype, "minmax", group_size, None,
+        return QuantizedTensor(name, tuple(w.shape), dtype, "minmax", group_size, None,
                                bits.reshape(-1).to(torch.uint8), mn, mx, stream=stream)
     if w.device.type == "cpu" and w.dtype == torch.float32:
         from .cpu_codec import quantize_cpu
