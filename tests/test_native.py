@@ -568,3 +568,21 @@ def test_crc32_matches_zlib_at_every_length_and_alignment(lib, offset):
 def test_crc32_without_codec_is_zlib():
     data = torch.arange(1000, dtype=torch.int64).mul_(7919).to(torch.uint8)
     assert native.crc32(None, data, 5) == zlib.crc32(bytes(data.tolist()), 5)
+
+
+@pytest.mark.parametrize("dtype", [torch.bfloat16, torch.float16, torch.float64, torch.float32],
+                         ids=str)
+@pytest.mark.parametrize("group_size", [0, 5, 8])
+def test_quantize_minmax_any_float_dtype_matches_reference(lib, dtype, group_size):
+    """Non-float32 weights take the codec after the reference's own upcast: same levels."""
+    from diffq_triton.state import quantize_minmax
+
+    gen = torch.Generator().manual_seed(group_size)
+    w = (torch.randn(10_007, generator=gen) * 3).to(dtype)
+    bits = torch.randint(1, 16, (reference.num_groups(w.numel(), group_size),), generator=gen,
+                         dtype=torch.uint8)
+    record = quantize_minmax("w", w, bits, group_size)
+    levels, mn, mx = reference.quantize(w, bits, group_size)
+    assert record.dtype == dtype
+    assert (record.mn, record.mx) == (float(mn), float(mx))
+    assert torch.equal(record.levels, levels)
