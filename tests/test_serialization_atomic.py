@@ -1,4 +1,4 @@
-"""Atomic save of save_quantized (serialization._write_atomic, _replace).
+"""Atomic save of save_quantized (atomic_file.write_atomic, _replace).
 
 A save writes a hidden ``.partial`` file next to the target and renames it over the target
 (by a renameat2 exchange where Linux has one, else os.replace): readers and a failed save
@@ -14,7 +14,7 @@ import pytest
 import torch
 
 import diffq_triton as dq
-from diffq_triton import serialization
+from diffq_triton import atomic_file, serialization
 from tests.models import mlp
 
 OLD = b"the previous file, which a failed save must leave byte for byte\n"
@@ -99,7 +99,7 @@ def test_failed_write_keeps_previous_file(quantizer, tmp_path, monkeypatch, erro
     path = tmp_path / "model.safetensors"
     path.write_bytes(OLD)
     fdopen = os.fdopen
-    monkeypatch.setattr(serialization.os, "fdopen",
+    monkeypatch.setattr(atomic_file.os, "fdopen",
                         lambda *a, **k: FailingWriter(fdopen(*a, **k), error))
     with pytest.raises(type(error)):
         serialization.save_quantized(quantizer, path)
@@ -116,7 +116,7 @@ def test_failing_payload_keeps_previous_file(tmp_path):
     path = tmp_path / "model.safetensors"
     path.write_bytes(OLD)
     with pytest.raises(RuntimeError, match="payload failed"):
-        serialization._write_atomic(path, chunks())
+        atomic_file.write_atomic(path, chunks())
     assert path.read_bytes() == OLD
     assert partials(tmp_path) == []
 
@@ -127,12 +127,12 @@ def test_failed_write_to_new_path_leaves_nothing(tmp_path):
         raise RuntimeError("payload failed")
 
     with pytest.raises(RuntimeError):
-        serialization._write_atomic(tmp_path / "model.safetensors", chunks())
+        atomic_file.write_atomic(tmp_path / "model.safetensors", chunks())
     assert os.listdir(tmp_path) == []
 
 
 def test_fallback_without_renameat2(quantizer, tmp_path, monkeypatch):
-    monkeypatch.setattr(serialization, "_RENAMEAT2", None)
+    monkeypatch.setattr(atomic_file, "_RENAMEAT2", None)
     path = tmp_path / "model.safetensors"
     path.write_bytes(OLD)
     serialization.save_quantized(quantizer, path)
@@ -150,7 +150,7 @@ def test_fallback_when_renameat2_fails(quantizer, tmp_path, monkeypatch):
         calls.append(args)
         return -1
 
-    monkeypatch.setattr(serialization, "_RENAMEAT2", failing)
+    monkeypatch.setattr(atomic_file, "_RENAMEAT2", failing)
     path = tmp_path / "model.safetensors"
     path.write_bytes(OLD)
     serialization.save_quantized(quantizer, path)
@@ -165,13 +165,13 @@ def test_new_path_does_not_exchange(quantizer, tmp_path, monkeypatch):
         """renameat2 stub that must not run."""
         raise AssertionError("exchange with a missing file")
 
-    monkeypatch.setattr(serialization, "_RENAMEAT2", exchange)
+    monkeypatch.setattr(atomic_file, "_RENAMEAT2", exchange)
     path = tmp_path / "model.safetensors"
     serialization.save_quantized(quantizer, path)
     assert path.read_bytes() == serialization.file_bytes(quantizer)
 
 
-@pytest.mark.skipif(serialization._RENAMEAT2 is None, reason="no renameat2 on this system")
+@pytest.mark.skipif(atomic_file._RENAMEAT2 is None, reason="no renameat2 on this system")
 def test_exchange_unlinks_previous_file(quantizer, tmp_path):
     # The exchange leaves the old content under the partial name: it must be removed.
     path = tmp_path / "model.safetensors"
@@ -186,8 +186,8 @@ def test_save_over_directory_fails_and_keeps_it(quantizer, tmp_path, monkeypatch
     # open() and os.replace refuse a directory; the exchange would swap the directory away
     # under the hidden partial name and report success.
     if exchange == "replace":
-        monkeypatch.setattr(serialization, "_RENAMEAT2", None)
-    elif serialization._RENAMEAT2 is None:
+        monkeypatch.setattr(atomic_file, "_RENAMEAT2", None)
+    elif atomic_file._RENAMEAT2 is None:
         pytest.skip("no renameat2 on this system")
     path = tmp_path / "model.safetensors"
     path.mkdir()

@@ -1,0 +1,212 @@
+"""The safetensors container of diffq-triton files, written and read with every check.
+
+Layout (docs/format.md §3): 8-byte little-endian header length, a JSON header padded with
+spaces to a multiple of 8, then the payloads back to back. It is written and read here
+rather than through the ``safetensors`` package: every field of a hostile file is checked
+before anything is allocated, nothing is unpickled, and the library keeps no extra
+dependency. The files remain valid safetensors files.
+"""
+
+from __future__ import annotations
+
+import json
+import math
+import os
+import struct
+from dataclasses import dataclass
+from typing import BinaryIO
+
+import numpy as np
+import torch
+
+from . import native
+from .bitpack_cpu import call_workers, run_calls
+
+# A header larger than this is refused before it is read (a forged length must not make
+# the loader allocate); 64 MiB holds the metadata of millions of tensors.
+MAX_HEADER = 64 << 20
+ALIGN = 8
+
+STORED = {"F32": torch.float32, "F16": torch.float16, "U8": torch.uint8}
+ITEMSIZE = {"F32": 4, "F16": 2, "U8": 1}
+
+
+def chunks(entries: list[tuple[str, str, list[int], torch.Tensor]], metadata: dict[str, str]
+           ) -> list:
+    """The file as a list of bytes-like chunks: length, header, then each payload.
+
+    Args:
+        entries: ``(key, dtype, shape, payload)`` in file order; ``payload`` a contiguous CPU
+            uint8 tensor of the payload's bytes (``dtype`` one of :data:`STORED`).
+        metadata: the ``__metadata__`` strings.
+    """
+    header: dict = {"__metadata__": metadata}
+    offset = 0
+    for key, dtype, shape, raw in entries:
+        header[key] = {"dtype": dtype, "shape": shape,
+                       "data_offsets": [offset, offset + raw.numel()]}
+        offset += raw.numel()
+    text = json.dumps(header, separators=(",", ":")).encode()
+    text += b" " * (-(8 + len(text)) % ALIGN)
+    return [struct.pack("<Q", len(text)), text] + [as_bytes(raw) for *_, raw in entries]
+
+
+@dataclass
+class Payload:
+    """Where a tensor's bytes lie in the data region, and what the header says of them."""
+
+    dtype: str
+    shape: tuple[int, ...]
+    start: int
+    stop: int
+
+
+class Container:
+    """A checked safetensors container: its header and a view of its data region."""
+
+    def __init__(self, source: str | os.PathLike | BinaryIO | bytes):
+        data = read_source(source)
+        if len(data) < 8:
+            raise ValueError(f"file is {len(data)} bytes long: too short for a header length")
+        (length,) = struct.unpack_from("<Q", data, 0)
+        if length > min(len(data) - 8, MAX_HEADER) or length < 2:
+            raise ValueError(
+                f"header length {length} does not fit a file of {len(data)} bytes "
+                f"(or exceeds {MAX_HEADER})"
+            )
+        self.header = parse_json(bytes(data[8 : 8 + length]), "file header")
+        if not isinstance(self.header, dict):
+            raise ValueError("file header is not a JSON object")
+        self.data = torch.frombuffer(data, dtype=torch.uint8)[8 + length :] if len(
+            data) > 8 + length else torch.zeros(0, dtype=torch.uint8)
+        self.payloads = self._check_payloads()
+        self.meta = self.header.get("__metadata__")
+        self.deferred: list[tuple[torch.Tensor, object, str, str]] = []
+
+    def _check_payloads(self) -> dict[str, Payload]:
+        payloads = {}
+        for key, entry in self.header.items():
+            if key == "__metadata__":
+                continue
+            where = f"file entry {key!r}"
+            if not isinstance(entry, dict):
+                raise ValueError(f"{where} is not an object")
+            dtype, shape, offsets = entry.get("dtype"), entry.get("shape"), entry.get(
+                "data_offsets")
+            if dtype not in STORED:
+                raise ValueError(f"{where}: unsupported dtype {dtype!r}")
+            shape = int_list(shape, f"{where} shape")
+            offsets = int_list(offsets, f"{where} data_offsets")
+            if len(offsets) != 2 or not 0 <= offsets[0] <= offsets[1] <= self.data.numel():
+                raise ValueError(f"{where}: data_offsets {offsets} lie outside the data "
+                                 f"({self.data.numel()} bytes)")
+            nbytes = ITEMSIZE[dtype] * math.prod(shape)
+            if nbytes != offsets[1] - offsets[0]:
+                raise ValueError(f"{where}: shape {shape} of {dtype} needs {nbytes} bytes, "
+                                 f"data_offsets give {offsets[1] - offsets[0]}")
+            payloads[key] = Payload(dtype, tuple(shape), offsets[0], offsets[1])
+        position = 0
+        for key, p in sorted(payloads.items(), key=lambda kv: (kv[1].start, kv[1].stop)):
+            if p.start != position:
+                raise ValueError(f"file entry {key!r}: data starts at {p.start}, expected "
+                                 f"{position} (payloads must tile the data without gaps)")
+            position = p.stop
+        if position != self.data.numel():
+            raise ValueError(f"data region holds {self.data.numel()} bytes, payloads cover "
+                             f"{position}")
+        return payloads
+
+    def raw(self, key: str, name: str, what: str, nbytes: int, crc: object,
+            defer: bool = False) -> torch.Tensor:
+        """The checked bytes of payload ``key``: present, U8 of ``nbytes``, CRC-32 ``crc``.
+
+        With ``defer`` the checksum is compared by :meth:`verify` (with the others, in
+        parallel); the bytes must not be used before.
+        """
+        p = self.payloads.get(key)
+        if p is None:
+            raise ValueError(f"tensor {name!r}: {what} payload {key!r} is missing")
+        if p.dtype != "U8" or p.shape != (nbytes,):
+            raise ValueError(f"tensor {name!r}: {what} payload holds {p.stop - p.start} "
+                             f"bytes ({p.dtype}), expected {nbytes}")
+        data = self.data[p.start : p.stop]
+        self.check_crc(data, crc, name, what, defer)
+        return data
+
+    def check_crc(self, data: torch.Tensor, crc: object, name: str, what: str,
+                  defer: bool = False) -> None:
+        """Compare ``data``'s CRC-32 with ``crc`` now, or at :meth:`verify` with ``defer``."""
+        if not isinstance(crc, int) or isinstance(crc, bool):
+            raise ValueError(f"tensor {name!r}: {what} checksum is missing or not an integer")
+        if defer:
+            self.deferred.append((data, crc, name, what))
+        elif payload_crc(data) != crc:
+            raise ValueError(f"tensor {name!r}: {what} checksum mismatch (file corrupted)")
+
+    def verify(self) -> None:
+        """Compare the deferred checksums; raise for the first mismatch in file order."""
+        sums = payload_crcs([data for data, *_ in self.deferred])
+        for (_, crc, name, what), actual in zip(self.deferred, sums, strict=True):
+            if actual != crc:
+                raise ValueError(f"tensor {name!r}: {what} checksum mismatch (file corrupted)")
+        self.deferred = []
+
+
+def read_source(source) -> bytearray | bytes:
+    if isinstance(source, bytearray):
+        return source
+    if isinstance(source, bytes):
+        return bytearray(source)
+    if isinstance(source, (str, os.PathLike)):
+        with open(source, "rb") as f:
+            size = os.fstat(f.fileno()).st_size
+            # numpy's allocator reuses mapped memory where a fresh bytearray would be
+            # zeroed and faulted in page by page: a third of the read time at 20 MB.
+            buf = np.empty(size, dtype=np.uint8)
+            if f.readinto(memoryview(buf)) != size:
+                raise ValueError("file changed size while being read")
+            return buf
+    return bytearray(source.read())
+
+
+def parse_json(raw: bytes, what: str):
+    def refuse_constant(token: str):
+        raise ValueError(f"{what} holds {token}, which is not a JSON number")
+
+    def no_duplicates(pairs):
+        keys = [k for k, _ in pairs]
+        if len(set(keys)) != len(keys):
+            raise ValueError(f"{what} repeats a key")
+        return dict(pairs)
+
+    try:
+        return json.loads(raw.decode("utf-8"), parse_constant=refuse_constant,
+                          object_pairs_hook=no_duplicates)
+    except (UnicodeDecodeError, json.JSONDecodeError, RecursionError) as e:
+        raise ValueError(f"{what} is not valid JSON: {type(e).__name__}") from None
+
+
+def int_list(value, what: str) -> list[int]:
+    if not isinstance(value, list) or not all(
+        isinstance(v, int) and not isinstance(v, bool) and v >= 0 for v in value
+    ):
+        raise ValueError(f"{what} must be a list of non-negative integers, got {value!r:.80}")
+    return value
+
+
+
+
+def as_bytes(raw: torch.Tensor) -> memoryview:
+    return memoryview(raw.numpy()).cast("B")
+
+
+def payload_crc(raw: torch.Tensor) -> int:
+    """CRC-32 (zlib's) of a payload's bytes."""
+    if not raw.numel():
+        return 0
+    return native.crc32(native.library(), raw.contiguous().cpu().reshape(-1).view(torch.uint8))
+
+
+def payload_crcs(raws: list[torch.Tensor]) -> list[int]:
+    """CRC-32 of each payload, several at once (zlib releases the GIL on large buffers)."""
+    return run_calls([(payload_crc, (raw,)) for raw in raws], call_workers())
