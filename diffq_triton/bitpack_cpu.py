@@ -93,6 +93,16 @@ def cpu_threads() -> Iterator[None]:
         _SCOPE.workers = None
 
 
+def _forget_pool() -> None:
+    # A forked child inherits the executor but not its threads, and the executor counts
+    # the dead threads as its own: run_chunks would wait forever on work no thread runs.
+    global _POOL
+    _POOL = None
+
+
+os.register_at_fork(after_in_child=_forget_pool)
+
+
 def _pool() -> ThreadPoolExecutor:
     global _POOL
     if _POOL is None:

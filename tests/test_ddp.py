@@ -21,6 +21,7 @@ def _worker(rank: int, world: int, out_dir: str) -> None:
         "gloo", init_method=f"file://{out_dir}/store", rank=rank, world_size=world,
         timeout=datetime.timedelta(seconds=DEADLINE_S),
     )
+    ddp = None
     try:
         torch.manual_seed(0)  # same initial weights on every rank
         model = mlp()
@@ -39,10 +40,16 @@ def _worker(rank: int, world: int, out_dir: str) -> None:
         state["true_size"] = torch.tensor(quantizer.true_model_size())
         torch.save(state, os.path.join(out_dir, f"rank{rank}.pt"))
     finally:
+        # The DDP wrapper goes first, also on errors. Its Reducer holds the process group;
+        # left for last, it frees the group when this function returns, from a destructor
+        # that keeps the GIL while it joins gloo's worker threads, and a worker that is
+        # freeing a finished allreduce needs the GIL: a deadlock in torch 2.13, not in diffq
+        # (stacks of hung ranks: ~Reducer -> ~ProcessGroupGloo -> thread.join on the main
+        # thread, ~AsyncAllreduceWork -> take_gil on the gloo thread; 5 hangs in 30 runs,
+        # 2 in 30 with plain DDP and no quantizer; pytorch/pytorch#56297 for this class of
+        # bug). destroy_process_group then drops the last reference without the GIL.
+        ddp = None
         dist.destroy_process_group()
-    # Seen here about once in ten runs: a rank whose work is done hangs in interpreter
-    # shutdown (background threads of the process group). Its results are on disk: leave now.
-    os._exit(0)
 
 
 def test_ddp_two_ranks_agree(tmp_path):
