@@ -22,7 +22,7 @@ import torch
 from torch import nn
 
 from . import validation
-from .bitpack_cpu import run_calls
+from .cpu_pool import run_calls
 from .state import QuantizedTensor
 
 # Models that carry a quantizer: a second one on the same model is an error.

@@ -20,13 +20,13 @@ import torch
 from . import native
 from .bitpack_cpu import (
     MAX_WIDTH,
-    cpu_threads,
     pack_cpu,
     pack_fixed,
     stream_nbytes,
     unpack_cpu,
     unpack_fixed,
 )
+from .cpu_pool import cpu_threads
 from .reference import num_groups
 
 __all__ = ["MAX_WIDTH", "pack_levels", "pack_widths", "packed_nbytes", "unpack_levels",

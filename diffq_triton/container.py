@@ -20,7 +20,7 @@ import numpy as np
 import torch
 
 from . import native
-from .bitpack_cpu import call_workers, run_calls
+from .cpu_pool import call_workers, run_calls
 
 # A header larger than this is refused before it is read (a forged length must not make
 # the loader allocate); 64 MiB holds the metadata of millions of tensors.

@@ -10,7 +10,7 @@ from __future__ import annotations
 
 import torch
 
-from .bitpack_cpu import cpu_threads, run_chunks
+from .cpu_pool import cpu_threads, run_chunks
 from .state import QuantizedTensor
 
 

@@ -33,7 +33,8 @@ from pathlib import Path
 import numpy as np
 import torch
 
-from .bitpack_cpu import MAX_WIDTH, call_workers, run_calls
+from .bitpack_cpu import MAX_WIDTH
+from .cpu_pool import call_workers, run_calls
 from .reference import num_groups
 
 SOURCE = Path(__file__).with_name("csrc") / "codec.c"

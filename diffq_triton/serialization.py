@@ -20,7 +20,7 @@ import torch
 from torch import nn
 
 from . import atomic_file, bitpack, container, cpu_codec, native, reference
-from .bitpack_cpu import cpu_threads
+from .cpu_pool import cpu_threads
 from .state import SCHEMES, QuantizedTensor
 
 FORMAT = "diffq-triton"

@@ -9,15 +9,15 @@ _SCRIPT = r"""
 import os, sys, time
 import numpy as np
 import torch
-from diffq_triton import bitpack_cpu, eager_ops
+from diffq_triton import cpu_pool, eager_ops
 
 torch.set_num_threads(2)  # both pools are used only with more than one thread
 
 
 def work():
     starts = []
-    with bitpack_cpu.cpu_threads():
-        bitpack_cpu.run_chunks(8, 1, starts.extend)
+    with cpu_pool.cpu_threads():
+        cpu_pool.run_chunks(8, 1, starts.extend)
     noise = eager_ops.draw_noise(3 * eager_ops.NOISE_CHUNK, 7, "gaussian", torch.device("cpu"))
     # Copied by numpy: a torch op of this size would run an OpenMP region, and GNU OpenMP
     # cannot start one in a child forked after the parent used it (that is not ours).
@@ -25,7 +25,7 @@ def work():
 
 
 starts, noise = work()
-assert bitpack_cpu._POOL is not None and eager_ops._POOL is not None
+assert cpu_pool._POOL is not None and eager_ops._POOL is not None
 pid = os.fork()
 if pid == 0:
     child_starts, child_noise = work()
