@@ -59,6 +59,17 @@ static inline void flush32(writer *w) {
     w->nacc -= 32;
 }
 
+/* A row of 8 levels of one width b is b whole bytes: four levels make the low 4b bits (one
+ * 64-bit word), four the high ones, stored at byte b/2 shifted by the odd nibble. The two
+ * 8-byte stores reach 15 bytes past `at`: callers keep them inside their own bytes. */
+static inline void store_row(uint8_t *out, int64_t at, const uint64_t *q, unsigned b) {
+    uint64_t lo = q[0] | q[1] << b | q[2] << 2 * b | q[3] << 3 * b;
+    uint64_t hi = q[4] | q[5] << b | q[6] << 2 * b | q[7] << 3 * b;
+    uint64_t top = (lo >> (8 * (b >> 1))) | hi << (4 * (b & 1));
+    memcpy(out + at, &lo, 8);
+    memcpy(out + at + (b >> 1), &top, 8);
+}
+
 /* Append the levels q (widths wb) of one block. Bytes below `limit` belong to this piece
  * alone: while they are far enough ahead, every entry stores the low 32 pending bits
  * unconditionally and advances by 0 or 4 bytes, which has no branch to mispredict (the
@@ -68,21 +79,13 @@ static inline void pack_block(writer *w, const uint16_t *q, const uint8_t *wb, i
                               int64_t limit, int rows) {
     int64_t j = 0;
     if (rows && w->nacc == 0 && !w->shared_head) {
-        /* Rows of 8 entries of one width b are b whole bytes: four entries make the low
-         * 4b bits (one 64-bit word), four the high ones, stored at byte b/2 shifted by the
-         * odd nibble. No dependency from row to row but the output pointer. */
+        /* Whole rows: no dependency from row to row but the output position. */
         int64_t at = w->pos;
         for (; j + 8 <= len && at + 16 <= limit; j += 8) {
-            const unsigned b = wb[j];
-            const uint16_t *r = q + j;
-            uint64_t lo = (uint64_t)r[0] | (uint64_t)r[1] << b | (uint64_t)r[2] << 2 * b |
-                          (uint64_t)r[3] << 3 * b;
-            uint64_t hi = (uint64_t)r[4] | (uint64_t)r[5] << b | (uint64_t)r[6] << 2 * b |
-                          (uint64_t)r[7] << 3 * b;
-            uint64_t top = (lo >> (8 * (b >> 1))) | hi << (4 * (b & 1));
-            memcpy(w->out + at, &lo, 8);
-            memcpy(w->out + at + (b >> 1), &top, 8);
-            at += b;
+            uint64_t row[8];
+            for (int k = 0; k < 8; k++) row[k] = q[j + k];
+            store_row(w->out, at, row, wb[j]);
+            at += wb[j];
         }
         w->pos = at;
     }
@@ -169,20 +172,11 @@ static void quantize_block(const float *x, const float *ub, int64_t len, float m
     for (int64_t j = 0; j < len; j++) {
         float t = (x[j] - mn) / safe;
         t = t / ub[j];
-        /* Round half to even (torch.round) for 0 <= t < 2^23, in any rounding mode's
-         * default: adding and removing 2^23 leaves the nearest integer. */
+        /* Round half to even, as torch.round, for 0 <= t < 2^23: under the default
+         * rounding mode, adding and removing 2^23 leaves the nearest integer, ties even. */
         t = (t + 8388608.0f) - 8388608.0f;
         q[j] = (uint16_t)t;
     }
-}
-
-/* Stores of a row of 8 levels of width b (b whole bytes) at out + at: see pack_block. */
-static inline void store_row(uint8_t *out, int64_t at, const uint64_t *q, unsigned b) {
-    uint64_t lo = q[0] | q[1] << b | q[2] << 2 * b | q[3] << 3 * b;
-    uint64_t hi = q[4] | q[5] << b | q[6] << 2 * b | q[7] << 3 * b;
-    uint64_t top = (lo >> (8 * (b >> 1))) | hi << (4 * (b & 1));
-    memcpy(out + at, &lo, 8);
-    memcpy(out + at + (b >> 1), &top, 8);
 }
 
 /* The rows fast path of dq_quantize_pack, from byte `*at` on: whole rows of 8 entries of one
