@@ -22,7 +22,7 @@ import torch
 from torch import nn
 
 from . import validation
-from .cpu_pool import run_calls
+from .cpu_pool import cpu_threads, run_calls
 from .state import QuantizedTensor
 
 # Models that carry a quantizer: a second one on the same model is an error.
@@ -414,7 +414,10 @@ class BaseQuantizer:
             ``torch.load(weights_only=True)``) for :meth:`restore_quantized_state`.
         """
         quantized = []
-        for qt in self.export_quantized():
+        # Torch on one thread while the codec's threads quantize (as in save_quantized).
+        with cpu_threads():
+            exported = self.export_quantized()
+        for qt in exported:
             entry = {
                 "shape": list(qt.shape),
                 "scheme": qt.scheme,
@@ -485,12 +488,20 @@ class BaseQuantizer:
                 record.full_name, shape, record.param.dtype, entry["scheme"],
                 entry["group_size"], levels, bits, entry["min"], entry["max"], stream=packed,
             )
-            weights.append(qt.dequantize(record.param.device))
+            p = record.param
+            # float32 CPU weights are decoded straight into the parameter once every tensor
+            # is checked (decoding a checked stream cannot fail); others decoded here.
+            direct = (p.device.type == "cpu" and p.dtype == torch.float32
+                      and p.is_contiguous() and qt.native_decodable(p.device))
+            weights.append(qt if direct else qt.dequantize(p.device))
         self._restore_params()
         self.unquantize()
         with torch.no_grad():
             for record, w in zip(firsts, weights, strict=True):
-                record.param.copy_(w)
+                if isinstance(w, QuantizedTensor):
+                    w.dequantize(record.param.device, out=record.param.data.view(-1))
+                else:
+                    record.param.copy_(w)
             for p, q in zip(float16, state["float16"], strict=True):
                 p.copy_(q.to(p))
             for p, q in zip(others, state["others"], strict=True):

@@ -419,6 +419,17 @@ def unpack_dequantize(lib: ctypes.CDLL, packed: torch.Tensor, bits: torch.Tensor
     return out
 
 
+def check_stream(lib: ctypes.CDLL, packed: torch.Tensor, bits: torch.Tensor,
+                 group_size: int, numel: int) -> None:
+    """Raise ``ValueError`` unless :func:`unpack_dequantize` would accept these arguments.
+
+    For callers that must check every tensor before writing any (a failed restore must
+    leave the model unchanged).
+    """
+    bits = _widths(bits, numel, group_size)
+    _stream(packed, _Layout(lib, bits, group_size, numel))
+
+
 def _stream(packed: torch.Tensor, layout: _Layout) -> torch.Tensor:
     # The C loops read every byte up to nbytes: a shorter buffer would be read past its end.
     if packed.dtype != torch.uint8 or packed.dim() != 1 or packed.numel() != layout.nbytes:

@@ -130,20 +130,36 @@ class QuantizedTensor:
                                                self.group_size)
         return self._stream
 
-    def dequantize(self, device: torch.device | str | None = None) -> torch.Tensor:
-        """The float weight this represents, of ``shape`` and ``dtype``, on ``device``."""
+    def native_decodable(self, device: torch.device | str | None = None) -> bool:
+        """Whether :meth:`dequantize` on ``device`` runs the native one-pass decoder.
+
+        Raises:
+            ValueError: it would, and the stream or the widths are malformed.
+        """
         stream = self._stream
         on_cpu = (torch.device(device).type == "cpu" if device is not None
                   else (stream is not None and stream.device.type == "cpu"))
-        if self.scheme == "minmax" and stream is not None and on_cpu:
-            lib = native.library()
-            if lib is not None:  # one pass from the stream to the weights
-                mn = torch.tensor(self.mn, dtype=torch.float32)
-                span = torch.tensor(self.mx, dtype=torch.float32) - mn
-                out = native.unpack_dequantize(lib, stream.cpu(), self.bits.cpu(),
-                                               self.group_size, self.numel, float(mn),
-                                               float(span))
-                return out.view(self.shape).to(self.dtype)
+        lib = native.library() if self.scheme == "minmax" and stream is not None else None
+        if lib is None or not on_cpu:
+            return False
+        native.check_stream(lib, stream.cpu(), self.bits.cpu(), self.group_size, self.numel)
+        return True
+
+    def dequantize(self, device: torch.device | str | None = None,
+                   out: torch.Tensor | None = None) -> torch.Tensor:
+        """The float weight this represents, of ``shape`` and ``dtype``, on ``device``.
+
+        Args:
+            out: a contiguous float32 CPU tensor of ``numel`` entries to decode into, used
+                when the native decoder runs (:meth:`native_decodable`); then returned.
+        """
+        if self.native_decodable(device):  # one pass from the stream to the weights
+            mn = torch.tensor(self.mn, dtype=torch.float32)
+            span = torch.tensor(self.mx, dtype=torch.float32) - mn
+            decoded = native.unpack_dequantize(native.library(), self._stream.cpu(),
+                                               self.bits.cpu(), self.group_size, self.numel,
+                                               float(mn), float(span), out)
+            return decoded.view(self.shape).to(self.dtype)
         levels = self.levels.to(device) if device is not None else self.levels
         if self.scheme == "lsq":
             out = levels.float() * torch.tensor(self.mn, dtype=torch.float32, device=levels.device)

@@ -336,3 +336,21 @@ def test_int_bits_equal_rounded_get_bits(extra_bits, bounds):
                                          -float("inf"), 0.5, -0.5])
     expected = reference.round_bits(q.extra_bits + q.get_bits(record.logit.detach()))
     assert torch.equal(q._int_bits(record), expected)
+
+
+@pytest.mark.parametrize("cpu_codec", ["native", "torch"], indirect=True)
+def test_restore_with_a_corrupt_stream_leaves_the_model_unchanged(cpu_codec):
+    """Every tensor is checked before any is written, on both CPU decoders."""
+    model = mlp()
+    q = diffq_triton.DiffQuantizer(model, min_size=0, group_size=8)
+    state = q.get_quantized_state()
+    with torch.no_grad():
+        for p in model.parameters():
+            p.add_(1.0)  # the model now differs from the state
+    before = [p.detach().clone() for p in model.parameters()]
+    state["quantized"][-1]["packed"] = state["quantized"][-1]["packed"][:-1]  # truncated
+    with pytest.raises(ValueError, match="bytes"):
+        q.restore_quantized_state(state)
+    assert all(torch.equal(a, p) for a, p in zip(before, model.parameters(), strict=True))
+    state = q.get_quantized_state()
+    q.restore_quantized_state(state)  # still usable afterwards
