@@ -23,7 +23,8 @@ from torch import nn
 
 from . import validation
 from .cpu_pool import cpu_threads, run_calls
-from .state import QuantizedTensor
+from .reference import num_groups
+from .state import QuantizedTensor, check_range_float32
 
 # Models that carry a quantizer: a second one on the same model is an error.
 _ATTACHED: weakref.WeakKeyDictionary[nn.Module, BaseQuantizer] = weakref.WeakKeyDictionary()
@@ -478,7 +479,9 @@ class BaseQuantizer:
                     f"the model's is {tuple(record.param.shape)}"
                 )
             numel = record.param.numel()
-            bits = entry["bits"].to(torch.uint8)
+            bits = _checked_bits(entry, numel, record.full_name)
+            check_range_float32(f"quantized tensor for {record.full_name!r}", entry["min"],
+                                entry["max"])
             packed = entry.get("packed")
             levels = None if packed is not None else entry["levels"].reshape(-1)
             if levels is not None and levels.numel() != numel:
@@ -499,7 +502,10 @@ class BaseQuantizer:
         with torch.no_grad():
             for record, w in zip(firsts, weights, strict=True):
                 if isinstance(w, QuantizedTensor):
-                    w.dequantize(record.param.device, out=record.param.data.view(-1))
+                    target = record.param.data.view(-1)
+                    decoded = w.dequantize(record.param.device, out=target)
+                    if decoded.data_ptr() != target.data_ptr():  # the codec was turned off
+                        record.param.copy_(decoded)
                 else:
                     record.param.copy_(w)
             for p, q in zip(float16, state["float16"], strict=True):
@@ -507,6 +513,22 @@ class BaseQuantizer:
             for p, q in zip(others, state["others"], strict=True):
                 p.copy_(q.to(p))
         self._fix_rnns()
+
+
+def _checked_bits(entry: dict, numel: int, name: str) -> torch.Tensor:
+    """The entry's widths as uint8, checked (count, integer dtype, range) before narrowing."""
+    from .bitpack import MAX_WIDTH
+
+    bits = entry["bits"]
+    n_groups = num_groups(numel, entry["group_size"])
+    if (not isinstance(bits, torch.Tensor) or bits.is_floating_point() or bits.is_complex()
+            or bits.numel() != n_groups):
+        raise ValueError(f"quantized tensor for {name!r}: widths must be {n_groups} integers")
+    low, high = (int(v) for v in torch.aminmax(bits.reshape(-1)))
+    if low < 1 or high > MAX_WIDTH:
+        raise ValueError(f"quantized tensor for {name!r}: widths [{low}, {high}] outside "
+                         f"[1, {MAX_WIDTH}]")
+    return bits.reshape(-1).to(torch.uint8)
 
 
 def restore_quantized_state(model: nn.Module, state: dict) -> None:

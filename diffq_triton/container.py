@@ -194,8 +194,6 @@ def int_list(value, what: str) -> list[int]:
     return value
 
 
-
-
 def as_bytes(raw: torch.Tensor) -> memoryview:
     return memoryview(raw.numpy()).cast("B")
 

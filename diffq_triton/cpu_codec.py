@@ -2,7 +2,7 @@
 
 :func:`diffq_triton.reference.quantize` / ``dequantize`` make several whole-tensor passes
 with int64 temporaries; these run the same float32 operations in the same order on chunks
-that stay in cache, on the bitpack thread pool, so the results are identical and a 25M
+that stay in cache, on the threads of cpu_pool, so the results are identical and a 25M
 weight model quantizes or dequantizes in a fraction of the time.
 """
 
@@ -107,8 +107,6 @@ def quantize_cpu(w: torch.Tensor, bits: torch.Tensor, group_size: int
 
         run_chunks(numel, chunk, work)
     return out, mn, mx
-
-
 
 
 def _chunk_size() -> int:

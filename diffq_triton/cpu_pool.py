@@ -13,7 +13,7 @@ import ctypes
 import os
 import threading
 from collections.abc import Callable, Iterator
-from concurrent.futures import ThreadPoolExecutor
+from concurrent.futures import Future, ThreadPoolExecutor, wait
 from contextlib import contextmanager
 
 import torch
@@ -63,7 +63,7 @@ os.register_at_fork(after_in_child=_forget_pool)
 def _pool() -> ThreadPoolExecutor:
     global _POOL
     if _POOL is None:
-        _POOL = ThreadPoolExecutor(8, thread_name_prefix="diffq-bitpack")
+        _POOL = ThreadPoolExecutor(8, thread_name_prefix="diffq-cpu")
     return _POOL
 
 
@@ -122,8 +122,7 @@ def run_chunks(n: int, chunk: int, work: Callable[[list[int]], None]) -> None:
     try:
         work(starts[0::workers])
     finally:
-        for j in jobs:
-            j.result()
+        _settle(jobs)
 
 
 def call_workers() -> int:
@@ -146,15 +145,20 @@ def run_calls(calls: list[tuple[Callable, tuple]], workers: int | None = None) -
     workers = min(workers, len(calls))
     pending = iter(enumerate(calls))
     lock = threading.Lock()
+    failed = threading.Event()
 
     def drain() -> None:
-        while True:
+        while not failed.is_set():
             with lock:
                 item = next(pending, None)
             if item is None:
                 return
             i, (fn, args) = item
-            results[i] = fn(*args)
+            try:
+                results[i] = fn(*args)
+            except BaseException:
+                failed.set()  # the other workers take no new call
+                raise
 
     if workers <= 1:
         drain()
@@ -171,7 +175,16 @@ def run_calls(calls: list[tuple[Callable, tuple]], workers: int | None = None) -
     finally:
         # A job still queued has nothing left to do: cancelling it means a caller that is
         # itself a pool thread never waits on a pool with no free thread.
-        for job in jobs:
-            if not job.cancel():
-                job.result()
+        _settle([job for job in jobs if not job.cancel()])
     return results
+
+
+def _settle(jobs: list[Future]) -> None:
+    """Wait for every job, then raise the first one's error, if any.
+
+    Every job is waited for even when one failed: a job still running may be writing into
+    memory (a C call into the caller's buffer) that the caller frees once we return.
+    """
+    wait(jobs)
+    for job in jobs:
+        job.result()

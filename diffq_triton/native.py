@@ -6,7 +6,7 @@ pack (or unpack and dequantize) a block of entries while it is in L1, one pass e
 The source is compiled at first use with the system C compiler (``$CC``, else ``cc``,
 ``gcc`` or ``clang``: Triton needs one too), cached under ``$DIFFQ_TRITON_CACHE_DIR`` or
 ``~/.cache/diffq_triton``, loaded with :mod:`ctypes` and checked on known values before use.
-ctypes releases the GIL, so the pieces of a tensor run on the bitpack thread pool.
+ctypes releases the GIL, so the pieces of a tensor run on the pool of :mod:`cpu_pool`.
 
 When no compiler works, or ``DIFFQ_TRITON_NATIVE=0``, :func:`library` returns ``None`` (with
 one warning in the first case) and callers take the torch path of :mod:`bitpack_cpu` and
@@ -34,7 +34,7 @@ import numpy as np
 import torch
 
 from .bitpack_cpu import MAX_WIDTH
-from .cpu_pool import call_workers, run_calls
+from .cpu_pool import call_workers, cpu_threads, run_calls
 from .reference import num_groups
 
 SOURCE = Path(__file__).with_name("csrc") / "codec.c"
@@ -111,13 +111,13 @@ def _build() -> Path:
         return target
     try:
         target.parent.mkdir(parents=True, exist_ok=True)
-        folder = target.parent
-    except OSError:  # read-only home: build into a private temporary folder instead
+        # Build under a unique name and rename: processes building at once never load a
+        # half written file.
+        fd, partial = tempfile.mkstemp(suffix=".so", dir=target.parent)
+    except OSError:  # read-only cache: build into a private temporary folder instead
         folder = Path(tempfile.mkdtemp(prefix="diffq_triton-"))
         target = folder / target.name
-    # Build under a unique name and rename: processes building at once never load a half
-    # written file.
-    fd, partial = tempfile.mkstemp(suffix=".so", dir=folder)
+        fd, partial = tempfile.mkstemp(suffix=".so", dir=folder)
     os.close(fd)
     try:
         res = subprocess.run([cc, *CFLAGS, "-o", partial, str(SOURCE)], capture_output=True,
@@ -249,7 +249,7 @@ def _widths(bits: torch.Tensor, numel: int, group_size: int) -> torch.Tensor:
         if int(low) < 1 or int(high) > MAX_WIDTH:
             raise ValueError(f"bit widths must lie in [1, {MAX_WIDTH}], got "
                              f"[{int(low)}, {int(high)}]")
-    return bits.to(torch.uint8).contiguous()
+    return bits.to("cpu", torch.uint8).contiguous()
 
 
 # ----------------------------------------------------------------------------- public
@@ -259,6 +259,10 @@ def crc32(lib: ctypes.CDLL | None, data: torch.Tensor, crc: int = 0) -> int:
     The codec folds the bulk with carry-less multiplications (x86-64 with PCLMULQDQ) and
     zlib finishes the last bytes; elsewhere, or without ``lib``, zlib does it all.
     """
+    if data.device.type != "cpu" or data.dtype != torch.uint8 or data.dim() != 1:
+        raise ValueError(f"crc32 takes a 1-D uint8 CPU tensor, got {data.dtype} "
+                         f"{tuple(data.shape)} on {data.device}")
+    data = data.contiguous()
     if lib is None or data.numel() < 64:
         return zlib.crc32(data.numpy(), crc)
     return _crc32(lib, data, crc)
@@ -285,7 +289,7 @@ def stream_nbytes(lib: ctypes.CDLL, bits: torch.Tensor, group_size: int, numel: 
     return (total + 7) // 8
 
 
-def weight_range(w: torch.Tensor) -> tuple[float, float]:
+def value_range(w: torch.Tensor) -> tuple[float, float]:
     """``(min, max)`` of a CPU tensor as Python floats (NaN if it holds NaN), in parallel.
 
     torch.aminmax over slices on the pool threads (torch releases the GIL): the range is a
@@ -296,8 +300,9 @@ def weight_range(w: torch.Tensor) -> tuple[float, float]:
     if n == 0:
         raise ValueError("cannot take the range of an empty tensor")
     step = max(PIECE, -(-n // 8))
-    parts = run_calls([(torch.aminmax, (flat[i : i + step],)) for i in range(0, n, step)],
-                      call_workers())
+    # Torch ops on the pool: torch itself on one thread meanwhile (cpu_threads).
+    with cpu_threads():
+        parts = run_calls([(torch.aminmax, (flat[i : i + step],)) for i in range(0, n, step)])
     lows = torch.stack([lo for lo, _ in parts])
     highs = torch.stack([hi for _, hi in parts])
     if bool(torch.isnan(lows).any() | torch.isnan(highs).any()):
@@ -317,7 +322,9 @@ def quantize_pack(lib: ctypes.CDLL, w: torch.Tensor, bits: torch.Tensor, group_s
         w: float32 CPU weights, any shape (read flattened).
         bits: ``[n_groups]`` integer widths in ``[1, 15]``.
         group_size: entries per group (0: one group).
-        mn, safe: the range minimum and ``mx - mn`` (1 when the range is empty), finite.
+        mn, safe: the range minimum and ``mx - mn`` (1 when the range is empty), finite, and
+            holding every entry of ``w`` (from :func:`value_range`): a level above
+            ``2^b - 1`` would spill into its neighbours' bits, so this is a precondition.
 
     Returns:
         ``[ceil(Σ b_i / 8)]`` uint8 stream. Moves 4 bytes read + ``b/8`` written per entry.
@@ -346,6 +353,7 @@ def pack(lib: ctypes.CDLL, levels: torch.Tensor, bits: torch.Tensor, group_size:
     Raises:
         ValueError: a level plus ``offset`` lies outside ``[0, 2^b)`` of its group.
     """
+    _check_offset(offset)
     flat = levels.reshape(-1)
     if flat.dtype not in (torch.int16, torch.uint8):
         flat = _narrow(flat, offset)
@@ -364,6 +372,12 @@ def pack(lib: ctypes.CDLL, levels: torch.Tensor, bits: torch.Tensor, group_size:
     return out
 
 
+def _check_offset(offset: int) -> None:
+    # Passed to C as int32; levels and their offsets stay within 16 bits.
+    if not -(1 << 16) <= offset <= 1 << 16:
+        raise ValueError(f"offset {offset} lies outside [-65536, 65536]")
+
+
 def _narrow(levels: torch.Tensor, offset: int) -> torch.Tensor:
     """int16 copy of wider integer levels, refusing values that would wrap."""
     if levels.numel():
@@ -376,6 +390,7 @@ def _narrow(levels: torch.Tensor, offset: int) -> torch.Tensor:
 def unpack(lib: ctypes.CDLL, packed: torch.Tensor, bits: torch.Tensor, group_size: int,
            numel: int, offset: int = 0) -> torch.Tensor:
     """``[numel]`` int16 levels ``q - offset`` of a stream of exactly the right length."""
+    _check_offset(offset)
     bits = _widths(bits, numel, group_size)
     layout = _Layout(lib, bits, group_size, numel)
     packed = _stream(packed, layout)
@@ -406,8 +421,10 @@ def unpack_dequantize(lib: ctypes.CDLL, packed: torch.Tensor, bits: torch.Tensor
     packed = _stream(packed, layout)
     if out is None:
         out = _host_bytes(numel, np.float32)
-    if out.dtype != torch.float32 or not out.is_contiguous() or out.numel() != numel:
-        raise ValueError("out must be a contiguous float32 tensor of numel entries")
+    if (out.device.type != "cpu" or out.dtype != torch.float32 or not out.is_contiguous()
+            or out.numel() != numel):
+        raise ValueError(f"out must be a contiguous float32 CPU tensor of {numel} entries, got "
+                         f"{out.dtype} {tuple(out.shape)} on {out.device}")
     out = out.view(-1)
     units = _units()
     run_calls([
@@ -432,7 +449,10 @@ def check_stream(lib: ctypes.CDLL, packed: torch.Tensor, bits: torch.Tensor,
 
 def _stream(packed: torch.Tensor, layout: _Layout) -> torch.Tensor:
     # The C loops read every byte up to nbytes: a shorter buffer would be read past its end.
-    if packed.dtype != torch.uint8 or packed.dim() != 1 or packed.numel() != layout.nbytes:
+    if packed.device.type != "cpu" or packed.dtype != torch.uint8 or packed.dim() != 1:
+        raise ValueError(f"packed stream must be a 1-D uint8 CPU tensor, got {packed.dtype} "
+                         f"{tuple(packed.shape)} on {packed.device}")
+    if packed.numel() != layout.nbytes:
         raise ValueError(f"packed stream holds {packed.numel()} bytes, expected "
                          f"{layout.nbytes}")
     return packed.contiguous()

@@ -21,7 +21,7 @@ from torch import nn
 
 from . import atomic_file, bitpack, container, cpu_codec, native, reference
 from .cpu_pool import cpu_threads
-from .state import SCHEMES, QuantizedTensor
+from .state import SCHEMES, QuantizedTensor, check_range_float32
 
 FORMAT = "diffq-triton"
 VERSION = 1
@@ -46,7 +46,7 @@ def save_quantized(quantizer, path: str | os.PathLike | BinaryIO) -> None:
             (anything with ``export_quantized()`` and ``export_float()``).
         path: file name, or a writable binary file object.
     """
-    # Torch on one thread inside, the codec on the chunk pool: torch's OpenMP threads, still
+    # Torch on one thread inside, the codec on the cpu_pool threads: torch's OpenMP threads, still
     # spinning after each small op (widths from logits), would take the pool's CPUs
     # (measured: packing half as fast).
     with cpu_threads():
@@ -115,7 +115,6 @@ def _finite(value: float, name: str) -> float:
     return value
 
 
-# ============================================================================ reading
 # ============================================================================ decoding
 @dataclass
 class _Plan:
@@ -162,10 +161,7 @@ def _check_quantized(record: object, params: dict, file: container.Container) ->
     if not (math.isfinite(mn) and math.isfinite(mx)):
         raise ValueError(f"tensor {name!r}: range ({mn}, {mx}) is not finite")
     # Weights are computed in float32: a range finite as a double may still overflow there.
-    low, high = torch.tensor([mn, mx], dtype=torch.float32)
-    if not (math.isfinite(float(low)) and math.isfinite(float(high))
-            and math.isfinite(float(high - low))):
-        raise ValueError(f"tensor {name!r}: range ({mn}, {mx}) overflows float32")
+    check_range_float32(f"tensor {name!r}", mn, mx)
     if scheme == "minmax" and mn > mx:
         raise ValueError(f"tensor {name!r}: range min {mn} exceeds max {mx}")
     base = _field(record, "min_bits", int, name)
@@ -186,9 +182,8 @@ def _check_quantized(record: object, params: dict, file: container.Container) ->
         raise ValueError(f"tensor {name!r}: lsq tensors have one group, got {n_groups}")
     nbytes = bitpack.packed_nbytes(bits, group_size, numel) if numel else 0
     packed = file.raw(f"{name}:levels", name, "levels", nbytes, record.get("crc"), defer=True)
-    empty = torch.zeros(0, dtype=torch.int16)
-    qt = QuantizedTensor(name, shape, dtype, scheme, group_size, empty, bits,
-                         float(mn), float(mx), list(tied))
+    qt = QuantizedTensor(name, shape, dtype, scheme, group_size, None, bits,
+                         float(mn), float(mx), list(tied), stream=packed)
     return _Plan(name, targets, qt, packed=packed)
 
 
@@ -302,7 +297,7 @@ def load_quantized(model: nn.Module, path: str | os.PathLike | BinaryIO | bytes)
         ValueError: the file is malformed, corrupted, or does not match the model; the
             message names the tensor and the problem.
     """
-    # One torch thread for the many group-sized ops, the chunk pool for the big ones.
+    # One torch thread for the many group-sized ops, the cpu_pool threads for the big ones.
     with cpu_threads(), torch.no_grad():
         plans = _read_checked(model, path)
         for plan in plans:

@@ -28,7 +28,7 @@ def quantize_minmax(
     if lib is not None:
         # The reference computes in float32 (``w.float()``): so does the codec.
         w = w.detach() if w.dtype == torch.float32 else w.detach().float()
-        mn, mx = native.weight_range(w) if w.numel() else (0.0, 0.0)
+        mn, mx = native.value_range(w) if w.numel() else (0.0, 0.0)
         _check_range(name, mn, mx)
         # mx - mn in float32, as the reference computes the scale.
         scale = float(torch.tensor(mx, dtype=torch.float32) - torch.tensor(mn, dtype=torch.float32))
@@ -51,6 +51,19 @@ def quantize_minmax(
 def _check_range(name: str, mn: float, mx: float) -> None:
     if not (math.isfinite(mn) and math.isfinite(mx)):
         raise ValueError(f"parameter {name!r} holds NaN or Inf values; cannot quantize it")
+    check_range_float32(f"parameter {name!r}", mn, mx)
+
+
+def check_range_float32(what: str, mn: float, mx: float) -> None:
+    """Raise ``ValueError`` unless ``mn``, ``mx`` and ``mx - mn`` are finite in float32.
+
+    Levels and weights are computed in float32: a span that overflows would quantize
+    every weight to one level, or decode every weight to inf.
+    """
+    low, high = torch.tensor([mn, mx], dtype=torch.float32)
+    if not (math.isfinite(float(low)) and math.isfinite(float(high))
+            and math.isfinite(float(high - low))):
+        raise ValueError(f"{what}: range ({mn}, {mx}) is not finite in float32")
 
 
 class QuantizedTensor:

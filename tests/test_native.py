@@ -353,14 +353,34 @@ def test_rejects_wrong_stream_length(lib, nbytes):
 
 def test_rejects_bad_stream_and_out_types(lib):
     bits = torch.tensor([8], dtype=torch.uint8)
-    with pytest.raises(ValueError, match="expected 4"):
+    with pytest.raises(ValueError, match="1-D uint8 CPU tensor, got torch.int8"):
         native.unpack(lib, torch.zeros(4, dtype=torch.int8), bits, 0, 4)
-    with pytest.raises(ValueError, match="expected 4"):
+    with pytest.raises(ValueError, match=r"1-D uint8 CPU tensor, got torch.uint8 \(2, 2\)"):
         native.unpack(lib, torch.zeros(2, 2, dtype=torch.uint8), bits, 0, 4)
+    with pytest.raises(ValueError, match="on meta"):  # a pointer the codec must never see
+        native.unpack(lib, torch.zeros(4, dtype=torch.uint8, device="meta"), bits, 0, 4)
     stream = torch.zeros(4, dtype=torch.uint8)
-    for out in (torch.zeros(4, dtype=torch.float64), torch.zeros(5), torch.zeros(4, 2)[:, 0]):
+    for out in (torch.zeros(4, dtype=torch.float64), torch.zeros(5), torch.zeros(4, 2)[:, 0],
+                torch.zeros(4, device="meta")):
         with pytest.raises(ValueError, match="out must be"):
             native.unpack_dequantize(lib, stream, bits, 0, 4, 0.0, 1.0, out=out)
+
+
+def test_rejects_offsets_outside_16_bits(lib):
+    levels = torch.zeros(4, dtype=torch.int16)
+    bits = torch.tensor([4], dtype=torch.uint8)
+    with pytest.raises(ValueError, match="offset"):
+        native.pack(lib, levels, bits, 0, offset=2**32)  # would wrap to 0 as a C int32
+    with pytest.raises(ValueError, match="offset"):
+        native.unpack(lib, torch.zeros(2, dtype=torch.uint8), bits, 0, 4, offset=-(2**20))
+
+
+def test_crc32_rejects_what_it_cannot_read_as_bytes(lib):
+    data = torch.arange(256, dtype=torch.int64).to(torch.uint8)
+    assert native.crc32(lib, data[::2]) == zlib.crc32(bytes(data[::2].tolist()))  # made dense
+    for bad in (data.float(), data.view(16, 16)):
+        with pytest.raises(ValueError, match="1-D uint8 CPU"):
+            native.crc32(lib, bad)
 
 
 @pytest.mark.parametrize("dtype", [torch.float64, torch.float16, torch.bfloat16, torch.int32],

@@ -354,3 +354,29 @@ def test_restore_with_a_corrupt_stream_leaves_the_model_unchanged(cpu_codec):
     assert all(torch.equal(a, p) for a, p in zip(before, model.parameters(), strict=True))
     state = q.get_quantized_state()
     q.restore_quantized_state(state)  # still usable afterwards
+
+
+@pytest.mark.parametrize("edit, match", [
+    (lambda e: e.update(bits=e["bits"].to(torch.int64) + 256), "widths"),  # would wrap to uint8
+    (lambda e: e.update(bits=e["bits"].float() + 0.5), "widths must be"),
+    (lambda e: e.update(min=float("nan")), "not finite in float32"),
+    (lambda e: e.update(min=-3e38, max=3.4e38), "not finite in float32"),
+], ids=["wrapping widths", "float widths", "nan range", "span overflow"])
+def test_restore_refuses_bad_widths_and_ranges(edit, match):
+    model = mlp()
+    q = diffq_triton.DiffQuantizer(model, min_size=0, group_size=8)
+    state = q.get_quantized_state()
+    before = [p.detach().clone() for p in model.parameters()]
+    edit(state["quantized"][-1])
+    with pytest.raises(ValueError, match=match):
+        q.restore_quantized_state(state)
+    assert all(torch.equal(a, p) for a, p in zip(before, model.parameters(), strict=True))
+
+
+def test_export_refuses_a_range_that_overflows_float32():
+    model = nn.Linear(4, 3, bias=False)
+    with torch.no_grad():
+        model.weight[0, 0], model.weight[0, 1] = -3e38, 3e38
+    q = diffq_triton.UniformQuantizer(model, bits=8, min_size=0)
+    with pytest.raises(ValueError, match="not finite in float32"):
+        q.export_quantized()
