@@ -18,7 +18,6 @@ from contextlib import contextmanager
 
 import torch
 
-_POOL: ThreadPoolExecutor | None = None
 _SCOPE = threading.local()
 _THREADS_LOCK = threading.Lock()
 
@@ -50,21 +49,38 @@ def cpu_threads() -> Iterator[None]:
         _SCOPE.workers = None
 
 
-def _forget_pool() -> None:
-    # A forked child inherits the executor but not its threads, and the executor counts
-    # the dead threads as its own: run_chunks would wait forever on work no thread runs.
-    global _POOL
-    _POOL = None
+class ForkSafePool:
+    """A thread pool made on first use, and made anew in a forked child.
+
+    A forked child inherits an executor but not its threads, and the executor counts the
+    dead threads as its own: work sent to it would wait forever on threads that never run.
+    """
+
+    def __init__(self, workers: Callable[[], int], name: str):
+        self._workers, self._name = workers, name
+        self._executor: ThreadPoolExecutor | None = None
+        os.register_at_fork(after_in_child=self._forget)
+
+    def _forget(self) -> None:
+        self._executor = None
+
+    @property
+    def started(self) -> bool:
+        """Whether this process has made the pool's executor."""
+        return self._executor is not None
+
+    def get(self) -> ThreadPoolExecutor:
+        """The executor of this process (made on first call)."""
+        if self._executor is None:
+            self._executor = ThreadPoolExecutor(self._workers(), thread_name_prefix=self._name)
+        return self._executor
 
 
-os.register_at_fork(after_in_child=_forget_pool)
+_POOL = ForkSafePool(lambda: 8, "diffq-cpu")
 
 
 def _pool() -> ThreadPoolExecutor:
-    global _POOL
-    if _POOL is None:
-        _POOL = ThreadPoolExecutor(8, thread_name_prefix="diffq-cpu")
-    return _POOL
+    return _POOL.get()
 
 
 def _libc_sched_getcpu() -> Callable[[], int] | None:

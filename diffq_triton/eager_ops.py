@@ -9,18 +9,17 @@ per-entry tensors when the group size divides the tensor.
 from __future__ import annotations
 
 import math
-import os
 import threading
 from concurrent.futures import ThreadPoolExecutor
 
 import torch
 
 from . import reference
+from .cpu_pool import ForkSafePool
 
 # ξ is drawn in fixed chunks, each from its own generator seeded by (seed, chunk), so the
 # values depend on the seed only; chunks run on a thread pool (torch's normal_ is serial).
 NOISE_CHUNK = 1 << 18
-_POOL: ThreadPoolExecutor | None = None
 
 
 class _BufferPool:
@@ -66,21 +65,11 @@ def clear_buffers() -> None:
     _BUFFERS.clear()
 
 
-def _forget_pool() -> None:
-    # A forked child inherits the executor but not its threads: work sent to it would
-    # never run. The child makes its own pool on first use.
-    global _POOL
-    _POOL = None
-
-
-os.register_at_fork(after_in_child=_forget_pool)
+_POOL = ForkSafePool(lambda: max(1, torch.get_num_threads()), "diffq_triton_noise")
 
 
 def _pool() -> ThreadPoolExecutor:
-    global _POOL
-    if _POOL is None:
-        _POOL = ThreadPoolExecutor(max(1, torch.get_num_threads()), "diffq_triton_noise")
-    return _POOL
+    return _POOL.get()
 
 
 def _fill_chunk(out: torch.Tensor, seed: int, index: int, noise: str) -> None:

@@ -25,7 +25,7 @@ def work():
 
 
 starts, noise = work()
-assert cpu_pool._POOL is not None and eager_ops._POOL is not None
+assert cpu_pool._POOL.started and eager_ops._POOL.started
 pid = os.fork()
 if pid == 0:
     child_starts, child_noise = work()
