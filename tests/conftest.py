@@ -124,3 +124,15 @@ def native_lib(monkeypatch):
     if loaded is None:
         pytest.skip(f"native CPU codec unavailable: {native.unavailable_reason()}")
     return loaded
+
+
+def _has_c_compiler() -> bool:
+    import shutil
+
+    return any(shutil.which(name) for name in (os.environ.get("CC"), "cc", "gcc", "clang")
+               if name)
+
+
+# Inductor's CPU backend compiles C++: without a compiler its tests cannot run at all.
+needs_c_compiler = pytest.mark.skipif(not _has_c_compiler(), reason="no C compiler found")
+INDUCTOR = pytest.param("inductor", marks=needs_c_compiler)

@@ -4,6 +4,7 @@ import pytest
 import torch
 
 import diffq_triton
+from tests.conftest import INDUCTOR
 from tests.models import mlp
 
 
@@ -16,7 +17,7 @@ def _quantized_mlp(cls=diffq_triton.DiffQuantizer, **kwargs):
     return model, q, opt
 
 
-@pytest.mark.parametrize("backend", ["aot_eager", "inductor"])
+@pytest.mark.parametrize("backend", ["aot_eager", INDUCTOR])
 def test_diffq_train_and_eval_compile_fullgraph(backend):
     model, q, opt = _quantized_mlp(group_size=8, init_bits=4)
     compiled = torch.compile(model, fullgraph=True, backend=backend)

@@ -8,6 +8,7 @@ import torch
 import diffq_triton
 from diffq_triton import custom_ops, ops, reference
 from diffq_triton.dispatch import use_backend
+from tests.conftest import INDUCTOR
 from tests.models import mlp
 
 pytest.importorskip("triton")
@@ -101,7 +102,7 @@ def _noisy(w, logits):
 
 
 @pytest.mark.parametrize("backend", BACKENDS)
-@pytest.mark.parametrize("compiler", ["aot_eager", "inductor"])
+@pytest.mark.parametrize("compiler", ["aot_eager", INDUCTOR])
 def test_compile_fullgraph_sees_one_op(backend, compiler):
     w, logits, _ = _inputs(backend)
     torch._dynamo.reset()
