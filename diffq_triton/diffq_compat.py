@@ -142,14 +142,14 @@ def _decode(klass: str, kwargs: dict, meta: dict, name: str, shape: tuple, entry
         if packed:
             all_levels, scales, packed_bits = entry
             bits = unpack(_tensor(packed_bits, name, "widths"), n_groups, name) + min_bits
-            _check_widths(bits, name)
+            _check_widths(bits, name, packed=True)
             levels = _unpack_by_width(all_levels, bits, span, unpack, name)
         else:
             levels, scales, bits = entry
             bits = _tensor(bits, name, "widths").reshape(-1).to(torch.int64)
             if bits.numel() != n_groups:
                 raise ValueError(f"tensor {name!r}: {bits.numel()} widths for {n_groups} groups")
-            _check_widths(bits, name)
+            _check_widths(bits, name, packed=False)
             levels = _levels(levels, numel, name)
         mn, mx = _scales(scales, name)
         bits = bits.to(torch.uint8)
@@ -214,10 +214,11 @@ def _scales(value, name: str) -> tuple[float, float]:
     return mn, mx
 
 
-def _check_widths(bits: torch.Tensor, name: str) -> None:
+def _check_widths(bits: torch.Tensor, name: str, packed: bool) -> None:
     if bits.numel() and (int(bits.min()) < 1 or int(bits.max()) > 15):
         raise ValueError(f"tensor {name!r}: group widths outside [1, 15]")
-    if bits.numel() and int(bits.max()) == 15:
+    # Only diffq's packed layout drops 15-bit groups; an unpacked state holds every level.
+    if packed and bits.numel() and int(bits.max()) == 15:
         raise ValueError(f"tensor {name!r}: diffq 0.2.4 stored no levels for its 15-bit groups "
                          "(its packing covers widths 1 to 14): this state lost those weights")
 

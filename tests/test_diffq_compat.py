@@ -81,6 +81,13 @@ def test_wrong_model():
         load_diffq_state(model, FIXTURES / "diffq024_diffq_g8_bitpack.th")
 
 
+def diffq_widths_at(excess: int, n_groups: int) -> torch.Tensor:
+    """diffq's packed width field of ``n_groups`` groups, all at ``min_bits + excess``."""
+    from diffq import bitpack
+
+    return bitpack.pack(torch.full((n_groups,), excess, dtype=torch.int16))
+
+
 def forged(tmp_path, case, edit):
     pytest.importorskip("diffq")  # re-saving the trusted fixture needs diffq's classes
     state = torch.load(FIXTURES / f"diffq024_{case}.th", weights_only=False)
@@ -93,8 +100,9 @@ def forged(tmp_path, case, edit):
 @pytest.mark.parametrize(
     "case, edit, match",
     [
-        ("diffq_g8_unpacked",
-         lambda s: s["quantized"][0][2].fill_(15), "15-bit groups"),
+        ("diffq_g8_bitpack", lambda s: s["quantized"].__setitem__(0, (
+            *s["quantized"][0][:2], diffq_widths_at(13, 512 // 8))),
+         "15-bit groups"),
         ("diffq_g8_unpacked",
          lambda s: s["quantized"][0][2].fill_(0), "outside \\[1, 15\\]"),
         ("diffq_g8_unpacked",
