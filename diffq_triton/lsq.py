@@ -82,16 +82,23 @@ class LSQ(BaseQuantizer):
     def _cache_key(self, record: QuantizedParam) -> tuple:
         return (*super()._cache_key(record), record.step._version)
 
-    def _quantized_weight(self, record: QuantizedParam) -> torch.Tensor:
+    def _levels(self, record: QuantizedParam) -> torch.Tensor:
+        """Float32 signed levels of ``record``: what files and states store."""
         with torch.no_grad():
-            w_q, _ = reference.lsq_quantize(record.param, record.step, self.bits)
+            return reference.lsq_quantize(record.param.detach().float(), record.step,
+                                          self.bits)[1]
+
+    def _quantized_weight(self, record: QuantizedParam) -> torch.Tensor:
+        # level·step with the plain step, in float32, as a saved file decodes (and as
+        # diffq 0.2.4 evaluates): the straight-through step of training may differ from it
+        # by an ulp, and computing in a bf16 weight's own dtype may round to another level.
+        w_q = self._levels(record) * record.step.detach().float()
         return w_q.to(record.param.dtype)
 
     def _quantize_record(self, record: QuantizedParam, bits: torch.Tensor | None = None
                          ) -> QuantizedTensor:
         validation.check_finite(record.full_name, record.param.detach())
-        with torch.no_grad():
-            _, index = reference.lsq_quantize(record.param.float(), record.step, self.bits)
+        index = self._levels(record)
         bits = torch.full((1,), self.bits, dtype=torch.uint8)
         return QuantizedTensor(
             record.full_name, tuple(record.param.shape), record.param.dtype, "lsq", 0,

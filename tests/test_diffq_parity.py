@@ -74,7 +74,7 @@ def test_uniform_and_lsq_match(case):
         with torch.no_grad():
             q_ref.quantize()
             q_ours.quantize()
-            torch.testing.assert_close(m_ours(x), m_ref(x), rtol=1e-6, atol=1e-6)
+            torch.testing.assert_close(m_ours(x), m_ref(x), rtol=0, atol=0)
 
 
 def test_noise_statistics_match_diffq_in_training():

@@ -64,6 +64,25 @@ def test_round_trip_matches_eval_weights(case, tmp_path):
         assert fresh.out.weight is fresh.emb.weight
 
 
+# 0.35506120324134827 is a step whose straight-through form ``(s - s·g) + s·g`` is an ulp off
+# ``s`` (numel 3072, 5 bits): eval must still use the plain step, as files decode.
+@pytest.mark.parametrize("dtype", [torch.float32, torch.bfloat16, torch.float16, torch.float64],
+                         ids=str)
+def test_lsq_eval_weights_are_the_file_weights(dtype):
+    torch.manual_seed(0)
+    model = torch.nn.Linear(64, 48, bias=False)
+    with torch.no_grad():
+        model.weight.mul_(40)
+    model = model.to(dtype)
+    quantizer = dq.LSQ(model, bits=5, min_size=0)
+    with torch.no_grad():
+        model.weight_lsq.fill_(0.35506120324134827)
+    expected = quantized_weights(model, quantizer)
+    fresh = torch.nn.Linear(64, 48, bias=False).to(dtype)
+    serialization.load_quantized(fresh, serialization.file_bytes(quantizer))
+    assert torch.equal(fresh.weight, expected["weight"])
+
+
 def test_file_object_and_bytes_agree():
     torch.manual_seed(0)
     model = mlp()
