@@ -66,7 +66,8 @@ class BaseQuantizer:
         float16: store the non-quantized parameters as float16 (counted 16 bits each).
         exclude: fnmatch patterns matched against full and local parameter names; matches
             are not quantized.
-        detect_bound: treat a parameter used by several modules as one (tied weights).
+        detect_bound: treat a parameter used by several modules as one (tied weights),
+            quantized or kept float as its first use is.
     """
 
     _param_suffix: str | None = None
@@ -130,7 +131,10 @@ class BaseQuantizer:
             for name, param in list(module.named_parameters(recurse=False)):
                 full_name = f"{module_name}.{name}" if module_name else name
                 excluded = any(fnmatch(full_name, p) or fnmatch(name, p) for p in self.exclude)
-                if param.numel() <= min_params or excluded:
+                # A tied parameter is one tensor: its first use decides for every use
+                # (kept float there, it cannot be quantized under another name).
+                kept_float = id(param) in seen and seen[id(param)] is None
+                if param.numel() <= min_params or excluded or kept_float:
                     if self.float16:
                         self._float16_uses.append((module, name, param))
                     if id(param) in seen:

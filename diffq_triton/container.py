@@ -27,8 +27,8 @@ from .cpu_pool import call_workers, run_calls
 MAX_HEADER = 64 << 20
 ALIGN = 8
 
-STORED = {"F32": torch.float32, "F16": torch.float16, "U8": torch.uint8}
-ITEMSIZE = {"F32": 4, "F16": 2, "U8": 1}
+STORED = {"F64": torch.float64, "F32": torch.float32, "F16": torch.float16, "U8": torch.uint8}
+ITEMSIZE = {"F64": 8, "F32": 4, "F16": 2, "U8": 1}
 
 
 def chunks(entries: list[tuple[str, str, list[int], torch.Tensor]], metadata: dict[str, str]

@@ -50,7 +50,8 @@ def save_quantized(quantizer, path: str | os.PathLike | BinaryIO) -> None:
     # spinning after each small op (widths from logits), would take the pool's CPUs
     # (measured: packing half as fast).
     with cpu_threads():
-        entries, meta = _encode(quantizer.export_quantized(), quantizer.export_float())
+        entries, meta = _encode(quantizer.export_quantized(), quantizer.export_float(),
+                                _other_names(getattr(quantizer, "model", None)))
     chunks = container.chunks(entries, {
         "format": FORMAT, META_KEY: meta, "crc32": str(zlib.crc32(meta.encode())),
     })
@@ -60,18 +61,33 @@ def save_quantized(quantizer, path: str | os.PathLike | BinaryIO) -> None:
         path.writelines(chunks)
 
 
-def _encode(exported: list[QuantizedTensor], float_params: list) -> tuple[list, str]:
+def _other_names(model: nn.Module | None) -> dict[str, list[str]]:
+    """For each parameter name of ``model``, the other names of the same (tied) parameter."""
+    if model is None:
+        return {}
+    names: dict[int, list[str]] = {}
+    for name, p in model.named_parameters(remove_duplicate=False):
+        names.setdefault(id(p), []).append(name)
+    return {n: [m for m in group if m != n] for group in names.values() for n in group}
+
+
+def _encode(exported: list[QuantizedTensor], float_params: list,
+            other_names: dict[str, list[str]]) -> tuple[list, str]:
     """Payloads ``(key, dtype, shape, bytes)`` in file order, and the metadata JSON."""
     entries: list[tuple[str, str, list[int], torch.Tensor]] = []
-    # Float payloads first: with an 8-aligned data start they stay aligned for their dtype.
     floats = []
     for name, tensor, as_half in float_params:
-        stored = "F16" if as_half else "F32"
+        # float64 stays float64: narrowing it would change the model the file restores.
+        stored = "F16" if as_half else "F64" if tensor.dtype == torch.float64 else "F32"
         data = tensor.detach().to(container.STORED[stored]).contiguous().cpu()
         raw = data.reshape(-1).view(torch.uint8)
         entries.append((name, stored, list(tensor.shape), raw))
-        floats.append({"name": name, "dtype": _dtype_name(tensor.dtype), "crc": raw})
-    entries.sort(key=lambda e: e[1] != "F32")
+        record = {"name": name, "dtype": _dtype_name(tensor.dtype), "crc": raw}
+        if other_names.get(name):
+            record["tied"] = other_names[name]
+        floats.append(record)
+    # Float payloads first, widest first: from an 8-aligned data start each stays aligned.
+    entries.sort(key=lambda e: -container.ITEMSIZE[e[1]])
     quantized = [_encode_quantized(qt, entries) for qt in exported]
     # Records hold their payloads where the checksums go; all are summed at once.
     slots = [(r, k) for r in floats + quantized for k in ("crc", "widths_crc") if k in r]
@@ -194,10 +210,13 @@ def _check_float(record: object, params: dict, file: container.Container) -> _Pl
     dtype = _DTYPES.get(record.get("dtype"))
     if dtype is None:
         raise ValueError(f"tensor {name!r}: unknown dtype {record.get('dtype')!r}")
+    tied = record.get("tied", [])
+    if not isinstance(tied, list) or not all(isinstance(t, str) for t in tied):
+        raise ValueError(f"tensor {name!r}: tied names must be a list of strings")
     p = file.payloads.get(name)
-    if p is None or p.dtype not in ("F16", "F32"):
-        raise ValueError(f"tensor {name!r}: float payload missing or not F16/F32")
-    targets = _targets(name, [name], p.shape, params)
+    if p is None or p.dtype not in ("F16", "F32", "F64"):
+        raise ValueError(f"tensor {name!r}: float payload missing or not F16/F32/F64")
+    targets = _targets(name, [name, *tied], p.shape, params)
     data = file.data[p.start : p.stop]
     file.check_crc(data, record.get("crc"), name, "data", defer=True)
     if data.storage_offset() % container.ITEMSIZE[p.dtype]:
@@ -249,7 +268,9 @@ def _read_checked(model: nn.Module, source) -> list[_Plan]:
         for p in plan.params:
             if id(p) in covered:
                 raise ValueError(f"tensor {plan.name!r}: its parameter is also stored as "
-                                 f"{covered[id(p)]!r}")
+                                 f"{covered[id(p)]!r}, and one tied parameter cannot take two "
+                                 "values (saved with detect_bound=False? load into an "
+                                 "untied model)")
             covered[id(p)] = plan.name
     missing = [n for n, p in params.items() if id(p) not in covered]
     if missing:
@@ -302,8 +323,11 @@ def load_quantized(model: nn.Module, path: str | os.PathLike | BinaryIO | bytes)
         plans = _read_checked(model, path)
         for plan in plans:
             first = plan.params[0]
-            direct = (plan.qt is not None and first.device.type == "cpu"
-                      and first.dtype == torch.float32 and first.is_contiguous())
+            # Straight into a float32 parameter only from a float32 record: a bf16 record
+            # must reach every use rounded to bf16, as its tied copies receive it.
+            direct = (plan.qt is not None and plan.qt.dtype == torch.float32
+                      and first.device.type == "cpu" and first.dtype == torch.float32
+                      and first.is_contiguous())
             value = _decode(plan, first.device, first.data if direct else None)
             for p in plan.params[0 if not direct else 1 :]:
                 p.copy_(value.to(p.device))

@@ -192,3 +192,56 @@ def test_low_precision_parameters(dtype):
     assert model.weight.dtype == dtype
     assert torch.equal(model.weight, record.dequantize())
     assert torch.equal(model.bias, torch.ones(4, dtype=dtype))
+
+
+def untied_lm() -> TiedLM:
+    model = TiedLM()
+    model.out.weight = torch.nn.Parameter(model.emb.weight.detach().clone())
+    return model
+
+
+def test_float64_parameters_stay_float64():
+    torch.manual_seed(0)
+    model = mlp().double()
+    quantizer = dq.DiffQuantizer(model, min_size=0.001, group_size=8)
+    expected = quantized_weights(model, quantizer)
+    fresh = mlp().double()
+    serialization.load_quantized(fresh, serialization.file_bytes(quantizer))
+    for name, p in fresh.named_parameters():
+        assert torch.equal(p, expected[name]), name
+    assert torch.equal(fresh[0].bias, model[0].bias)  # kept float: not narrowed to float32
+
+
+def test_tied_float_parameter_reaches_every_use_of_an_untied_model():
+    torch.manual_seed(0)
+    model = TiedLM()
+    quantizer = dq.UniformQuantizer(model, bits=4, min_size=1.0)  # nothing quantized
+    untied = untied_lm()
+    serialization.load_quantized(untied, serialization.file_bytes(quantizer))
+    assert torch.equal(untied.emb.weight, model.emb.weight)
+    assert torch.equal(untied.out.weight, model.emb.weight)
+
+
+def test_exclude_on_the_first_name_keeps_a_tied_parameter_float():
+    torch.manual_seed(0)
+    model = TiedLM()
+    quantizer = dq.DiffQuantizer(model, min_size=0.001, group_size=8, exclude=["emb.weight"])
+    assert all(r.full_name != "out.weight" for r in quantizer._qparams)
+    expected = quantized_weights(model, quantizer)
+    assert torch.equal(expected["emb.weight"], model.emb.weight)  # kept float in eval
+    fresh = TiedLM()
+    serialization.load_quantized(fresh, serialization.file_bytes(quantizer))
+    assert fresh.out.weight is fresh.emb.weight
+    assert torch.equal(fresh.emb.weight, model.emb.weight)
+
+
+def test_bf16_record_into_untied_float32_model_gives_every_use_the_same_value():
+    torch.manual_seed(0)
+    model = TiedLM().to(torch.bfloat16)
+    quantizer = dq.DiffQuantizer(model, min_size=0.001, group_size=8)
+    spread_logits(model)
+    expected = quantized_weights(model, quantizer)["emb.weight"]
+    untied = untied_lm()
+    serialization.load_quantized(untied, serialization.file_bytes(quantizer))
+    assert torch.equal(untied.emb.weight, expected.float())
+    assert torch.equal(untied.out.weight, expected.float())
