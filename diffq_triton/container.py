@@ -23,9 +23,17 @@ from . import native
 from .cpu_pool import call_workers, run_calls
 
 # A header larger than this is refused before it is read (a forged length must not make
-# the loader allocate); 64 MiB holds the metadata of millions of tensors.
-MAX_HEADER = 64 << 20
+# the loader allocate); 16 MiB holds the metadata of some 50,000 tensors.
+MAX_HEADER = 16 << 20
 ALIGN = 8
+# Python's JSON parser makes an object of ~60 bytes per list or object, a few bytes of text
+# each: a header of empty lists would take 25 times its size in memory. Real headers open
+# one list or object per 17 bytes at most (short names): denser text is refused unparsed.
+MIN_BYTES_PER_CONTAINER = 12
+# Tensors have at most this many dimensions (torch's own limit is 64)...
+MAX_DIMS = 64
+# ...and no count or offset can reach 2^62 (a file of that size cannot exist).
+MAX_INT = 1 << 62
 
 STORED = {"F64": torch.float64, "F32": torch.float32, "F16": torch.float16, "U8": torch.uint8}
 ITEMSIZE = {"F64": 8, "F32": 4, "F16": 2, "U8": 1}
@@ -82,6 +90,7 @@ class Container:
         self.payloads = self._check_payloads()
         self.meta = self.header.get("__metadata__")
         self.deferred: list[tuple[torch.Tensor, object, str, str]] = []
+        self.used: set[str] = set()
 
     def _check_payloads(self) -> dict[str, Payload]:
         payloads = {}
@@ -93,9 +102,9 @@ class Container:
                 raise ValueError(f"{where} is not an object")
             dtype, shape, offsets = entry.get("dtype"), entry.get("shape"), entry.get(
                 "data_offsets")
-            if dtype not in STORED:
-                raise ValueError(f"{where}: unsupported dtype {dtype!r}")
-            shape = int_list(shape, f"{where} shape")
+            if not isinstance(dtype, str) or dtype not in STORED:
+                raise ValueError(f"{where}: unsupported dtype {dtype!r:.40}")
+            shape = shape_list(shape, f"{where} shape")
             offsets = int_list(offsets, f"{where} data_offsets")
             if len(offsets) != 2 or not 0 <= offsets[0] <= offsets[1] <= self.data.numel():
                 raise ValueError(f"{where}: data_offsets {offsets} lie outside the data "
@@ -116,6 +125,20 @@ class Container:
                              f"{position}")
         return payloads
 
+    def payload(self, key: str) -> Payload | None:
+        """Payload ``key`` (``None`` if absent), counted as used by a record."""
+        p = self.payloads.get(key)
+        if p is not None:
+            self.used.add(key)
+        return p
+
+    def check_all_used(self) -> None:
+        """Raise unless every payload was used by a record: a file holds nothing else."""
+        unused = [key for key in self.payloads if key not in self.used]
+        if unused:
+            raise ValueError(f"file entry {unused[0]!r} belongs to no tensor of the metadata"
+                             + (f" (and {len(unused) - 1} more)" if len(unused) > 1 else ""))
+
     def raw(self, key: str, name: str, what: str, nbytes: int, crc: object,
             defer: bool = False) -> torch.Tensor:
         """The checked bytes of payload ``key``: present, U8 of ``nbytes``, CRC-32 ``crc``.
@@ -123,7 +146,7 @@ class Container:
         With ``defer`` the checksum is compared by :meth:`verify` (with the others, in
         parallel); the bytes must not be used before.
         """
-        p = self.payloads.get(key)
+        p = self.payload(key)
         if p is None:
             raise ValueError(f"tensor {name!r}: {what} payload {key!r} is missing")
         if p.dtype != "U8" or p.shape != (nbytes,):
@@ -153,7 +176,8 @@ class Container:
 
 
 def read_source(source) -> bytearray | bytes:
-    if isinstance(source, bytearray):
+    """The whole content of a path, a binary file object or a bytes-like object."""
+    if isinstance(source, (bytearray, np.ndarray)):
         return source
     if isinstance(source, bytes):
         return bytearray(source)
@@ -166,10 +190,16 @@ def read_source(source) -> bytearray | bytes:
             if f.readinto(memoryview(buf)) != size:
                 raise ValueError("file changed size while being read")
             return buf
+    if not callable(getattr(source, "read", None)):
+        raise TypeError(f"expected a path, a binary file or bytes, got {type(source).__name__}")
     return bytearray(source.read())
 
 
 def parse_json(raw: bytes, what: str):
+    """``raw`` parsed as strict JSON (no NaN, no repeated keys), or ``ValueError``."""
+    if (raw.count(b"[") + raw.count(b"{")) * MIN_BYTES_PER_CONTAINER > len(raw) + 1024:
+        raise ValueError(f"{what} nests lists or objects more densely than any real file")
+
     def refuse_constant(token: str):
         raise ValueError(f"{what} holds {token}, which is not a JSON number")
 
@@ -187,11 +217,24 @@ def parse_json(raw: bytes, what: str):
 
 
 def int_list(value, what: str) -> list[int]:
+    """``value`` if it is a list of integers in ``[0, 2^62)``, else ``ValueError``."""
     if not isinstance(value, list) or not all(
-        isinstance(v, int) and not isinstance(v, bool) and v >= 0 for v in value
+        isinstance(v, int) and not isinstance(v, bool) and 0 <= v < MAX_INT for v in value
     ):
-        raise ValueError(f"{what} must be a list of non-negative integers, got {value!r:.80}")
+        shown = f"{value!r:.80}" if not isinstance(value, list) or len(value) < 100 else (
+            f"a list of {len(value)} items")
+        raise ValueError(f"{what} must be a list of integers in [0, 2^62), got {shown}")
     return value
+
+
+def shape_list(value, what: str) -> list[int]:
+    """``value`` if it is a tensor shape of at most 64 dimensions and 2^62 entries."""
+    if isinstance(value, list) and len(value) > MAX_DIMS:
+        raise ValueError(f"{what} has {len(value)} dimensions (at most {MAX_DIMS})")
+    shape = int_list(value, what)
+    if math.prod(shape) >= MAX_INT:
+        raise ValueError(f"{what} {shape} holds 2^62 entries or more")
+    return shape
 
 
 def as_bytes(raw: torch.Tensor) -> memoryview:

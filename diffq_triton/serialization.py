@@ -155,27 +155,62 @@ def _field(record: dict, key: str, kind, name: str):
     return value
 
 
-def _check_quantized(record: object, params: dict, file: container.Container) -> _Plan:
+def _finite_field(record: dict, key: str, name: str) -> float:
+    value = _field(record, key, (int, float), name)
+    try:
+        value = float(value)  # a JSON integer may have hundreds of digits
+    except OverflowError:
+        value = math.inf
+    if not math.isfinite(value):
+        raise ValueError(f"tensor {name!r}: field {key!r} is not finite")
+    return value
+
+
+def _dtype_field(record: dict, name: str) -> torch.dtype:
+    dtype = record.get("dtype")
+    if not isinstance(dtype, str) or dtype not in _DTYPES:
+        raise ValueError(f"tensor {name!r}: unknown dtype {dtype!r:.40}")
+    return _DTYPES[dtype]
+
+
+def _names_field(record: dict, name: str, required: bool) -> list[str]:
+    tied = record.get("tied", None if required else [])
+    if not isinstance(tied, list) or not all(isinstance(t, str) for t in tied):
+        raise ValueError(f"tensor {name!r}: field 'tied' must be a list of names")
+    return tied
+
+
+def _claim(covered: dict[int, str], name: str, targets: list[nn.Parameter]) -> None:
+    """Record that ``name`` gives the value of ``targets``; each parameter gets one."""
+    for p in targets:
+        if covered.get(id(p)) == name:
+            raise ValueError(f"tensor {name!r} is stored twice in the file")
+        if id(p) in covered:
+            raise ValueError(f"tensor {name!r}: its parameter is also stored as "
+                             f"{covered[id(p)]!r}, and one tied parameter cannot take two "
+                             "values (saved with detect_bound=False? load into an "
+                             "untied model)")
+        covered[id(p)] = name
+
+
+def _check_quantized(record: object, params: dict, file: container.Container,
+                     covered: dict[int, str]) -> _Plan:
     if not isinstance(record, dict) or not isinstance(record.get("name"), str):
         raise ValueError("a quantized record has no name")
     name = record["name"]
-    tied = _field(record, "tied", list, name)
-    if not all(isinstance(t, str) for t in tied):
-        raise ValueError(f"tensor {name!r}: tied names must be strings")
-    shape = tuple(container.int_list(record.get("shape"), f"tensor {name!r} shape"))
+    tied = _names_field(record, name, required=True)
+    shape = tuple(container.shape_list(record.get("shape"), f"tensor {name!r} shape"))
     targets = _targets(name, [name, *tied], shape, params)
-    dtype = _DTYPES.get(record.get("dtype"))
-    if dtype is None:
-        raise ValueError(f"tensor {name!r}: unknown dtype {record.get('dtype')!r}")
+    # Before any work sized by the record: a file repeating a record must not cost more.
+    _claim(covered, name, targets)
+    dtype = _dtype_field(record, name)
     scheme = record.get("scheme")
     if scheme not in SCHEMES:
-        raise ValueError(f"tensor {name!r}: unknown scheme {scheme!r}")
+        raise ValueError(f"tensor {name!r}: unknown scheme {scheme!r:.40}")
     group_size = _field(record, "group_size", int, name)
     if group_size < 0:
         raise ValueError(f"tensor {name!r}: negative group_size {group_size}")
-    mn, mx = (_field(record, k, (int, float), name) for k in ("min", "max"))
-    if not (math.isfinite(mn) and math.isfinite(mx)):
-        raise ValueError(f"tensor {name!r}: range ({mn}, {mx}) is not finite")
+    mn, mx = (_finite_field(record, k, name) for k in ("min", "max"))
     # Weights are computed in float32: a range finite as a double may still overflow there.
     check_range_float32(f"tensor {name!r}", mn, mx)
     if scheme == "minmax" and mn > mx:
@@ -203,20 +238,18 @@ def _check_quantized(record: object, params: dict, file: container.Container) ->
     return _Plan(name, targets, qt, packed=packed)
 
 
-def _check_float(record: object, params: dict, file: container.Container) -> _Plan:
+def _check_float(record: object, params: dict, file: container.Container,
+                 covered: dict[int, str]) -> _Plan:
     if not isinstance(record, dict) or not isinstance(record.get("name"), str):
         raise ValueError("a float record has no name")
     name = record["name"]
-    dtype = _DTYPES.get(record.get("dtype"))
-    if dtype is None:
-        raise ValueError(f"tensor {name!r}: unknown dtype {record.get('dtype')!r}")
-    tied = record.get("tied", [])
-    if not isinstance(tied, list) or not all(isinstance(t, str) for t in tied):
-        raise ValueError(f"tensor {name!r}: tied names must be a list of strings")
-    p = file.payloads.get(name)
+    _dtype_field(record, name)
+    tied = _names_field(record, name, required=False)
+    p = file.payload(name)
     if p is None or p.dtype not in ("F16", "F32", "F64"):
         raise ValueError(f"tensor {name!r}: float payload missing or not F16/F32/F64")
     targets = _targets(name, [name, *tied], p.shape, params)
+    _claim(covered, name, targets)
     data = file.data[p.start : p.stop]
     file.check_crc(data, record.get("crc"), name, "data", defer=True)
     if data.storage_offset() % container.ITEMSIZE[p.dtype]:
@@ -238,44 +271,57 @@ def _targets(name: str, names: Iterable[str], shape: tuple, params: dict) -> lis
     return out
 
 
+# What a check written for well-formed values may raise on a value of an unforeseen type or
+# size: reported as a malformed file, never as a crash of the loader.
+_MALFORMED = (TypeError, KeyError, IndexError, AttributeError, OverflowError, RecursionError)
+
+
 def _read_checked(model: nn.Module, source) -> list[_Plan]:
     """Parse and check a file against ``model`` without touching it (all checks, no copy).
 
     Raises:
         ValueError: naming the tensor and the problem, for any malformed or foreign file.
     """
-    file = container.Container(source)
+    if not isinstance(model, nn.Module):
+        raise TypeError(f"model must be an nn.Module, got {type(model).__name__}")
+    data = container.read_source(source)
+    try:
+        return _check_file(model, data)
+    except _MALFORMED as e:
+        raise ValueError(f"malformed file ({type(e).__name__}: {e})") from e
+
+
+def _check_file(model: nn.Module, data: bytearray | bytes) -> list[_Plan]:
+    file = container.Container(data)
     meta = file.meta
     if not isinstance(meta, dict) or meta.get("format") != FORMAT:
         raise ValueError(f"not a {FORMAT} file (no '{FORMAT}' format tag in the metadata)")
     text = meta.get(META_KEY)
-    if not isinstance(text, str) or meta.get("crc32") != str(zlib.crc32(text.encode())):
+    try:
+        raw = text.encode() if isinstance(text, str) else None
+    except UnicodeEncodeError:  # a lone surrogate escaped in the JSON header
+        raw = None
+    if raw is None or meta.get("crc32") != str(zlib.crc32(raw)):
         raise ValueError("metadata checksum mismatch (file corrupted)")
-    body = container.parse_json(text.encode(), "metadata")
+    body = container.parse_json(raw, "metadata")
     if not isinstance(body, dict):
         raise ValueError("metadata is not a JSON object")
-    if body.get("version") != VERSION:
-        raise ValueError(f"unknown format version {body.get('version')!r} (this library "
+    version = body.get("version")
+    if type(version) is not int or version != VERSION:
+        raise ValueError(f"unknown format version {version!r:.40} (this library "
                          f"reads version {VERSION})")
     quantized, floats = body.get("quantized"), body.get("float")
     if not isinstance(quantized, list) or not isinstance(floats, list):
         raise ValueError("metadata lacks the 'quantized' and 'float' lists")
     params = _model_params(model)
-    plans = [_check_quantized(r, params, file) for r in quantized]
-    plans += [_check_float(r, params, file) for r in floats]
     covered: dict[int, str] = {}
-    for plan in plans:
-        for p in plan.params:
-            if id(p) in covered:
-                raise ValueError(f"tensor {plan.name!r}: its parameter is also stored as "
-                                 f"{covered[id(p)]!r}, and one tied parameter cannot take two "
-                                 "values (saved with detect_bound=False? load into an "
-                                 "untied model)")
-            covered[id(p)] = plan.name
+    plans = [_check_quantized(r, params, file, covered) for r in quantized]
+    plans += [_check_float(r, params, file, covered) for r in floats]
     missing = [n for n, p in params.items() if id(p) not in covered]
     if missing:
         raise ValueError(f"the file holds no value for the model's parameter {missing[0]!r}"
                          + (f" and {len(missing) - 1} more" if len(missing) > 1 else ""))
+    file.check_all_used()
     file.verify()
     return plans
 

@@ -104,6 +104,9 @@ def test_forged_offsets_and_absurd_shapes(good_file):
     assert_rejected(join(header, body), "outside the data")
     header, body = split(good_file)
     header[key]["shape"] = [10**15, 10**15]
+    assert_rejected(join(header, body), "holds 2\\^62 entries")
+    header, body = split(good_file)
+    header[key]["shape"] = [4, 1]
     assert_rejected(join(header, body), "needs")
     header, body = split(good_file)
     header[key]["dtype"] = "I64"
@@ -129,7 +132,11 @@ def test_payload_bit_flip_names_tensor(good_file):
         ("min", 1e30, "exceeds max"),
         ("max", 1e300, "not finite in float32"),
         ("shape", [40, 15], "does not match"),
-        ("shape", [-1, 16], "non-negative"),
+        ("shape", [-1, 16], "integers in"),
+        ("shape", [1] * 100_000, "100000 dimensions"),
+        ("min", 10**400, "not finite"),
+        ("dtype", ["float32"], "unknown dtype"),
+        ("tied", "out.weight", "list of names"),
         ("scheme", "zip", "unknown scheme"),
         ("group_size", -3, "negative group_size"),
         ("group_size", "8", "wrong type"),
@@ -162,7 +169,7 @@ def test_widths_above_fifteen(good_file):
     assert_rejected(forge(good_file, edit), "exceeds 15|checksum|expected")
 
 
-@pytest.mark.parametrize("version", [0, 2, "1", None])
+@pytest.mark.parametrize("version", [0, 2, "1", None, True, 1.0])
 def test_unknown_version(good_file, version):
     def edit(meta, header):
         meta["version"] = version
@@ -196,7 +203,58 @@ def test_not_our_format(good_file):
     assert_rejected(join(header, body), "not a diffq-triton file")
     assert_rejected(b"\x00" * 64)
     assert_rejected(struct.pack("<Q", 6) + b"[[[[[[" )
-    assert_rejected(struct.pack("<Q", 20000) + b"[" * 20000, "not valid JSON")
+    assert_rejected(struct.pack("<Q", 20000) + b"[" * 20000, "nests")
+
+
+def test_dense_json_is_refused_before_parsing():
+    # Empty lists take ~25 times their text in memory once parsed.
+    text = b"[" + b"[]," * 2_000_000 + b"[]]"
+    assert_rejected(struct.pack("<Q", len(text)) + text, "nests lists or objects")
+
+
+def test_repeated_record_is_refused_before_its_work(good_file):
+    # Each copy would decode its widths again: the repeat is refused at the second copy.
+    def edit(meta, header):
+        meta["quantized"] = meta["quantized"][:1] * 1000 + meta["quantized"][1:]
+
+    assert_rejected(forge(good_file, edit), "'emb.weight' is stored twice")
+
+
+def test_float_record_fields(good_file):
+    def edit(meta, header):
+        meta["float"][0]["dtype"] = {"a": 1}
+
+    assert_rejected(forge(good_file, edit), "unknown dtype")
+
+
+def test_header_entry_dtype_not_a_string(good_file):
+    header, body = split(good_file)
+    header["out.bias"]["dtype"] = ["F32"]
+    assert_rejected(join(header, body), "unsupported dtype")
+
+
+def test_payload_of_no_tensor(good_file):
+    header, body = split(good_file)
+    end = len(body)
+    header["junk"] = {"dtype": "U8", "shape": [64], "data_offsets": [end, end + 64]}
+    assert_rejected(join(header, body + b"J" * 64), "'junk' belongs to no tensor")
+    header, body = split(good_file)
+    header["zz"] = {"dtype": "F32", "shape": [10**300] * 15 + [0], "data_offsets": [end, end]}
+    assert_rejected(join(header, body), "integers in")
+
+
+def test_lone_surrogate_in_metadata(good_file):
+    header, body = split(good_file)
+    text = header["__metadata__"]["diffq_triton"]
+    header["__metadata__"]["diffq_triton"] = text[:-1] + ',"x":"\ud800"}'
+    assert_rejected(join(header, body), "metadata checksum")
+
+
+def test_not_a_model_or_not_a_source(good_file):
+    with pytest.raises(TypeError, match="nn.Module"):
+        serialization.load_quantized(good_file, good_file)
+    with pytest.raises(TypeError, match="a path, a binary file or bytes"):
+        serialization.load_quantized(make_model(), 1234)
 
 
 MUTATIONS = st.lists(
