@@ -39,24 +39,31 @@ STORED = {"F64": torch.float64, "F32": torch.float32, "F16": torch.float16, "U8"
 ITEMSIZE = {"F64": 8, "F32": 4, "F16": 2, "U8": 1}
 
 
-def chunks(entries: list[tuple[str, str, list[int], torch.Tensor]], metadata: dict[str, str]
+Bytes = torch.Tensor | list[torch.Tensor]
+
+
+def chunks(entries: list[tuple[str, str, list[int], Bytes]], metadata: dict[str, str]
            ) -> list:
     """The file as a list of bytes-like chunks: length, header, then each payload.
 
     Args:
         entries: ``(key, dtype, shape, payload)`` in file order; ``payload`` a contiguous CPU
-            uint8 tensor of the payload's bytes (``dtype`` one of :data:`STORED`).
+            uint8 tensor of the payload's bytes, or a list of them that make the payload
+            back to back (``dtype`` one of :data:`STORED`).
         metadata: the ``__metadata__`` strings.
     """
     header: dict = {"__metadata__": metadata}
     offset = 0
+    pieces = []
     for key, dtype, shape, raw in entries:
-        header[key] = {"dtype": dtype, "shape": shape,
-                       "data_offsets": [offset, offset + raw.numel()]}
-        offset += raw.numel()
+        parts = raw if isinstance(raw, list) else [raw]
+        size = sum(part.numel() for part in parts)
+        header[key] = {"dtype": dtype, "shape": shape, "data_offsets": [offset, offset + size]}
+        offset += size
+        pieces += [as_bytes(part) for part in parts if part.numel()]
     text = json.dumps(header, separators=(",", ":")).encode()
     text += b" " * (-(8 + len(text)) % ALIGN)
-    return [struct.pack("<Q", len(text)), text] + [as_bytes(raw) for *_, raw in entries]
+    return [struct.pack("<Q", len(text)), text] + pieces
 
 
 @dataclass
@@ -90,7 +97,6 @@ class Container:
         self.payloads = self._check_payloads()
         self.meta = self.header.get("__metadata__")
         self.deferred: list[tuple[torch.Tensor, object, str, str]] = []
-        self.used: set[str] = set()
 
     def _check_payloads(self) -> dict[str, Payload]:
         payloads = {}
@@ -124,37 +130,6 @@ class Container:
             raise ValueError(f"data region holds {self.data.numel()} bytes, payloads cover "
                              f"{position}")
         return payloads
-
-    def payload(self, key: str) -> Payload | None:
-        """Payload ``key`` (``None`` if absent), counted as used by a record."""
-        p = self.payloads.get(key)
-        if p is not None:
-            self.used.add(key)
-        return p
-
-    def check_all_used(self) -> None:
-        """Raise unless every payload was used by a record: a file holds nothing else."""
-        unused = [key for key in self.payloads if key not in self.used]
-        if unused:
-            raise ValueError(f"file entry {unused[0]!r} belongs to no tensor of the metadata"
-                             + (f" (and {len(unused) - 1} more)" if len(unused) > 1 else ""))
-
-    def raw(self, key: str, name: str, what: str, nbytes: int, crc: object,
-            defer: bool = False) -> torch.Tensor:
-        """The checked bytes of payload ``key``: present, U8 of ``nbytes``, CRC-32 ``crc``.
-
-        With ``defer`` the checksum is compared by :meth:`verify` (with the others, in
-        parallel); the bytes must not be used before.
-        """
-        p = self.payload(key)
-        if p is None:
-            raise ValueError(f"tensor {name!r}: {what} payload {key!r} is missing")
-        if p.dtype != "U8" or p.shape != (nbytes,):
-            raise ValueError(f"tensor {name!r}: {what} payload holds {p.stop - p.start} "
-                             f"bytes ({p.dtype}), expected {nbytes}")
-        data = self.data[p.start : p.stop]
-        self.check_crc(data, crc, name, what, defer)
-        return data
 
     def check_crc(self, data: torch.Tensor, crc: object, name: str, what: str,
                   defer: bool = False) -> None:
@@ -241,13 +216,16 @@ def as_bytes(raw: torch.Tensor) -> memoryview:
     return memoryview(raw.numpy()).cast("B")
 
 
-def payload_crc(raw: torch.Tensor) -> int:
-    """CRC-32 (zlib's) of a payload's bytes."""
-    if not raw.numel():
-        return 0
-    return native.crc32(native.library(), raw.contiguous().cpu().reshape(-1).view(torch.uint8))
+def payload_crc(raw: Bytes) -> int:
+    """CRC-32 (zlib's) of a payload's bytes (of pieces: as if back to back)."""
+    crc = 0
+    for part in raw if isinstance(raw, list) else [raw]:
+        if part.numel():
+            flat = part.contiguous().cpu().reshape(-1).view(torch.uint8)
+            crc = native.crc32(native.library(), flat, crc)
+    return crc
 
 
-def payload_crcs(raws: list[torch.Tensor]) -> list[int]:
+def payload_crcs(raws: list[Bytes]) -> list[int]:
     """CRC-32 of each payload, several at once (zlib releases the GIL on large buffers)."""
     return run_calls([(payload_crc, (raw,)) for raw in raws], call_workers())

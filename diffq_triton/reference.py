@@ -214,12 +214,20 @@ def fake_quantize(w: torch.Tensor, bits_int: torch.Tensor, group_size: int) -> t
     return dequantize(levels, bits_int, group_size, mn, mx).view(w.shape).to(w.dtype)
 
 
-def bit_width_field(max_bits_used: torch.Tensor, min_bits: float) -> torch.Tensor:
+def bit_width_field(bits: torch.Tensor, min_bits: float) -> torch.Tensor:
     """Bits needed to store one group's width: ``ceil(log2(1 + round(max b) - min_bits))``.
 
+    Where a negative ``extra_bits`` puts widths below ``min_bits``, the field counts from the
+    smallest width instead, as files store it (diffq 0.2.4 cannot store such widths).
     Computed on the device (no host synchronisation); never negative.
+
+    Args:
+        bits: ``[n_groups]`` widths of one tensor.
+        min_bits: the quantizer's ``min_bits``.
     """
-    span = (max_bits_used.detach().round() - min_bits).clamp(min=0)
+    rounded = bits.detach().round()
+    base = torch.clamp(rounded.min(), max=min_bits)
+    span = (rounded.max() - base).clamp(min=0)
     return torch.ceil(torch.log2(1 + span))
 
 
@@ -243,7 +251,7 @@ def diffq_tensor_size_bits(
     payload = full * bits.sum()
     if last != full:  # the shorter last group counts its own length, not group_size
         payload = payload - (full - last) * bits[-1]
-    field = bit_width_field(bits.max(), min_bits)
+    field = bit_width_field(bits, min_bits)
     return payload + 2 * 32 + 8 + field * bits.numel()
 
 

@@ -16,6 +16,7 @@ from collections.abc import Iterable
 from dataclasses import dataclass
 from typing import BinaryIO
 
+import numpy as np
 import torch
 from torch import nn
 
@@ -26,6 +27,8 @@ from .state import SCHEMES, QuantizedTensor, check_range_float32
 FORMAT = "diffq-triton"
 VERSION = 1
 META_KEY = "diffq_triton"
+# The payload holding every quantized tensor's width and level streams, in record order.
+STREAMS = "__streams__"
 _DTYPES = {
     "float32": torch.float32, "float16": torch.float16, "bfloat16": torch.bfloat16,
     "float64": torch.float64,
@@ -73,49 +76,67 @@ def _other_names(model: nn.Module | None) -> dict[str, list[str]]:
 
 def _encode(exported: list[QuantizedTensor], float_params: list,
             other_names: dict[str, list[str]]) -> tuple[list, str]:
-    """Payloads ``(key, dtype, shape, bytes)`` in file order, and the metadata JSON."""
-    entries: list[tuple[str, str, list[int], torch.Tensor]] = []
-    floats = []
+    """Payloads ``(key, dtype, shape, bytes)`` in file order, and the metadata JSON.
+
+    A payload's bytes are a uint8 tensor, or a list of them written back to back (the
+    streams of every quantized tensor form one payload, sparing a header entry each).
+    """
+    entries: list[tuple[str, str, list[int], torch.Tensor | list[torch.Tensor]]] = []
+    restored: dict[str, str] = {}
     for name, tensor, as_half in float_params:
         # float64 stays float64: narrowing it would change the model the file restores.
         stored = "F16" if as_half else "F64" if tensor.dtype == torch.float64 else "F32"
         data = tensor.detach().to(container.STORED[stored]).contiguous().cpu()
-        raw = data.reshape(-1).view(torch.uint8)
-        entries.append((name, stored, list(tensor.shape), raw))
-        record = {"name": name, "dtype": _dtype_name(tensor.dtype), "crc": raw}
-        if other_names.get(name):
-            record["tied"] = other_names[name]
-        floats.append(record)
+        entries.append((name, stored, list(tensor.shape), data.reshape(-1).view(torch.uint8)))
+        if tensor.dtype != container.STORED[stored]:
+            restored[name] = _dtype_name(tensor.dtype)
     # Float payloads first, widest first: from an 8-aligned data start each stays aligned.
     entries.sort(key=lambda e: -container.ITEMSIZE[e[1]])
-    quantized = [_encode_quantized(qt, entries) for qt in exported]
-    # Records hold their payloads where the checksums go; all are summed at once.
-    slots = [(r, k) for r in floats + quantized for k in ("crc", "widths_crc") if k in r]
-    sums = container.payload_crcs([record[key] for record, key in slots])
-    for (record, key), crc in zip(slots, sums, strict=True):
-        record[key] = crc
-    meta = json.dumps({"version": VERSION, "quantized": quantized, "float": floats},
+    floats: dict = {"crc": [raw for *_, raw in entries]}
+    if restored:
+        floats["dtype"] = restored
+    tied = {name: other_names[name] for name, *_ in entries if other_names.get(name)}
+    if tied:
+        floats["tied"] = tied
+    records, streams = [], []
+    for qt in exported:
+        record, widths, levels = _encode_quantized(qt)
+        records.append(record)
+        if widths is not None:
+            record["widths_crc"] = widths
+            streams.append(widths)
+        record["crc"] = levels
+        streams.append(levels)
+    if streams:
+        entries.append((STREAMS, "U8", [sum(p.numel() for p in streams)], streams))
+    # Checksums last, all at once (in parallel): records hold their bytes where they go.
+    slots = [(floats["crc"], i) for i in range(len(floats["crc"]))]
+    slots += [(r, k) for r in records for k in ("widths_crc", "crc") if k in r]
+    sums = container.payload_crcs([holder[key] for holder, key in slots])
+    for (holder, key), crc in zip(slots, sums, strict=True):
+        holder[key] = crc
+    meta = json.dumps({"version": VERSION, "quantized": records, "float": floats},
                       separators=(",", ":"), allow_nan=False)
     return entries, meta
 
 
-def _encode_quantized(qt: QuantizedTensor, entries: list) -> dict:
+def _encode_quantized(qt: QuantizedTensor) -> tuple[dict, torch.Tensor | None, torch.Tensor]:
+    """A quantized tensor's record (defaults left out), its width stream (``None`` when
+    every group has the same width) and its level stream."""
     bits = qt.bits.reshape(-1).to(torch.uint8).cpu()
     base = int(bits.min())
     widths, field = bitpack.pack_widths(bits, base)
-    packed = qt.stream().cpu()
-    record = {
-        "name": qt.name, "tied": list(qt.tied_names), "shape": list(qt.shape),
-        "dtype": _dtype_name(qt.dtype), "scheme": qt.scheme, "group_size": qt.group_size,
-        "min": _finite(qt.mn, qt.name), "max": _finite(qt.mx, qt.name),
-        "min_bits": base, "field_bits": field, "crc": packed,
-    }
-    entries.append((f"{qt.name}:levels", "U8", [packed.numel()], packed))
-    if field:
-        widths = widths.cpu()
-        entries.append((f"{qt.name}:widths", "U8", [widths.numel()], widths))
-        record["widths_crc"] = widths
-    return record
+    record: dict = {"name": qt.name}
+    if qt.tied_names:
+        record["tied"] = list(qt.tied_names)
+    record["shape"] = list(qt.shape)
+    if qt.dtype != torch.float32:
+        record["dtype"] = _dtype_name(qt.dtype)
+    if qt.scheme != "minmax":
+        record["scheme"] = qt.scheme
+    record.update(group_size=qt.group_size, min=_float32_number(qt.mn, qt.name),
+                  max=_float32_number(qt.mx, qt.name), min_bits=base, field_bits=field)
+    return record, widths.cpu() if field else None, qt.stream().cpu()
 
 
 def _dtype_name(dtype: torch.dtype) -> str:
@@ -124,11 +145,14 @@ def _dtype_name(dtype: torch.dtype) -> str:
     return _DTYPE_NAMES[dtype]
 
 
-def _finite(value: float, name: str) -> float:
+def _float32_number(value: float, name: str) -> float:
+    """``value`` (a float32) as the double with the shortest text that reads back to it."""
     value = float(value)
     if not math.isfinite(value):
         raise ValueError(f"tensor {name!r}: range {value} is not finite; cannot save it")
-    return value
+    single = np.float32(value)
+    short = float(str(single))  # 9 digits at most where repr(value) may take 17
+    return short if np.float32(short) == single else value
 
 
 # ============================================================================ decoding
@@ -167,17 +191,16 @@ def _finite_field(record: dict, key: str, name: str) -> float:
 
 
 def _dtype_field(record: dict, name: str) -> torch.dtype:
-    dtype = record.get("dtype")
+    dtype = record.get("dtype", "float32")
     if not isinstance(dtype, str) or dtype not in _DTYPES:
         raise ValueError(f"tensor {name!r}: unknown dtype {dtype!r:.40}")
     return _DTYPES[dtype]
 
 
-def _names_field(record: dict, name: str, required: bool) -> list[str]:
-    tied = record.get("tied", None if required else [])
-    if not isinstance(tied, list) or not all(isinstance(t, str) for t in tied):
+def _names(value: object, name: str) -> list[str]:
+    if not isinstance(value, list) or not all(isinstance(t, str) for t in value):
         raise ValueError(f"tensor {name!r}: field 'tied' must be a list of names")
-    return tied
+    return value
 
 
 def _claim(covered: dict[int, str], name: str, targets: list[nn.Parameter]) -> None:
@@ -193,18 +216,44 @@ def _claim(covered: dict[int, str], name: str, targets: list[nn.Parameter]) -> N
         covered[id(p)] = name
 
 
+class _Streams:
+    """The streams payload, handed out record by record in file order."""
+
+    def __init__(self, file: container.Container):
+        p = file.payloads.get(STREAMS)
+        if p is not None and p.dtype != "U8":
+            raise ValueError(f"file entry {STREAMS!r} must be U8, got {p.dtype}")
+        self.data = file.data[p.start : p.stop] if p is not None else file.data[:0]
+        self.position = 0
+
+    def take(self, nbytes: int, name: str, what: str) -> torch.Tensor:
+        """The next ``nbytes`` bytes, the ``what`` stream of tensor ``name``."""
+        stop = self.position + nbytes
+        if stop > self.data.numel():
+            raise ValueError(f"tensor {name!r}: its {what} stream needs {nbytes} bytes, the "
+                             f"streams payload has {self.data.numel() - self.position} left")
+        piece = self.data[self.position : stop]
+        self.position = stop
+        return piece
+
+    def finish(self) -> None:
+        if self.position != self.data.numel():
+            raise ValueError(f"streams payload holds {self.data.numel()} bytes, the records "
+                             f"use {self.position}")
+
+
 def _check_quantized(record: object, params: dict, file: container.Container,
-                     covered: dict[int, str]) -> _Plan:
+                     covered: dict[int, str], streams: _Streams) -> _Plan:
     if not isinstance(record, dict) or not isinstance(record.get("name"), str):
         raise ValueError("a quantized record has no name")
     name = record["name"]
-    tied = _names_field(record, name, required=True)
+    tied = _names(record.get("tied", []), name)
     shape = tuple(container.shape_list(record.get("shape"), f"tensor {name!r} shape"))
     targets = _targets(name, [name, *tied], shape, params)
     # Before any work sized by the record: a file repeating a record must not cost more.
     _claim(covered, name, targets)
     dtype = _dtype_field(record, name)
-    scheme = record.get("scheme")
+    scheme = record.get("scheme", "minmax")
     if scheme not in SCHEMES:
         raise ValueError(f"tensor {name!r}: unknown scheme {scheme!r:.40}")
     group_size = _field(record, "group_size", int, name)
@@ -222,9 +271,11 @@ def _check_quantized(record: object, params: dict, file: container.Container,
     numel = math.prod(shape)
     n_groups = reference.num_groups(numel, group_size)
     if field:
-        raw = file.raw(f"{name}:widths", name, "widths", (n_groups * field + 7) // 8,
-                       record.get("widths_crc"))
-        bits = bitpack.unpack_widths(raw, field, n_groups, base)
+        widths = streams.take((n_groups * field + 7) // 8, name, "widths")
+        # Checked now: the levels' length, hence every later record's place, follows from
+        # the widths, so a corrupted width must be reported as this tensor's.
+        file.check_crc(widths, record.get("widths_crc"), name, "widths")
+        bits = bitpack.unpack_widths(widths, field, n_groups, base)
     else:
         bits = torch.full((n_groups,), base, dtype=torch.uint8)
     if int(bits.max()) > bitpack.MAX_WIDTH:
@@ -232,29 +283,46 @@ def _check_quantized(record: object, params: dict, file: container.Container,
     if scheme == "lsq" and n_groups != 1:
         raise ValueError(f"tensor {name!r}: lsq tensors have one group, got {n_groups}")
     nbytes = bitpack.packed_nbytes(bits, group_size, numel) if numel else 0
-    packed = file.raw(f"{name}:levels", name, "levels", nbytes, record.get("crc"), defer=True)
+    packed = streams.take(nbytes, name, "levels")
+    file.check_crc(packed, record.get("crc"), name, "levels", defer=True)
     qt = QuantizedTensor(name, shape, dtype, scheme, group_size, None, bits,
                          float(mn), float(mx), list(tied), stream=packed)
     return _Plan(name, targets, qt, packed=packed)
 
 
-def _check_float(record: object, params: dict, file: container.Container,
-                 covered: dict[int, str]) -> _Plan:
-    if not isinstance(record, dict) or not isinstance(record.get("name"), str):
-        raise ValueError("a float record has no name")
-    name = record["name"]
-    _dtype_field(record, name)
-    tied = _names_field(record, name, required=False)
-    p = file.payload(name)
-    if p is None or p.dtype not in ("F16", "F32", "F64"):
-        raise ValueError(f"tensor {name!r}: float payload missing or not F16/F32/F64")
-    targets = _targets(name, [name, *tied], p.shape, params)
-    _claim(covered, name, targets)
-    data = file.data[p.start : p.stop]
-    file.check_crc(data, record.get("crc"), name, "data", defer=True)
-    if data.storage_offset() % container.ITEMSIZE[p.dtype]:
-        data = data.clone()  # a file written by another tool may leave floats unaligned
-    return _Plan(name, targets, floats=data.view(container.STORED[p.dtype]).view(p.shape))
+def _check_floats(floats: object, params: dict, file: container.Container,
+                  covered: dict[int, str]) -> list[_Plan]:
+    """Plans for the float payloads (every payload but the streams), in file order."""
+    if not isinstance(floats, dict):
+        raise ValueError("metadata 'float' is not an object")
+    keys = sorted((k for k in file.payloads if k != STREAMS),
+                  key=lambda k: file.payloads[k].start)
+    crcs, restored, tied = floats.get("crc"), floats.get("dtype", {}), floats.get("tied", {})
+    if not isinstance(crcs, list) or len(crcs) != len(keys):
+        raise ValueError(f"metadata lists {len(crcs) if isinstance(crcs, list) else 'no'} "
+                         f"float checksums for {len(keys)} float payloads")
+    if not isinstance(restored, dict) or not isinstance(tied, dict):
+        raise ValueError("metadata 'float' dtype and tied entries must be objects")
+    strays = (set(restored) | set(tied)) - set(keys)
+    if strays:
+        raise ValueError(f"tensor {min(strays)!r}: listed among the float tensors, but the "
+                         "file holds no float payload of that name")
+    plans = []
+    for name, crc in zip(keys, crcs, strict=True):
+        p = file.payloads[name]
+        if p.dtype not in ("F16", "F32", "F64"):
+            raise ValueError(f"tensor {name!r}: float payload of dtype {p.dtype}")
+        _dtype_field({"dtype": restored.get(name, _DTYPE_NAMES[container.STORED[p.dtype]])},
+                     name)
+        targets = _targets(name, [name, *_names(tied.get(name, []), name)], p.shape, params)
+        _claim(covered, name, targets)
+        data = file.data[p.start : p.stop]
+        file.check_crc(data, crc, name, "data", defer=True)
+        if data.storage_offset() % container.ITEMSIZE[p.dtype]:
+            data = data.clone()  # a file written by another tool may leave floats unaligned
+        plans.append(_Plan(name, targets,
+                           floats=data.view(container.STORED[p.dtype]).view(p.shape)))
+    return plans
 
 
 def _targets(name: str, names: Iterable[str], shape: tuple, params: dict) -> list:
@@ -310,18 +378,19 @@ def _check_file(model: nn.Module, data: bytearray | bytes) -> list[_Plan]:
     if type(version) is not int or version != VERSION:
         raise ValueError(f"unknown format version {version!r:.40} (this library "
                          f"reads version {VERSION})")
-    quantized, floats = body.get("quantized"), body.get("float")
-    if not isinstance(quantized, list) or not isinstance(floats, list):
-        raise ValueError("metadata lacks the 'quantized' and 'float' lists")
+    quantized = body.get("quantized")
+    if not isinstance(quantized, list):
+        raise ValueError("metadata lacks the 'quantized' list")
     params = _model_params(model)
     covered: dict[int, str] = {}
-    plans = [_check_quantized(r, params, file, covered) for r in quantized]
-    plans += [_check_float(r, params, file, covered) for r in floats]
+    streams = _Streams(file)
+    plans = [_check_quantized(r, params, file, covered, streams) for r in quantized]
+    streams.finish()
+    plans += _check_floats(body.get("float"), params, file, covered)
     missing = [n for n, p in params.items() if id(p) not in covered]
     if missing:
         raise ValueError(f"the file holds no value for the model's parameter {missing[0]!r}"
                          + (f" and {len(missing) - 1} more" if len(missing) > 1 else ""))
-    file.check_all_used()
     file.verify()
     return plans
 

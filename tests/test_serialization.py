@@ -117,8 +117,9 @@ def test_float_parameters_readable_with_safetensors():
     quantizer = dq.UniformQuantizer(model, bits=4, min_size=0.001)
     tensors = safetensors_torch.load(serialization.file_bytes(quantizer))
     assert torch.equal(tensors["2.bias"], model[2].bias.detach())
-    assert tensors["0.weight:levels"].dtype == torch.uint8
-    assert tensors["0.weight:levels"].numel() == (32 * 300 * 4 + 7) // 8
+    # Every stream in one U8 payload: the 4-bit levels of both weights and the first bias.
+    assert tensors["__streams__"].dtype == torch.uint8
+    assert tensors["__streams__"].numel() == (32 * 300 + 300 + 300 * 10) * 4 // 8
 
 
 class HandMade:
@@ -245,3 +246,30 @@ def test_bf16_record_into_untied_float32_model_gives_every_use_the_same_value():
     serialization.load_quantized(untied, serialization.file_bytes(quantizer))
     assert torch.equal(untied.emb.weight, expected.float())
     assert torch.equal(untied.out.weight, expected.float())
+
+
+def within_size_budget(quantizer) -> bool:
+    size = len(serialization.file_bytes(quantizer))
+    return size <= quantizer.true_model_size() * 2**20 * 1.01 + 16384
+
+
+def test_size_budget_with_widths_below_min_bits():
+    # A negative extra_bits puts widths below min_bits: the counted width field covers them.
+    torch.manual_seed(0)
+    model = torch.nn.Linear(256, 256)
+    quantizer = dq.DiffQuantizer(model, group_size=1, min_bits=2, max_bits=3, init_bits=2.5,
+                                 extra_bits=-1)
+    with torch.no_grad():
+        model.weight_diffq.copy_(torch.randn(model.weight_diffq.shape) * 3)
+    assert within_size_budget(quantizer)
+
+
+@pytest.mark.parametrize("quantizer_cls, kwargs", [
+    (dq.UniformQuantizer, dict(bits=4)), (dq.DiffQuantizer, dict(group_size=8))],
+    ids=["uniform-4", "diffq-g8"])
+def test_size_budget_with_many_small_tensors(quantizer_cls, kwargs):
+    # 144 tensors of a few KB: the metadata per tensor must stay small.
+    torch.manual_seed(0)
+    layer = torch.nn.TransformerEncoderLayer(64, 4, 256, batch_first=True)
+    model = torch.nn.TransformerEncoder(layer, 12, enable_nested_tensor=False)
+    assert within_size_budget(quantizer_cls(model, **kwargs))

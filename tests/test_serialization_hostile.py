@@ -99,7 +99,7 @@ def test_forged_header_length(good_file, length):
 
 def test_forged_offsets_and_absurd_shapes(good_file):
     header, body = split(good_file)
-    key = "emb.weight:levels"
+    key = "__streams__"
     header[key]["data_offsets"][1] += 10**12
     assert_rejected(join(header, body), "outside the data")
     header, body = split(good_file)
@@ -109,16 +109,42 @@ def test_forged_offsets_and_absurd_shapes(good_file):
     header[key]["shape"] = [4, 1]
     assert_rejected(join(header, body), "needs")
     header, body = split(good_file)
+    header[key]["dtype"] = "F16"
+    header[key]["shape"][0] //= 2
+    assert_rejected(join(header, body), "must be U8")
+    header, body = split(good_file)
     header[key]["dtype"] = "I64"
     assert_rejected(join(header, body), "unsupported dtype")
 
 
 def test_payload_bit_flip_names_tensor(good_file):
     header, body = split(good_file)
-    start, _ = header["emb.weight:levels"]["data_offsets"]
+    start, _ = header["__streams__"]["data_offsets"]
     body = bytearray(body)
-    body[start + 3] ^= 0x10
-    assert_rejected(join(header, bytes(body)), "'emb.weight': levels checksum mismatch")
+    body[start + 3] ^= 0x10  # the first record's widths: emb.weight's
+    assert_rejected(join(header, bytes(body)), "'emb.weight': widths checksum mismatch")
+    header, body = split(good_file)
+    _, stop = header["__streams__"]["data_offsets"]
+    body = bytearray(body)
+    body[stop - 1] ^= 0x80  # the last record's levels
+    assert_rejected(join(header, bytes(body)), "levels checksum mismatch")
+    header, body = split(good_file)
+    start, _ = header["out.bias"]["data_offsets"]
+    body = bytearray(body)
+    body[start] ^= 0x01
+    assert_rejected(join(header, bytes(body)), "'out.bias': data checksum mismatch")
+
+
+def test_streams_shorter_or_longer_than_the_records(good_file):
+    def edit(meta, header):
+        meta["quantized"].pop()  # its streams stay in the payload
+
+    assert_rejected(forge(good_file, edit), "streams payload holds")
+
+    def edit_width(meta, header):
+        meta["quantized"][-1]["min_bits"] += 2  # needs more level bytes than are left
+
+    assert_rejected(forge(good_file, edit_width), "left|checksum")
 
 
 @pytest.mark.parametrize(
@@ -191,10 +217,17 @@ def test_wrong_model(good_file):
 
 
 def test_missing_parameter_value(good_file):
-    def edit(meta, header):
-        meta["float"] = [r for r in meta["float"] if r["name"] != "out.bias"]
+    header, body = split(good_file)
+    start, stop = header.pop("out.bias")["data_offsets"]
+    for entry in header.values():
+        if "data_offsets" in entry and entry["data_offsets"][0] >= stop:
+            entry["data_offsets"] = [o - (stop - start) for o in entry["data_offsets"]]
 
-    assert_rejected(forge(good_file, edit), "no value for the model's parameter 'out.bias'")
+    def edit(meta, header):
+        meta["float"]["crc"].pop()  # out.bias is the last float payload
+
+    data = forge(join(header, body[:start] + body[stop:]), edit)
+    assert_rejected(data, "no value for the model's parameter 'out.bias'")
 
 
 def test_not_our_format(good_file):
@@ -220,11 +253,17 @@ def test_repeated_record_is_refused_before_its_work(good_file):
     assert_rejected(forge(good_file, edit), "'emb.weight' is stored twice")
 
 
-def test_float_record_fields(good_file):
-    def edit(meta, header):
-        meta["float"][0]["dtype"] = {"a": 1}
-
-    assert_rejected(forge(good_file, edit), "unknown dtype")
+@pytest.mark.parametrize("edit, match", [
+    (lambda f: f.__setitem__("dtype", {"out.bias": {"a": 1}}), "unknown dtype"),
+    (lambda f: f.__setitem__("dtype", {"nope": "float32"}), "'nope': listed among the float"),
+    (lambda f: f.__setitem__("tied", {"out.bias": "x"}), "list of names"),
+    (lambda f: f.__setitem__("tied", []), "must be objects"),
+    (lambda f: f["crc"].append(1), "float checksums for"),
+    (lambda f: f.__setitem__("crc", None), "no float checksums"),
+    (lambda f: f["crc"].__setitem__(0, "1"), "checksum is missing or not an integer"),
+], ids=["dtype", "stray-name", "tied", "tied-list", "extra-crc", "no-crc", "crc-type"])
+def test_float_metadata_fields(good_file, edit, match):
+    assert_rejected(forge(good_file, lambda meta, header: edit(meta["float"])), match)
 
 
 def test_header_entry_dtype_not_a_string(good_file):
@@ -237,7 +276,7 @@ def test_payload_of_no_tensor(good_file):
     header, body = split(good_file)
     end = len(body)
     header["junk"] = {"dtype": "U8", "shape": [64], "data_offsets": [end, end + 64]}
-    assert_rejected(join(header, body + b"J" * 64), "'junk' belongs to no tensor")
+    assert_rejected(join(header, body + b"J" * 64), "float checksums for")
     header, body = split(good_file)
     header["zz"] = {"dtype": "F32", "shape": [10**300] * 15 + [0], "data_offsets": [end, end]}
     assert_rejected(join(header, body), "integers in")
