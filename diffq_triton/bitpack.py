@@ -27,6 +27,7 @@ from .bitpack_cpu import (
     unpack_fixed,
 )
 from .cpu_pool import cpu_threads
+from .dispatch import bitpack_on_triton
 from .reference import num_groups
 
 __all__ = ["MAX_WIDTH", "pack_levels", "pack_widths", "packed_nbytes", "unpack_levels",
@@ -61,7 +62,7 @@ def pack_levels(levels: torch.Tensor, bits: torch.Tensor, group_size: int) -> to
     Raises:
         ValueError: widths out of range, wrong number of groups, levels out of range.
     """
-    if isinstance(levels, torch.Tensor) and levels.is_cuda:
+    if isinstance(levels, torch.Tensor) and bitpack_on_triton(levels):
         from .kernels import bitpack as kernels
 
         levels, bits = _check_args(levels, bits.to(levels.device), group_size)
@@ -108,7 +109,7 @@ def unpack_levels(
             raise ValueError(f"packed stream holds {packed.numel()} bytes, expected {expected}")
         if numel == 0:
             return torch.zeros(0, dtype=torch.int16, device=packed.device)
-        if not packed.is_cuda:
+        if not bitpack_on_triton(packed):
             lib = native.library()
             if lib is not None:
                 return native.unpack(lib, packed, bits, group_size, numel)
@@ -144,7 +145,7 @@ def pack_widths(bits: torch.Tensor, min_bits: int) -> tuple[torch.Tensor, int]:
     field = width_field_bits(bits, min_bits)
     if field == 0:
         return torch.zeros(0, dtype=torch.uint8, device=bits.device), 0
-    if bits.is_cuda:
+    if bitpack_on_triton(bits):
         from .kernels import bitpack as kernels
 
         return kernels.pack_fixed(bits.to(torch.int64) - min_bits, field), field
@@ -173,7 +174,7 @@ def unpack_widths(
         raise ValueError(f"packed widths hold {packed.numel()} bytes, expected {expected}")
     if field_bits == 0:
         return torch.full((n_groups,), min_bits, dtype=torch.uint8, device=packed.device)
-    if packed.is_cuda:
+    if bitpack_on_triton(packed):
         from .kernels import bitpack as kernels
 
         excess = kernels.unpack_fixed(packed, field_bits, n_groups)

@@ -74,6 +74,19 @@ def choose_backend(t: torch.Tensor) -> str:
     return choice
 
 
+def bitpack_on_triton(t: torch.Tensor) -> bool:
+    """Whether the bitstream kernels (:mod:`diffq_triton.kernels.bitpack`) handle ``t``.
+
+    CUDA tensors always; CPU tensors only when the ``triton`` backend is forced with the
+    interpreter on (so that tests run the GPU file path on a CPU machine): elsewhere the
+    native or torch CPU codec is much faster than interpreted kernels.
+    """
+    if t.is_cuda:
+        return True
+    return (t.device.type == "cpu" and HAS_TRITON and _interpreting()
+            and requested_backend() == "triton")
+
+
 @contextmanager
 def use_backend(name: str) -> Iterator[None]:
     """Force a backend inside the block: ``with use_backend("eager"): ...``.

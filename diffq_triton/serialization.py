@@ -20,7 +20,7 @@ import numpy as np
 import torch
 from torch import nn
 
-from . import atomic_file, bitpack, container, cpu_codec, native, reference
+from . import atomic_file, bitpack, container, cpu_codec, dispatch, native, reference
 from .cpu_pool import cpu_threads
 from .state import SCHEMES, QuantizedTensor, check_range_float32
 
@@ -395,12 +395,23 @@ def _check_file(model: nn.Module, data: bytearray | bytes) -> list[_Plan]:
     return plans
 
 
+def _on_host(plan: _Plan, device: torch.device) -> bool:
+    """Whether a quantized record decodes with the CPU codecs (else with the kernels)."""
+    return device.type == "cpu" and not dispatch.bitpack_on_triton(plan.packed)
+
+
 def _decode(plan: _Plan, device: torch.device, out: torch.Tensor | None = None) -> torch.Tensor:
-    """The weight of a checked record, on ``device`` (written into ``out`` when given)."""
+    """The weight of a checked record, on ``device``.
+
+    Args:
+        out: a contiguous float32 CPU tensor of the weight's size, written in place when
+            the record decodes on the host (:func:`_on_host`).
+    """
     if plan.qt is None:
         return plan.floats.to(device)
     qt = plan.qt
-    lib = native.library() if device.type == "cpu" and qt.scheme == "minmax" else None
+    host = _on_host(plan, device)
+    lib = native.library() if host and qt.scheme == "minmax" else None
     if lib is not None:
         # One pass from the stream to the weights, into the parameter when given.
         mn = torch.tensor(qt.mn, dtype=torch.float32)
@@ -413,7 +424,7 @@ def _decode(plan: _Plan, device: torch.device, out: torch.Tensor | None = None) 
     levels = bitpack.unpack_levels(packed, bits, qt.group_size, qt.numel)
     if qt.scheme == "lsq":
         levels = levels - (1 << (int(qt.bits[0]) - 1))
-    if device.type == "cpu":
+    if host:
         return cpu_codec.dequantize_cpu(levels, bits, qt, out).view(qt.shape).to(qt.dtype)
     decoded = QuantizedTensor(qt.name, qt.shape, qt.dtype, qt.scheme, qt.group_size, levels,
                               bits, qt.mn, qt.mx)
@@ -441,7 +452,7 @@ def load_quantized(model: nn.Module, path: str | os.PathLike | BinaryIO | bytes)
             # Straight into a float32 parameter only from a float32 record: a bf16 record
             # must reach every use rounded to bf16, as its tied copies receive it.
             direct = (plan.qt is not None and plan.qt.dtype == torch.float32
-                      and first.device.type == "cpu" and first.dtype == torch.float32
+                      and _on_host(plan, first.device) and first.dtype == torch.float32
                       and first.is_contiguous())
             value = _decode(plan, first.device, first.data if direct else None)
             for p in plan.params[0 if not direct else 1 :]:
