@@ -220,7 +220,10 @@ def _check_levels_range(levels: torch.Tensor, bits: torch.Tensor, group_size: in
     if int(levels.min()) < 0:
         raise ValueError("levels must be >= 0 (unsigned); offset signed levels first")
     per_entry = _expand(bits, group_size, levels.numel())
-    if bool(((levels.to(torch.int32) >> per_entry.to(torch.int32)) != 0).any()):
+    # int64 levels are shifted as int64: a cast to int32 first would wrap 2^32 + q to q.
+    wide = torch.int64 if levels.dtype in (torch.int64, torch.uint32, torch.uint64) else (
+        torch.int32)
+    if bool(((levels.to(wide) >> per_entry.to(wide)) != 0).any()):
         raise ValueError("a level does not fit in its group's bit width")
 
 

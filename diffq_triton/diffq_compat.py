@@ -4,30 +4,33 @@ diffq users save ``torch.save(quantizer.get_quantized_state(packed, torch_pack))
 pickle names diffq's quantizer class in ``state["meta"]["klass"]``; it is loaded here with
 ``torch.load(weights_only=True)``, whose restricted unpickler rebuilds tensors and plain
 containers only, plus three inert stand-ins registered under diffq's class paths: anything
-else in the file is refused. The levels are then unpacked from either of diffq's bit
-layouts (described in docs/format.md) and restored with this library's quantizer.
+else in the file is refused. Before that, the zip archive itself is checked (stored
+entries within the file's size, as torch.save writes them), so that reading it takes memory
+in proportion to the file. The levels are then unpacked from either of diffq's bit layouts
+(described in docs/format.md), checked as this library's records are, and restored with its
+quantizer; nothing is written to the model before every value is checked.
 """
 
 from __future__ import annotations
 
+import contextlib
 import math
 import os
+import zipfile
 from typing import BinaryIO
 
 import torch
 from torch import nn
+
+from . import validation
+from .base import rebuild_quantizer
+from .state import check_levels, check_record_range, check_widths
 
 # diffq 0.2.4 class paths -> this library's quantizer of the same name.
 _CLASS_PATHS = {
     "diffq.diffq.DiffQuantizer": "DiffQuantizer",
     "diffq.uniform.UniformQuantizer": "UniformQuantizer",
     "diffq.lsq.LSQ": "LSQ",
-}
-_KWARGS = {
-    "DiffQuantizer": {"min_size", "float16", "group_size", "min_bits", "max_bits", "param",
-                      "noise", "init_bits", "extra_bits", "suffix", "exclude", "detect_bound"},
-    "UniformQuantizer": {"bits", "min_size", "float16", "qat", "exclude", "detect_bound"},
-    "LSQ": {"bits", "min_size", "float16", "suffix", "exclude", "detect_bound"},
 }
 _STUBS = {path: type(path.rsplit(".", 1)[1], (), {"__module__": path.rsplit(".", 1)[0]})
           for path in _CLASS_PATHS}
@@ -53,20 +56,14 @@ def load_diffq_state(model: nn.Module, path: str | os.PathLike | BinaryIO) -> No
 
     Raises:
         ValueError: the file is not a diffq state, holds anything besides tensors, plain
-            containers and diffq's class names, or does not match the model.
+            containers and diffq's class names, or does not match the model; the model is
+            then unchanged.
     """
-    from . import diffq, lsq, uniform
-
     state = _load(path)
     meta = state["meta"]
     klass = meta["klass"]
     kwargs = meta["init_kwargs"]
-    classes = {"DiffQuantizer": diffq.DiffQuantizer, "UniformQuantizer": uniform.UniformQuantizer,
-               "LSQ": lsq.LSQ}
-    try:
-        quantizer = classes[klass](model, **kwargs)
-    except TypeError as e:
-        raise ValueError(f"diffq state: cannot rebuild {klass} with {kwargs}: {e}") from None
+    quantizer = rebuild_quantizer(model, klass, kwargs)
     try:
         firsts = list(quantizer._first_uses())
         if len(firsts) != len(state["quantized"]):
@@ -89,6 +86,7 @@ def load_diffq_state(model: nn.Module, path: str | os.PathLike | BinaryIO) -> No
 
 # ----------------------------------------------------------------------------- loading
 def _load(path) -> dict:
+    _check_archive(path)
     stubs = [(stub, full) for full, stub in _STUBS.items()]
     try:
         with torch.serialization.safe_globals(stubs):
@@ -104,32 +102,76 @@ def _load(path) -> dict:
     if not isinstance(meta, dict) or not isinstance(meta.get("init_kwargs"), dict):
         raise ValueError("diffq state meta lacks init_kwargs")
     stub = meta.get("klass")
-    path_of = {s: p for p, s in _STUBS.items()}
-    if stub not in path_of:
-        raise ValueError(f"diffq state names an unknown quantizer class {stub!r}")
-    name = _CLASS_PATHS[path_of[stub]]
-    unknown = set(meta["init_kwargs"]) - _KWARGS[name]
-    if unknown:
-        raise ValueError(f"diffq state: unknown {name} arguments {sorted(unknown)}")
+    # By identity: a forged klass may be unhashable (a list), or equal to anything.
+    paths = [path for path, s in _STUBS.items() if s is stub]
+    if not paths:
+        raise ValueError(f"diffq state names an unknown quantizer class {stub!r:.60}")
+    for key in ("packed", "torch_pack"):
+        validation.check_flag(f"diffq state meta {key!r}", meta.get(key, False))
     for key in ("quantized", "float16", "others"):
         if not isinstance(state[key], list):
             raise ValueError(f"diffq state {key!r} must be a list")
     for key in ("float16", "others"):
-        for t in state[key]:
-            if not isinstance(t, torch.Tensor) or not t.is_floating_point():
-                raise ValueError(f"diffq state {key!r} holds a non-float entry")
-    meta = dict(meta, klass=name)
+        for i, t in enumerate(state[key]):
+            t = validation.check_state_tensor(f"diffq state {key!r} entry {i}", t)
+            if not t.is_floating_point():
+                raise ValueError(f"diffq state {key!r} entry {i} is not a float tensor")
+    meta = dict(meta, klass=_CLASS_PATHS[paths[0]])
     return dict(state, meta=meta)
+
+
+def _check_archive(path) -> None:
+    """Refuse a file whose reading by ``torch.load`` could take memory out of proportion.
+
+    ``torch.save`` writes a zip of stored (uncompressed) entries, and torch checks each
+    storage against its entry's size: so stored entries summing to at most the file's size
+    bound what loading allocates. A compressed entry could inflate a thousandfold (a zip
+    bomb), overlapping entries could repeat the same bytes. Legacy (pre-1.6, non-zip) files
+    are refused: torch allocates each of their storages at the size the pickle declares,
+    before comparing it with the data that follows.
+    """
+    opened = isinstance(path, (str, os.PathLike))
+    try:
+        with open(path, "rb") if opened else contextlib.nullcontext(path) as f:
+            start = f.tell()
+            try:
+                problem = _zip_problem(f, start)
+            finally:
+                f.seek(start)
+    except Exception as e:  # noqa: BLE001 - any failure to parse means "not a state file"
+        problem = f"unreadable zip archive ({str(e)[:200] or type(e).__name__})"
+    if problem is not None:
+        raise ValueError(f"not a loadable diffq state: {problem}")
+
+
+def _zip_problem(f: BinaryIO, start: int) -> str | None:
+    """Why the zip archive at ``start`` in ``f`` is not one torch.save writes, or None."""
+    if f.read(4) != b"PK\x03\x04":  # how torch.load tells a zip archive
+        return "not a zip archive (a legacy torch.save file? re-save it with torch >= 1.6)"
+    size = f.seek(0, os.SEEK_END) - start
+    f.seek(start)
+    with zipfile.ZipFile(f) as archive:
+        entries = archive.infolist()
+    for info in entries:
+        if info.compress_type != zipfile.ZIP_STORED:
+            return (f"zip entry {info.filename!r:.80} is compressed (torch.save stores its "
+                    "entries uncompressed)")
+    total = sum(info.file_size for info in entries)
+    if total > size:
+        return f"its zip entries hold {total} bytes, more than the file's {size}"
+    return None
 
 
 # ----------------------------------------------------------------------------- decoding
 def _decode(klass: str, kwargs: dict, meta: dict, name: str, shape: tuple, entry) -> dict:
     """One diffq quantized entry → this library's unpacked state entry."""
     numel = math.prod(shape)
-    packed = bool(meta.get("packed", False))
+    # Flags checked to be bools by _load; the quantizer's arguments by rebuild_quantizer.
+    packed = meta.get("packed", False)
     unpack = _unpack_torch_pack if meta.get("torch_pack", False) else _unpack_cython
     if not isinstance(entry, (tuple, list)):
         raise ValueError(f"tensor {name!r}: diffq entry is a {type(entry).__name__}")
+    what = f"tensor {name!r}"
     if klass == "DiffQuantizer":
         group_size = int(kwargs.get("group_size", 1))
         min_bits = int(kwargs.get("min_bits", 2))
@@ -142,19 +184,15 @@ def _decode(klass: str, kwargs: dict, meta: dict, name: str, shape: tuple, entry
         if packed:
             all_levels, scales, packed_bits = entry
             bits = unpack(_tensor(packed_bits, name, "widths"), n_groups, name) + min_bits
-            _check_widths(bits, name, packed=True)
+            bits = check_widths(what, bits, numel, group_size, "minmax")
+            _check_packed_widths(bits, name)
             levels = _unpack_by_width(all_levels, bits, span, unpack, name)
         else:
             levels, scales, bits = entry
-            bits = _tensor(bits, name, "widths").reshape(-1).to(torch.int64)
-            if bits.numel() != n_groups:
-                raise ValueError(f"tensor {name!r}: {bits.numel()} widths for {n_groups} groups")
-            _check_widths(bits, name, packed=False)
+            bits = check_widths(what, bits, numel, group_size, "minmax")
             levels = _levels(levels, numel, name)
         mn, mx = _scales(scales, name)
-        bits = bits.to(torch.uint8)
-        levels = levels.reshape(-1)
-        _check_range(levels, bits, group_size, name)
+        check_levels(what, levels, bits, group_size, "minmax")
         return _entry(shape, "minmax", group_size, bits, mn, mx, levels)
     width = int(kwargs.get("bits", 8))
     if not 1 <= width <= 15:
@@ -167,70 +205,52 @@ def _decode(klass: str, kwargs: dict, meta: dict, name: str, shape: tuple, entry
     bits = torch.tensor([width], dtype=torch.uint8)
     if klass == "UniformQuantizer":
         mn, mx = _scales(scale, name)
-        _check_range(levels, bits, 0, name)
+        check_levels(what, levels, bits, 0, "minmax")
         return _entry(shape, "minmax", 0, bits, mn, mx, levels)
     step = _scalar(scale, name)
+    check_record_range(what, "lsq", step, 0.0)
     if packed:
         levels = levels.to(torch.int32) - (1 << (width - 1))
-    low, high = -(1 << (width - 1)), (1 << (width - 1)) - 1
-    if levels.numel() and (int(levels.min()) < low or int(levels.max()) > high):
-        raise ValueError(f"tensor {name!r}: LSQ levels outside [{low}, {high}]")
-    return _entry(shape, "lsq", 0, bits, step, 0.0, levels.to(torch.int16))
+    check_levels(what, levels, bits, 0, "lsq")
+    return _entry(shape, "lsq", 0, bits, step, 0.0, levels)
 
 
 def _entry(shape, scheme, group_size, bits, mn, mx, levels) -> dict:
+    """This library's state entry; ``levels`` were range-checked, so int16 holds them."""
     return {"shape": list(shape), "scheme": scheme, "group_size": group_size, "bits": bits,
-            "min": mn, "max": mx, "levels": levels.to(torch.int16)}
+            "min": mn, "max": mx, "levels": levels.reshape(-1).to(torch.int16)}
 
 
 def _tensor(value, name: str, what: str) -> torch.Tensor:
-    if not isinstance(value, torch.Tensor) or value.is_floating_point():
-        raise ValueError(f"tensor {name!r}: diffq {what} must be an integer tensor")
-    return value
+    return validation.check_integer_tensor(f"tensor {name!r}: diffq {what}", value)
 
 
 def _levels(value, numel: int, name: str) -> torch.Tensor:
-    levels = _tensor(value, name, "levels").reshape(-1)
+    """Unpacked levels, counted before any copy and kept in their own dtype: narrowing
+    before the range check would wrap an impossible level into a valid one."""
+    levels = _tensor(value, name, "levels")
     if levels.numel() != numel:
         raise ValueError(f"tensor {name!r}: {levels.numel()} levels for {numel} entries")
-    return levels.to(torch.int32)
+    return levels.reshape(-1)
 
 
 def _scalar(value, name: str) -> float:
-    if isinstance(value, torch.Tensor) and value.numel() == 1:
-        value = float(value)
-    if not isinstance(value, (int, float)) or isinstance(value, bool) or not math.isfinite(
-            value):
-        raise ValueError(f"tensor {name!r}: diffq scale {value!r:.40} is not a finite number")
-    return float(value)
+    return validation.check_real(f"tensor {name!r}: diffq scale", value)
 
 
 def _scales(value, name: str) -> tuple[float, float]:
     if not isinstance(value, (tuple, list)) or len(value) != 2:
         raise ValueError(f"tensor {name!r}: diffq range must be a (min, max) pair")
     mn, mx = (_scalar(v, name) for v in value)
-    if mn > mx:
-        raise ValueError(f"tensor {name!r}: range min {mn} exceeds max {mx}")
+    check_record_range(f"tensor {name!r}", "minmax", mn, mx)
     return mn, mx
 
 
-def _check_widths(bits: torch.Tensor, name: str, packed: bool) -> None:
-    if bits.numel() and (int(bits.min()) < 1 or int(bits.max()) > 15):
-        raise ValueError(f"tensor {name!r}: group widths outside [1, 15]")
+def _check_packed_widths(bits: torch.Tensor, name: str) -> None:
     # Only diffq's packed layout drops 15-bit groups; an unpacked state holds every level.
-    if packed and bits.numel() and int(bits.max()) == 15:
+    if bits.numel() and int(bits.max()) == 15:
         raise ValueError(f"tensor {name!r}: diffq 0.2.4 stored no levels for its 15-bit groups "
                          "(its packing covers widths 1 to 14): this state lost those weights")
-
-
-def _check_range(levels: torch.Tensor, bits: torch.Tensor, group_size: int, name: str) -> None:
-    from .reference import expand_groups
-
-    if not levels.numel():
-        return
-    top = expand_groups((1 << bits.to(torch.int64)) - 1, levels.numel(), group_size)
-    if int(levels.min()) < 0 or bool((levels.to(torch.int64) > top).any()):
-        raise ValueError(f"tensor {name!r}: a level exceeds its group's width")
 
 
 def _unpack_by_width(all_levels, bits: torch.Tensor, span: int, unpack, name: str):

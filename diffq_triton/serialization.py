@@ -22,7 +22,7 @@ from torch import nn
 
 from . import atomic_file, bitpack, container, cpu_codec, dispatch, native, reference
 from .cpu_pool import cpu_threads
-from .state import SCHEMES, QuantizedTensor, check_range_float32
+from .state import QuantizedTensor, check_record_range, check_scheme, check_widths
 
 FORMAT = "diffq-triton"
 VERSION = 1
@@ -253,17 +253,12 @@ def _check_quantized(record: object, params: dict, file: container.Container,
     # Before any work sized by the record: a file repeating a record must not cost more.
     _claim(covered, name, targets)
     dtype = _dtype_field(record, name)
-    scheme = record.get("scheme", "minmax")
-    if scheme not in SCHEMES:
-        raise ValueError(f"tensor {name!r}: unknown scheme {scheme!r:.40}")
+    scheme = check_scheme(f"tensor {name!r}", record.get("scheme", "minmax"))
     group_size = _field(record, "group_size", int, name)
     if group_size < 0:
         raise ValueError(f"tensor {name!r}: negative group_size {group_size}")
     mn, mx = (_finite_field(record, k, name) for k in ("min", "max"))
-    # Weights are computed in float32: a range finite as a double may still overflow there.
-    check_range_float32(f"tensor {name!r}", mn, mx)
-    if scheme == "minmax" and mn > mx:
-        raise ValueError(f"tensor {name!r}: range min {mn} exceeds max {mx}")
+    check_record_range(f"tensor {name!r}", scheme, mn, mx)
     base = _field(record, "min_bits", int, name)
     field = _field(record, "field_bits", int, name)
     if not 1 <= base <= bitpack.MAX_WIDTH or not 0 <= field <= 4:
@@ -278,10 +273,7 @@ def _check_quantized(record: object, params: dict, file: container.Container,
         bits = bitpack.unpack_widths(widths, field, n_groups, base)
     else:
         bits = torch.full((n_groups,), base, dtype=torch.uint8)
-    if int(bits.max()) > bitpack.MAX_WIDTH:
-        raise ValueError(f"tensor {name!r}: a group width exceeds {bitpack.MAX_WIDTH} bits")
-    if scheme == "lsq" and n_groups != 1:
-        raise ValueError(f"tensor {name!r}: lsq tensors have one group, got {n_groups}")
+    bits = check_widths(f"tensor {name!r}", bits, numel, group_size, scheme)
     nbytes = bitpack.packed_nbytes(bits, group_size, numel) if numel else 0
     packed = streams.take(nbytes, name, "levels")
     file.check_crc(packed, record.get("crc"), name, "levels", defer=True)

@@ -6,7 +6,8 @@ import math
 
 import torch
 
-from . import native, reference
+from . import native, reference, validation
+from .bitpack_cpu import MAX_WIDTH
 
 SCHEMES = ("minmax", "lsq")
 
@@ -64,6 +65,68 @@ def check_range_float32(what: str, mn: float, mx: float) -> None:
     if not (math.isfinite(float(low)) and math.isfinite(float(high))
             and math.isfinite(float(high - low))):
         raise ValueError(f"{what}: range ({mn}, {mx}) is not finite in float32")
+
+
+# ----------------------------------------------------------------------------- checks
+# The rules every quantized record obeys, wherever it comes from (a file, a diffq 0.2.4
+# state, an in-memory state dict): decoding a record that passed them cannot fail, so a
+# restore checks every record with them before it writes the first parameter.
+def check_scheme(what: str, scheme: object) -> str:
+    """``scheme`` must be one this library decodes."""
+    if not isinstance(scheme, str) or scheme not in SCHEMES:
+        raise ValueError(f"{what}: unknown scheme {scheme!r:.40} (expected one of {SCHEMES})")
+    return scheme
+
+
+def check_record_range(what: str, scheme: str, mn: float, mx: float) -> None:
+    """minmax ranges are ordered and, like lsq steps, finite in float32 (spec §2)."""
+    check_range_float32(what, mn, mx)
+    if scheme == "minmax" and mn > mx:
+        raise ValueError(f"{what}: range min {mn} exceeds max {mx}")
+
+
+def check_widths(what: str, bits: object, numel: int, group_size: int,
+                 scheme: str) -> torch.Tensor:
+    """The per-group widths of a record as ``[n_groups]`` uint8, checked before narrowing.
+
+    The count comes first (a forged tensor is never converted whole), the range is read on
+    int64 values (a cast to uint8 first would wrap 257 to a valid 1), and lsq tensors have
+    one group (one step, one offset).
+    """
+    n_groups = reference.num_groups(numel, group_size)
+    bits = validation.check_integer_tensor(f"{what}: widths", bits)
+    if bits.numel() != n_groups:
+        raise ValueError(f"{what}: {bits.numel()} widths for {n_groups} groups")
+    if scheme == "lsq" and n_groups != 1:
+        raise ValueError(f"{what}: lsq tensors have one group, got {n_groups}")
+    wide = bits.reshape(-1).to(torch.int64)
+    low, high = (int(v) for v in torch.aminmax(wide))
+    if low < 1 or high > MAX_WIDTH:
+        raise ValueError(f"{what}: widths [{low}, {high}] outside [1, {MAX_WIDTH}]")
+    return wide.to(torch.uint8)
+
+
+def check_levels(what: str, levels: torch.Tensor, bits: torch.Tensor, group_size: int,
+                 scheme: str) -> None:
+    """Every level fits its group's width: ``[0, 2^b)`` (minmax) or ``[-2^(b-1), 2^(b-1))``.
+
+    Read on the original values (int64 where the dtype needs it), never after narrowing:
+    a cast to int32 or int16 first would wrap an impossible level into a plausible one.
+    """
+    if not levels.numel():
+        return
+    wide = levels.dtype in (torch.int64, torch.uint32, torch.uint64)
+    values = levels.reshape(-1).to(torch.int64 if wide else torch.int32)
+    widths = bits.reshape(-1).to(values.dtype)
+    if scheme == "lsq":
+        half = 1 << (int(widths[0]) - 1)
+        low, high = (int(v) for v in torch.aminmax(values))
+        if low < -half or high >= half:
+            raise ValueError(f"{what}: lsq levels [{low}, {high}] outside [{-half}, {half - 1}]")
+        return
+    top = reference.expand_groups((1 << widths) - 1, values.numel(), group_size)
+    if int(values.min()) < 0 or bool((values > top).any()):
+        raise ValueError(f"{what}: a level lies outside [0, 2^b) for its group's width b")
 
 
 class QuantizedTensor:

@@ -162,3 +162,13 @@ def test_widths_reject():
         bitpack.unpack_widths(torch.zeros(1, dtype=torch.uint8), 5, 1, 2)
     with pytest.raises(ValueError, match="expected 1"):
         bitpack.unpack_widths(torch.zeros(2, dtype=torch.uint8), 2, 3, 2)
+
+
+def test_kernel_path_level_check_reads_int64_levels_whole():
+    # The range check before the Triton pack: 2^32 + 1 must not wrap to a valid 1.
+    from diffq_triton.bitpack import _check_levels_range
+
+    bits = torch.tensor([4, 4], dtype=torch.uint8)
+    with pytest.raises(ValueError, match="does not fit"):
+        _check_levels_range(torch.tensor([2**32 + 1, 0] * 5), bits, 5)
+    _check_levels_range(torch.tensor([15, 0] * 5), bits, 5)

@@ -5,6 +5,7 @@ from __future__ import annotations
 import io
 import pickle
 import sys
+import zipfile
 from pathlib import Path
 
 import pytest
@@ -145,3 +146,136 @@ def test_fuzz_mutated_states(mutations, cut):
         load_diffq_state(model, io.BytesIO(bytes(data)))
     except ValueError:
         assert all(torch.equal(p, before[n]) for n, p in model.named_parameters())
+
+
+# ----------------------------------------------------------------------------- hostile states
+def _set_kwarg(key, value):
+    return lambda s: s["meta"]["init_kwargs"].__setitem__(key, value)
+
+
+def _set_meta(key, value):
+    return lambda s: s["meta"].__setitem__(key, value)
+
+
+def _set_part(index, value):
+    """Replace part ``index`` of the first quantized entry (a tuple in diffq's states)."""
+    def edit(s):
+        parts = list(s["quantized"][0])
+        parts[index] = value(parts[index]) if callable(value) else value
+        s["quantized"][0] = tuple(parts)
+    return edit
+
+
+def _unpacked_lsq(s):
+    """An unpacked LSQ state whose levels (int64) wrap to valid ones in int32."""
+    s["meta"]["packed"] = False
+    s["quantized"][0] = (torch.full((32, 16), 2**32 + 1, dtype=torch.int64),
+                         s["quantized"][0][1])
+
+
+def _bitwise(model):
+    return {n: (p.dtype, p.shape, p.detach().clone().reshape(-1).view(torch.uint8))
+            for n, p in model.named_parameters(remove_duplicate=False)}
+
+
+def _assert_refused(path, match):
+    """One ValueError matching ``match``; every parameter (and the names) bit for bit kept."""
+    model = small_mlp()
+    before = _bitwise(model)
+    with pytest.raises(ValueError, match=match):
+        load_diffq_state(model, path)
+    after = _bitwise(model)
+    assert after.keys() == before.keys()
+    for name, (dtype, shape, data) in before.items():
+        assert after[name][:2] == (dtype, shape) and torch.equal(after[name][2], data), name
+
+
+@pytest.mark.parametrize("case, edit, match", [
+    # Tensors without usable data: refused before the first weight is written.
+    ("uniform4_bitpack", lambda s: s["others"].__setitem__(
+        0, torch.empty(s["others"][0].shape, device="meta")), "'others' entry 0.*meta"),
+    ("uniform4_bitpack", lambda s: s["others"].__setitem__(0, s["others"][0].to_sparse()),
+     "'others' entry 0.*sparse"),
+    ("lsq4_bitpack", _set_part(1, lambda t: torch.empty(t.shape, device="meta")),
+     "scale.*meta"),
+    # Fields of the wrong type: ValueError naming the field, not what Python/torch raise.
+    ("diffq_g8_bitpack", _set_kwarg("suffix", ".x"), "'suffix'"),
+    ("diffq_g8_bitpack", _set_kwarg("float16", torch.zeros(2)), "'float16' must be a bool"),
+    ("diffq_g8_bitpack", _set_kwarg("detect_bound", torch.zeros(2)), "'detect_bound'"),
+    ("diffq_g8_bitpack", _set_kwarg("min_size", 10**400), "'min_size' is not a finite"),
+    ("diffq_g8_bitpack", _set_kwarg("min_bits", 10**400), "'min_bits' is not a finite"),
+    ("diffq_g8_bitpack", _set_kwarg("group_size", True), "'group_size' must be an int"),
+    ("diffq_g8_bitpack", _set_kwarg("exclude", [5]), "'exclude' must be a list of strings"),
+    ("lsq4_bitpack", _set_kwarg("bits", 10**400), "'bits' is not a finite"),
+    ("diffq_g8_bitpack", _set_meta("packed", torch.zeros(2)), "'packed' must be a bool"),
+    ("diffq_g8_bitpack", _set_meta("torch_pack", torch.zeros(2)), "'torch_pack' must be"),
+    ("diffq_g8_bitpack", _set_meta("klass", []), "unknown quantizer class"),
+    ("diffq_g8_bitpack", _set_part(1, (10**400, 1.0)), "'0.weight'.*not a finite"),
+    ("diffq_g8_bitpack", _set_part(1, (True, 1.0)), "'0.weight'.*real number"),
+    ("lsq4_bitpack", _set_part(1, 10**400), "'0.weight'.*not a finite"),
+    ("lsq4_bitpack", _set_part(1, 1e39), "'0.weight'.*float32"),
+    # Levels out of range are refused on their own values, before narrowing could wrap them.
+    ("diffq_g8_unpacked", _set_part(0, lambda t: t.to(torch.int64) + 2**32),
+     "'0.weight'.*outside"),
+    ("uniform8_unpacked", _set_part(0, lambda t: t.to(torch.int64) + 2**32),
+     "'0.weight'.*outside"),
+    ("lsq4_bitpack", _unpacked_lsq, "'0.weight'.*lsq levels"),
+    ("diffq_g8_unpacked", _set_part(0, lambda t: t.to(torch.complex64)), "integer tensor"),
+], ids=lambda v: v if isinstance(v, str) else "")
+def test_hostile_states_raise_one_value_error(tmp_path, case, edit, match):
+    _assert_refused(forged(tmp_path, case, edit), match)
+
+
+def _rezipped(data: bytes, compress_type: int) -> bytes:
+    src = zipfile.ZipFile(io.BytesIO(data))
+    out = io.BytesIO()
+    with zipfile.ZipFile(out, "w") as dst:
+        for info in src.infolist():
+            dst.writestr(info.filename, src.read(info.filename), compress_type=compress_type)
+    return out.getvalue()
+
+
+def _inflated_directory(data: bytes) -> bytes:
+    """The archive with its first central directory entry claiming 2 GiB of data."""
+    data = bytearray(data)
+    at = data.index(b"PK\x01\x02")
+    data[at + 24 : at + 28] = (2**31).to_bytes(4, "little")  # uncompressed size
+    return bytes(data)
+
+
+def _legacy(_: bytes) -> bytes:
+    out = io.BytesIO()
+    torch.save({"quantized": [], "float16": [], "others": [torch.zeros(3)],
+                "meta": {"init_kwargs": {}}}, out, _use_new_zipfile_serialization=False)
+    return out.getvalue()
+
+
+@pytest.mark.parametrize("forge, match", [
+    (lambda d: _rezipped(d, zipfile.ZIP_DEFLATED), "is compressed"),
+    (_inflated_directory, "more than the file"),
+    (_legacy, "legacy"),
+], ids=["deflated", "sizes beyond the file", "legacy pickle"])
+@pytest.mark.parametrize("as_path", [True, False], ids=["path", "file object"])
+def test_archives_that_could_inflate_are_refused_before_torch_load(tmp_path, monkeypatch,
+                                                                    forge, match, as_path):
+    """A deflated zip entry can inflate a thousandfold, entries can claim more than the file
+    holds, a legacy file's storages are allocated at their declared sizes: refused first."""
+    data = forge((FIXTURES / "diffq024_uniform4_bitpack.th").read_bytes())
+    path = tmp_path / "hostile.th"
+    path.write_bytes(data)
+
+    def no_load(*args, **kwargs):
+        raise AssertionError("torch.load ran on a refused archive")
+
+    monkeypatch.setattr(torch, "load", no_load)
+    _assert_refused(path if as_path else io.BytesIO(data), match)
+
+
+def test_a_file_object_is_read_from_its_position():
+    data = (FIXTURES / "diffq024_uniform4_bitpack.th").read_bytes()
+    source = io.BytesIO(b"x" * 7 + data)
+    source.seek(7)
+    model = small_mlp()
+    load_diffq_state(model, source)
+    expected = torch.load(FIXTURES / "diffq024_uniform4_bitpack.expected.th", weights_only=True)
+    assert all(torch.equal(p, expected[n]) for n, p in model.named_parameters())

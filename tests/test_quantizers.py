@@ -246,6 +246,8 @@ def test_min_size_float16_and_exclude():
         (dict(param="scale"), ValueError, "param"),
         (dict(group_size=-1), ValueError, "group_size"),
         (dict(group_size=2.5), TypeError, "group_size"),
+        (dict(min_bits=10**400), ValueError, "min_bits"),  # float() would overflow
+        (dict(min_size=-(10**400)), ValueError, "min_size"),
     ],
 )
 def test_bad_arguments_name_the_parameter(kwargs, error, match):
@@ -359,7 +361,7 @@ def test_restore_with_a_corrupt_stream_leaves_the_model_unchanged(cpu_codec):
 @pytest.mark.parametrize("edit, match", [
     (lambda e: e.update(bits=e["bits"].to(torch.int64) + 256), "widths"),  # would wrap to uint8
     (lambda e: e.update(bits=e["bits"].float() + 0.5), "widths must be"),
-    (lambda e: e.update(min=float("nan")), "not finite in float32"),
+    (lambda e: e.update(min=float("nan")), "min is not a finite number"),
     (lambda e: e.update(min=-3e38, max=3.4e38), "not finite in float32"),
 ], ids=["wrapping widths", "float widths", "nan range", "span overflow"])
 def test_restore_refuses_bad_widths_and_ranges(edit, match):
