@@ -99,11 +99,12 @@ def check_widths(what: str, bits: object, numel: int, group_size: int,
         raise ValueError(f"{what}: {bits.numel()} widths for {n_groups} groups")
     if scheme == "lsq" and n_groups != 1:
         raise ValueError(f"{what}: lsq tensors have one group, got {n_groups}")
-    wide = bits.reshape(-1).to(torch.int64)
-    low, high = (int(v) for v in torch.aminmax(wide))
+    # uint8 widths (what files decode to) are read as they are: no copy on the load path.
+    flat = bits.reshape(-1) if bits.dtype == torch.uint8 else bits.reshape(-1).to(torch.int64)
+    low, high = (int(v) for v in torch.aminmax(flat)) if flat.numel() else (1, 1)
     if low < 1 or high > MAX_WIDTH:
         raise ValueError(f"{what}: widths [{low}, {high}] outside [1, {MAX_WIDTH}]")
-    return wide.to(torch.uint8)
+    return flat.to(torch.uint8)
 
 
 def check_levels(what: str, levels: torch.Tensor, bits: torch.Tensor, group_size: int,
