@@ -191,7 +191,10 @@ def _finite_field(record: dict, key: str, name: str) -> float:
 
 
 def _dtype_field(record: dict, name: str) -> torch.dtype:
-    dtype = record.get("dtype", "float32")
+    return _dtype_named(record.get("dtype", "float32"), name)
+
+
+def _dtype_named(dtype: object, name: str) -> torch.dtype:
     if not isinstance(dtype, str) or dtype not in _DTYPES:
         raise ValueError(f"tensor {name!r}: unknown dtype {dtype!r:.40}")
     return _DTYPES[dtype]
@@ -304,8 +307,8 @@ def _check_floats(floats: object, params: dict, file: container.Container,
         p = file.payloads[name]
         if p.dtype not in ("F16", "F32", "F64"):
             raise ValueError(f"tensor {name!r}: float payload of dtype {p.dtype}")
-        _dtype_field({"dtype": restored.get(name, _DTYPE_NAMES[container.STORED[p.dtype]])},
-                     name)
+        if name in restored:
+            _dtype_named(restored[name], name)
         targets = _targets(name, [name, *_names(tied.get(name, []), name)], p.shape, params)
         _claim(covered, name, targets)
         data = file.data[p.start : p.stop]
