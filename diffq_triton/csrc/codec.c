@@ -357,6 +357,9 @@ static inline int64_t next_levels(const uint8_t *in, int64_t nbytes, int64_t *po
 
 /* Unpack entries [e0, e1) and dequantize them (reference.dequantize: q·unit[b]·span + mn)
  * into float32 o (indexed by entry). */
+/* Whole unpackers multiversioned (their inlined row and block readers too): the AVX2 build
+ * decodes in a fifth less time; the packers gained nothing measurable from it. */
+MULTIVERSION
 void dq_unpack_dequantize(const uint8_t *in, int64_t nbytes, int64_t e0, int64_t e1,
                           int64_t gs, const uint8_t *bits, int64_t bit0, const float *unit,
                           float mn, float span, float *o, int rows) {
@@ -372,6 +375,7 @@ void dq_unpack_dequantize(const uint8_t *in, int64_t nbytes, int64_t e0, int64_t
 }
 
 /* Unpack entries [e0, e1) as int16 levels q - sub into o (indexed by entry). */
+MULTIVERSION
 void dq_unpack_i16(const uint8_t *in, int64_t nbytes, int64_t e0, int64_t e1, int64_t gs,
                    const uint8_t *bits, int64_t bit0, int32_t sub, int16_t *o, int rows) {
     uint8_t wb[BLOCK];
