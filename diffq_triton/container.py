@@ -35,8 +35,11 @@ MAX_DIMS = 64
 # ...and no count or offset can reach 2^62 (a file of that size cannot exist).
 MAX_INT = 1 << 62
 
-STORED = {"F64": torch.float64, "F32": torch.float32, "F16": torch.float16, "U8": torch.uint8}
-ITEMSIZE = {"F64": 8, "F32": 4, "F16": 2, "U8": 1}
+STORED = {"F64": torch.float64, "F32": torch.float32, "F16": torch.float16,
+          "BF16": torch.bfloat16, "I64": torch.int64, "I32": torch.int32, "I16": torch.int16,
+          "I8": torch.int8, "U8": torch.uint8, "BOOL": torch.bool}
+ITEMSIZE = {key: dtype.itemsize for key, dtype in STORED.items()}
+CODES = {dtype: key for key, dtype in STORED.items()}
 
 
 Bytes = torch.Tensor | list[torch.Tensor]

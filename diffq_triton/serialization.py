@@ -42,7 +42,8 @@ def save_quantized(quantizer, path: str | os.PathLike | BinaryIO) -> None:
 
     Quantized weights are stored bit-packed (:mod:`diffq_triton.bitpack`) with their
     per-group widths; the other parameters as float16 or float32 as the quantizer keeps
-    them. Every payload and the metadata carry a CRC-32.
+    them; the model's persistent buffers (BatchNorm statistics...) as they are. Every
+    payload and the metadata carry a CRC-32.
 
     Args:
         quantizer: a :class:`DiffQuantizer`, :class:`UniformQuantizer` or :class:`LSQ`
@@ -52,9 +53,10 @@ def save_quantized(quantizer, path: str | os.PathLike | BinaryIO) -> None:
     # Torch on one thread inside, the codec on the cpu_pool threads: torch's OpenMP threads, still
     # spinning after each small op (widths from logits), would take the pool's CPUs
     # (measured: packing half as fast).
+    model = getattr(quantizer, "model", None)
     with cpu_threads():
         entries, meta = _encode(quantizer.export_quantized(), quantizer.export_float(),
-                                _other_names(getattr(quantizer, "model", None)))
+                                _other_names(model), _persistent_buffers(model))
     chunks = container.chunks(entries, {
         "format": FORMAT, META_KEY: meta, "crc32": str(zlib.crc32(meta.encode())),
     })
@@ -74,8 +76,21 @@ def _other_names(model: nn.Module | None) -> dict[str, list[str]]:
     return {n: [m for m in group if m != n] for group in names.values() for n in group}
 
 
+def _persistent_buffers(model: nn.Module | None) -> dict[str, torch.Tensor]:
+    """The buffers ``model.state_dict()`` holds, by full name (every name of a shared one)."""
+    if model is None:
+        return {}
+    out = {}
+    for module_name, module in model.named_modules(remove_duplicate=False):
+        for name, buf in module._buffers.items():
+            if buf is not None and name not in module._non_persistent_buffers_set:
+                out[f"{module_name}.{name}" if module_name else name] = buf
+    return out
+
+
 def _encode(exported: list[QuantizedTensor], float_params: list,
-            other_names: dict[str, list[str]]) -> tuple[list, str]:
+            other_names: dict[str, list[str]], buffers: dict[str, torch.Tensor]
+            ) -> tuple[list, str]:
     """Payloads ``(key, dtype, shape, bytes)`` in file order, and the metadata JSON.
 
     A payload's bytes are a uint8 tensor, or a list of them written back to back (the
@@ -90,7 +105,16 @@ def _encode(exported: list[QuantizedTensor], float_params: list,
         entries.append((name, stored, list(tensor.shape), data.reshape(-1).view(torch.uint8)))
         if tensor.dtype != container.STORED[stored]:
             restored[name] = _dtype_name(tensor.dtype)
-    # Float payloads first, widest first: from an 8-aligned data start each stays aligned.
+    buffer_entries = []
+    for name, buf in buffers.items():
+        if name == STREAMS:
+            raise ValueError(f"buffer name {STREAMS!r} is reserved by the file format")
+        if buf.dtype not in container.CODES:
+            raise TypeError(f"buffer {name!r}: cannot store dtype {buf.dtype}")
+        data = buf.detach().contiguous().cpu().reshape(-1).view(torch.uint8)
+        buffer_entries.append((name, container.CODES[buf.dtype], list(buf.shape), data))
+    # Widest dtype first: from an 8-aligned data start every payload stays aligned. (A
+    # stable sort: the floats keep among themselves the order of their checksum list.)
     entries.sort(key=lambda e: -container.ITEMSIZE[e[1]])
     floats: dict = {"crc": [raw for *_, raw in entries]}
     if restored:
@@ -107,16 +131,21 @@ def _encode(exported: list[QuantizedTensor], float_params: list,
             streams.append(widths)
         record["crc"] = levels
         streams.append(levels)
+    entries = sorted(entries + buffer_entries, key=lambda e: -container.ITEMSIZE[e[1]])
+    buffer_crcs = {name: raw for name, _, _, raw in buffer_entries}
     if streams:
         entries.append((STREAMS, "U8", [sum(p.numel() for p in streams)], streams))
     # Checksums last, all at once (in parallel): records hold their bytes where they go.
     slots = [(floats["crc"], i) for i in range(len(floats["crc"]))]
+    slots += [(buffer_crcs, name) for name in buffer_crcs]
     slots += [(r, k) for r in records for k in ("widths_crc", "crc") if k in r]
     sums = container.payload_crcs([holder[key] for holder, key in slots])
     for (holder, key), crc in zip(slots, sums, strict=True):
         holder[key] = crc
-    meta = json.dumps({"version": VERSION, "quantized": records, "float": floats},
-                      separators=(",", ":"), allow_nan=False)
+    body = {"version": VERSION, "quantized": records, "float": floats}
+    if buffer_crcs:
+        body["buffers"] = buffer_crcs
+    meta = json.dumps(body, separators=(",", ":"), allow_nan=False)
     return entries, meta
 
 
@@ -161,7 +190,7 @@ class _Plan:
     """One checked record of the file, ready to decode into its parameters."""
 
     name: str
-    params: list[nn.Parameter]
+    params: list[torch.Tensor]  # parameters, or one buffer
     qt: QuantizedTensor | None = None  # levels still packed: ``packed`` holds the stream
     packed: torch.Tensor | None = None
     floats: torch.Tensor | None = None
@@ -286,11 +315,12 @@ def _check_quantized(record: object, params: dict, file: container.Container,
 
 
 def _check_floats(floats: object, params: dict, file: container.Container,
-                  covered: dict[int, str]) -> list[_Plan]:
-    """Plans for the float payloads (every payload but the streams), in file order."""
+                  covered: dict[int, str], buffers: dict) -> list[_Plan]:
+    """Plans for the float payloads (every payload but the streams and the buffers), in
+    file order."""
     if not isinstance(floats, dict):
         raise ValueError("metadata 'float' is not an object")
-    keys = sorted((k for k in file.payloads if k != STREAMS),
+    keys = sorted((k for k in file.payloads if k != STREAMS and k not in buffers),
                   key=lambda k: file.payloads[k].start)
     crcs, restored, tied = floats.get("crc"), floats.get("dtype", {}), floats.get("tied", {})
     if not isinstance(crcs, list) or len(crcs) != len(keys):
@@ -311,13 +341,41 @@ def _check_floats(floats: object, params: dict, file: container.Container,
             _dtype_named(restored[name], name)
         targets = _targets(name, [name, *_names(tied.get(name, []), name)], p.shape, params)
         _claim(covered, name, targets)
-        data = file.data[p.start : p.stop]
-        file.check_crc(data, crc, name, "data", defer=True)
-        if data.storage_offset() % container.ITEMSIZE[p.dtype]:
-            data = data.clone()  # a file written by another tool may leave floats unaligned
-        plans.append(_Plan(name, targets,
-                           floats=data.view(container.STORED[p.dtype]).view(p.shape)))
+        plans.append(_Plan(name, targets, floats=_payload_tensor(file, name, crc)))
     return plans
+
+
+def _check_buffers(buffers: object, model: nn.Module, file: container.Container
+                   ) -> list[_Plan]:
+    """Plans for the buffer payloads: one for each persistent buffer of ``model``."""
+    targets = _persistent_buffers(model)
+    plans = []
+    for name, crc in buffers.items():
+        target = targets.get(name)
+        p = file.payloads.get(name)
+        if target is None:
+            raise ValueError(f"buffer {name!r}: the model has no persistent buffer of that name")
+        if p is None or name == STREAMS:
+            raise ValueError(f"buffer {name!r}: its payload is missing")
+        if tuple(target.shape) != p.shape:
+            raise ValueError(f"buffer {name!r}: file shape {p.shape} does not match the "
+                             f"model's {tuple(target.shape)}")
+        plans.append(_Plan(name, [target], floats=_payload_tensor(file, name, crc)))
+    missing = [name for name in targets if name not in buffers]
+    if missing:
+        raise ValueError(f"the file holds no value for the model's buffer {missing[0]!r}"
+                         + (f" and {len(missing) - 1} more" if len(missing) > 1 else ""))
+    return plans
+
+
+def _payload_tensor(file: container.Container, name: str, crc: object) -> torch.Tensor:
+    """Payload ``name`` as a tensor of its dtype and shape (checksum compared later)."""
+    p = file.payloads[name]
+    data = file.data[p.start : p.stop]
+    file.check_crc(data, crc, name, "data", defer=True)
+    if data.storage_offset() % container.ITEMSIZE[p.dtype]:
+        data = data.clone()  # a file written by another tool may leave payloads unaligned
+    return data.view(container.STORED[p.dtype]).view(p.shape)
 
 
 def _targets(name: str, names: Iterable[str], shape: tuple, params: dict) -> list:
@@ -381,7 +439,14 @@ def _check_file(model: nn.Module, data: bytearray | bytes) -> list[_Plan]:
     streams = _Streams(file)
     plans = [_check_quantized(r, params, file, covered, streams) for r in quantized]
     streams.finish()
-    plans += _check_floats(body.get("float"), params, file, covered)
+    buffers = body.get("buffers")
+    if buffers is not None and not isinstance(buffers, dict):
+        raise ValueError("metadata 'buffers' is not an object")
+    plans += _check_floats(body.get("float"), params, file, covered, buffers or {})
+    # Files without the entry (none of the model's buffers saved) leave the buffers as
+    # they are.
+    if buffers is not None:
+        plans += _check_buffers(buffers, model, file)
     missing = [n for n, p in params.items() if id(p) not in covered]
     if missing:
         raise ValueError(f"the file holds no value for the model's parameter {missing[0]!r}"
@@ -427,7 +492,8 @@ def _decode(plan: _Plan, device: torch.device, out: torch.Tensor | None = None) 
 
 
 def load_quantized(model: nn.Module, path: str | os.PathLike | BinaryIO | bytes) -> None:
-    """Restore the weights of a plain ``model`` from a file of :func:`save_quantized`.
+    """Restore the weights and persistent buffers of a plain ``model`` from a file of
+    :func:`save_quantized`.
 
     No quantizer is needed and nothing is unpickled. Every check (format, version,
     checksums, names, shapes, widths, ranges) runs before the first parameter is written:

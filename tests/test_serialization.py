@@ -273,3 +273,28 @@ def test_size_budget_with_many_small_tensors(quantizer_cls, kwargs):
     layer = torch.nn.TransformerEncoderLayer(64, 4, 256, batch_first=True)
     model = torch.nn.TransformerEncoder(layer, 12, enable_nested_tensor=False)
     assert within_size_budget(quantizer_cls(model, **kwargs))
+
+
+def bn_net() -> torch.nn.Module:
+    return torch.nn.Sequential(torch.nn.Conv2d(3, 16, 3), torch.nn.BatchNorm2d(16),
+                               torch.nn.ReLU(), torch.nn.Flatten(), torch.nn.Linear(576, 10))
+
+
+def test_buffers_round_trip():
+    # BatchNorm statistics (float32, and an int64 step count) come back with the weights.
+    torch.manual_seed(0)
+    model = bn_net()
+    for _ in range(3):
+        model(torch.randn(8, 3, 8, 8))
+    quantizer = dq.DiffQuantizer(model, min_size=0.0001, group_size=8)
+    model.eval()
+    x = torch.randn(4, 3, 8, 8)
+    with torch.no_grad():
+        expected = model(x)
+    fresh = bn_net().eval()
+    serialization.load_quantized(fresh, serialization.file_bytes(quantizer))
+    for name, buf in model.named_buffers():
+        assert torch.equal(dict(fresh.named_buffers())[name], buf), name
+    assert fresh[1].num_batches_tracked.dtype == torch.int64
+    with torch.no_grad():
+        assert torch.equal(fresh(x), expected)

@@ -113,7 +113,7 @@ def test_forged_offsets_and_absurd_shapes(good_file):
     header[key]["shape"][0] //= 2
     assert_rejected(join(header, body), "must be U8")
     header, body = split(good_file)
-    header[key]["dtype"] = "I64"
+    header[key]["dtype"] = "C64"
     assert_rejected(join(header, body), "unsupported dtype")
 
 
@@ -336,3 +336,60 @@ def test_fuzz_mutated_files(good_file, mutations):
         return
     # Only a mutation that changed nothing may load.
     assert bytes(data) == good_file
+
+
+@pytest.fixture(scope="module")
+def bn_file() -> bytes:
+    torch.manual_seed(0)
+    model = bn_model()
+    model(torch.randn(4, 3, 6, 6))
+    quantizer = dq.UniformQuantizer(model, bits=4, min_size=0)
+    data = serialization.file_bytes(quantizer)
+    quantizer.detach()
+    return data
+
+
+def bn_model():
+    torch.manual_seed(0)
+    return torch.nn.Sequential(torch.nn.Conv2d(3, 4, 3), torch.nn.BatchNorm2d(4))
+
+
+def assert_bn_rejected(data: bytes, match: str):
+    model = bn_model()
+    before = {n: t.clone() for n, t in model.state_dict().items()}
+    with pytest.raises(ValueError, match=match):
+        serialization.load_quantized(model, data)
+    assert all(torch.equal(before[n], t) for n, t in model.state_dict().items())
+
+
+def test_bn_file_loads(bn_file):
+    serialization.load_quantized(bn_model(), bn_file)
+
+
+def test_buffer_checks(bn_file):
+    def edit_meta(edit):
+        return forge(bn_file, lambda meta, header: edit(meta["buffers"]))
+
+    assert_bn_rejected(edit_meta(lambda b: b.pop("1.running_var")), "float checksums for")
+    assert_bn_rejected(edit_meta(lambda b: b.__setitem__("1.nope", 0)),
+                       "no persistent buffer of that name")
+    assert_bn_rejected(edit_meta(lambda b: b.__setitem__("1.running_mean", "x")),
+                       "checksum is missing")
+    assert_bn_rejected(forge(bn_file, lambda meta, header: meta.__setitem__("buffers", [])),
+                       "'buffers' is not an object")
+    header, body = split(bn_file)
+    header["1.running_mean"]["shape"] = [2, 2]
+    assert_bn_rejected(join(header, body), "does not match the model's")
+    header, body = split(bn_file)
+    start, _ = header["1.running_var"]["data_offsets"]
+    body = bytearray(body)
+    body[start] ^= 0x04
+    assert_bn_rejected(join(header, bytes(body)), "'1.running_var': data checksum mismatch")
+
+
+def test_model_buffer_missing_from_the_file(bn_file):
+    model = bn_model()
+    model.register_buffer("extra", torch.zeros(3))
+    with pytest.raises(ValueError, match="no value for the model's buffer 'extra'"):
+        serialization.load_quantized(model, bn_file)
+    assert torch.equal(model[1].running_mean, torch.zeros(4))
