@@ -8,6 +8,7 @@ import torch
 
 from . import native, reference, validation
 from .bitpack_cpu import MAX_WIDTH
+from .dispatch import bitpack_on_triton
 
 SCHEMES = ("minmax", "lsq")
 
@@ -19,13 +20,15 @@ def quantize_minmax(
 
     CPU weights are quantized and packed in one pass by the native codec (same levels as
     the reference; the record unpacks them only if asked), or else (float32) by the chunked
-    torch codec; others by the reference.
+    torch codec; others by the reference, their stream packed on their device (by the
+    Triton kernels where :func:`dispatch.bitpack_on_triton` says so).
 
     Raises:
         ValueError: ``w`` holds NaN or Inf (they show in its range).
     """
     dtype = w.dtype
-    lib = native.library() if w.device.type == "cpu" and w.is_floating_point() else None
+    host = w.device.type == "cpu" and not bitpack_on_triton(w)
+    lib = native.library() if host and w.is_floating_point() else None
     if lib is not None:
         # The reference computes in float32 (``w.float()``): so does the codec.
         w = w.detach() if w.dtype == torch.float32 else w.detach().float()
@@ -37,7 +40,7 @@ def quantize_minmax(
         stream = native.quantize_pack(lib, w, bits, group_size, mn, safe)
         return QuantizedTensor(name, tuple(w.shape), dtype, "minmax", group_size, None,
                                bits.reshape(-1).to(torch.uint8), mn, mx, stream=stream)
-    if w.device.type == "cpu" and w.dtype == torch.float32:
+    if host and w.dtype == torch.float32:
         from .cpu_codec import quantize_cpu
 
         levels, mn, mx = quantize_cpu(w, bits, group_size)

@@ -75,8 +75,9 @@ def test_kernels_match_cpu_path_under_interpreter():
     run_interpreted(SCRIPT, "KERNELS-OK")
 
 
-# The GPU file path (streams unpacked by the kernels, dequantized by torch on the device) run
-# on the CPU: with the triton backend forced under the interpreter, loading takes that path.
+# The GPU file paths run on the CPU: with the triton backend forced under the interpreter,
+# saving quantizes with torch and packs with the kernels, loading unpacks with the kernels
+# and dequantizes with torch, as on a CUDA device.
 LOAD_SCRIPT = POISON + textwrap.dedent(
     """
     import torch
@@ -85,9 +86,10 @@ LOAD_SCRIPT = POISON + textwrap.dedent(
     from diffq_triton.kernels import bitpack as kernels
     from tests.models import TiedLM, conv_net
 
-    calls = []
-    unpack = kernels.unpack
+    calls, packs = [], []
+    unpack, pack = kernels.unpack, kernels.pack
     kernels.unpack = lambda *args: calls.append(1) or unpack(*args)
+    kernels.pack = lambda *args: packs.append(1) or pack(*args)
     cases = [(TiedLM, dq.DiffQuantizer, dict(min_size=0.001, group_size=8)),
              (conv_net, dq.DiffQuantizer, dict(min_size=0.0001, group_size=0)),
              (conv_net, dq.UniformQuantizer, dict(bits=3, min_size=0.0001)),
@@ -102,6 +104,10 @@ LOAD_SCRIPT = POISON + textwrap.dedent(
                 if name.endswith("_diffq"):
                     p.copy_(torch.randn(p.shape, generator=gen) * 3)
         data = dq.serialization.file_bytes(quantizer)
+        with use_backend("triton"):
+            assert dq.serialization.file_bytes(quantizer) == data, quantizer_cls
+        assert packs, quantizer_cls
+        packs.clear()
         on_host, on_kernels = make(), make()
         dq.load_quantized(on_host, data)
         before = len(calls)
@@ -118,7 +124,7 @@ LOAD_SCRIPT = POISON + textwrap.dedent(
 )
 
 
-def test_file_loads_through_the_kernels_as_on_the_host():
+def test_file_saves_and_loads_through_the_kernels_as_on_the_host():
     run_interpreted(LOAD_SCRIPT, "LOAD-OK")
 
 
