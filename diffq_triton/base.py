@@ -136,10 +136,11 @@ class BaseQuantizer:
             for name, param in list(module.named_parameters(recurse=False)):
                 full_name = f"{module_name}.{name}" if module_name else name
                 excluded = any(fnmatch(full_name, p) or fnmatch(name, p) for p in self.exclude)
-                # A tied parameter is one tensor: its first use decides for every use
-                # (kept float there, it cannot be quantized under another name).
-                kept_float = id(param) in seen and seen[id(param)] is None
-                if param.numel() <= min_params or excluded or kept_float:
+                # A tied parameter is one tensor: its first use decides for every use (kept
+                # float there, it is float under every name; quantized, quantized).
+                first = seen.get(id(param))
+                kept_float = id(param) in seen and first is None
+                if first is None and (param.numel() <= min_params or excluded or kept_float):
                     if self.float16:
                         self._float16_uses.append((module, name, param))
                     if id(param) in seen:
@@ -150,7 +151,6 @@ class BaseQuantizer:
                     target.append((full_name, param))
                     continue
                 validation.check_float_parameter(full_name, param)
-                first = seen.get(id(param))
                 record = QuantizedParam(name, full_name, param, module, first=first)
                 if first is None:
                     self._register_param(record)

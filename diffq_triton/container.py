@@ -35,9 +35,12 @@ MAX_DIMS = 64
 # ...and no count or offset can reach 2^62 (a file of that size cannot exist).
 MAX_INT = 1 << 62
 
+# safetensors' dtype names (all but complex numbers, which it cannot hold).
 STORED = {"F64": torch.float64, "F32": torch.float32, "F16": torch.float16,
-          "BF16": torch.bfloat16, "I64": torch.int64, "I32": torch.int32, "I16": torch.int16,
-          "I8": torch.int8, "U8": torch.uint8, "BOOL": torch.bool}
+          "BF16": torch.bfloat16, "F8_E4M3": torch.float8_e4m3fn, "F8_E5M2": torch.float8_e5m2,
+          "I64": torch.int64, "I32": torch.int32, "I16": torch.int16, "I8": torch.int8,
+          "U64": torch.uint64, "U32": torch.uint32, "U16": torch.uint16, "U8": torch.uint8,
+          "BOOL": torch.bool}
 ITEMSIZE = {key: dtype.itemsize for key, dtype in STORED.items()}
 CODES = {dtype: key for key, dtype in STORED.items()}
 
@@ -153,9 +156,14 @@ class Container:
         self.deferred = []
 
 
-def read_source(source) -> bytearray | bytes:
-    """The whole content of a path, a binary file object or a bytes-like object."""
-    if isinstance(source, (bytearray, np.ndarray)):
+def read_source(source) -> bytearray | np.ndarray:
+    """The whole content of a path, a binary file object, bytes, or a 1-D uint8 array."""
+    if isinstance(source, np.ndarray):
+        if source.dtype != np.uint8 or source.ndim != 1:
+            raise TypeError(f"an array source must be 1-D uint8, got {source.dtype} "
+                            f"of {source.ndim} dimensions")
+        return source
+    if isinstance(source, bytearray):
         return source
     if isinstance(source, bytes):
         return bytearray(source)

@@ -83,10 +83,16 @@ class LSQ(BaseQuantizer):
         return (*super()._cache_key(record), record.step._version)
 
     def _levels(self, record: QuantizedParam) -> torch.Tensor:
-        """Float32 signed levels of ``record``: what files and states store."""
+        """Float32 signed levels of ``record``: what files and states store.
+
+        A zero step (a weight of zeros at creation) gives level 0 everywhere, not the NaN
+        of ``0/0``: the weight quantizes to 0, as a file restores it.
+        """
+        w = record.param.detach().float()
+        if float(record.step.detach()) == 0:
+            return torch.zeros_like(w)
         with torch.no_grad():
-            return reference.lsq_quantize(record.param.detach().float(), record.step,
-                                          self.bits)[1]
+            return reference.lsq_quantize(w, record.step, self.bits)[1]
 
     def _quantized_weight(self, record: QuantizedParam) -> torch.Tensor:
         # level·step with the plain step, in float32, as a saved file decodes (and as

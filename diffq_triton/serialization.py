@@ -11,8 +11,8 @@ import io
 import json
 import math
 import os
+import warnings
 import zlib
-from collections.abc import Iterable
 from dataclasses import dataclass
 from typing import BinaryIO
 
@@ -25,7 +25,7 @@ from .cpu_pool import cpu_threads
 from .state import QuantizedTensor, check_record_range, check_scheme, check_widths
 
 FORMAT = "diffq-triton"
-VERSION = 1
+VERSION = 2
 META_KEY = "diffq_triton"
 # The payload holding every quantized tensor's width and level streams, in record order.
 STREAMS = "__streams__"
@@ -41,9 +41,10 @@ def save_quantized(quantizer, path: str | os.PathLike | BinaryIO) -> None:
     """Write the quantized model held by ``quantizer`` to one ``.safetensors`` file.
 
     Quantized weights are stored bit-packed (:mod:`diffq_triton.bitpack`) with their
-    per-group widths; the other parameters as float16 or float32 as the quantizer keeps
-    them; the model's persistent buffers (BatchNorm statistics...) as they are. Every
-    payload and the metadata carry a CRC-32.
+    per-group widths; the other parameters as float16 when the quantizer keeps them so,
+    else as float32 (float64 ones as float64); the model's persistent buffers (BatchNorm
+    statistics...) as they are, but for complex ones, which safetensors cannot hold (left
+    out, with a warning). Every payload and the metadata carry a CRC-32.
 
     Args:
         quantizer: a :class:`DiffQuantizer`, :class:`UniformQuantizer` or :class:`LSQ`
@@ -56,7 +57,7 @@ def save_quantized(quantizer, path: str | os.PathLike | BinaryIO) -> None:
     model = getattr(quantizer, "model", None)
     with cpu_threads():
         entries, meta = _encode(quantizer.export_quantized(), quantizer.export_float(),
-                                _other_names(model), _persistent_buffers(model))
+                                _other_names(model), _buffers_to_save(model))
     chunks = container.chunks(entries, {
         "format": FORMAT, META_KEY: meta, "crc32": str(zlib.crc32(meta.encode())),
     })
@@ -77,7 +78,8 @@ def _other_names(model: nn.Module | None) -> dict[str, list[str]]:
 
 
 def _persistent_buffers(model: nn.Module | None) -> dict[str, torch.Tensor]:
-    """The buffers ``model.state_dict()`` holds, by full name (every name of a shared one)."""
+    """The buffers ``model.state_dict()`` holds that a file can store, by full name (every
+    name of a shared one); complex buffers are left out (safetensors has no such dtype)."""
     if model is None:
         return {}
     out = {}
@@ -85,7 +87,18 @@ def _persistent_buffers(model: nn.Module | None) -> dict[str, torch.Tensor]:
         for name, buf in module._buffers.items():
             if buf is not None and name not in module._non_persistent_buffers_set:
                 out[f"{module_name}.{name}" if module_name else name] = buf
-    return out
+    return {name: buf for name, buf in out.items() if buf.dtype in container.CODES}
+
+
+def _buffers_to_save(model: nn.Module | None) -> dict[str, torch.Tensor]:
+    """:func:`_persistent_buffers`, with a warning naming those left out."""
+    kept = _persistent_buffers(model)
+    left_out = [name for name, buf in (model.named_buffers() if model is not None else [])
+                if name not in kept and buf is not None and buf.dtype not in container.CODES]
+    if left_out:
+        warnings.warn(f"buffers of dtypes a file cannot hold are not saved: {left_out[:3]}",
+                      RuntimeWarning, stacklevel=3)
+    return kept
 
 
 def _encode(exported: list[QuantizedTensor], float_params: list,
@@ -109,8 +122,6 @@ def _encode(exported: list[QuantizedTensor], float_params: list,
     for name, buf in buffers.items():
         if name == STREAMS:
             raise ValueError(f"buffer name {STREAMS!r} is reserved by the file format")
-        if buf.dtype not in container.CODES:
-            raise TypeError(f"buffer {name!r}: cannot store dtype {buf.dtype}")
         data = buf.detach().contiguous().cpu().reshape(-1).view(torch.uint8)
         buffer_entries.append((name, container.CODES[buf.dtype], list(buf.shape), data))
     # Widest dtype first: from an 8-aligned data start every payload stays aligned. (A
@@ -123,8 +134,12 @@ def _encode(exported: list[QuantizedTensor], float_params: list,
     if tied:
         floats["tied"] = tied
     records, streams = [], []
+    stored_names = {qt.name for qt in exported} | {n for qt in exported for n in qt.tied_names}
     for qt in exported:
-        record, widths, levels = _encode_quantized(qt)
+        # Every other name of the parameter (a module registered under two names is not
+        # a tie the quantizer sees), but for names stored by a record of their own.
+        aliases = [n for n in other_names.get(qt.name, []) if n not in stored_names]
+        record, widths, levels = _encode_quantized(qt, aliases)
         records.append(record)
         if widths is not None:
             record["widths_crc"] = widths
@@ -149,15 +164,16 @@ def _encode(exported: list[QuantizedTensor], float_params: list,
     return entries, meta
 
 
-def _encode_quantized(qt: QuantizedTensor) -> tuple[dict, torch.Tensor | None, torch.Tensor]:
-    """A quantized tensor's record (defaults left out), its width stream (``None`` when
-    every group has the same width) and its level stream."""
+def _encode_quantized(qt: QuantizedTensor, aliases: list[str]
+                      ) -> tuple[dict, torch.Tensor | None, torch.Tensor]:
+    """A quantized tensor's record (defaults left out, ``aliases`` added to its tied names),
+    its width stream (``None`` when every group has the same width) and its level stream."""
     bits = qt.bits.reshape(-1).to(torch.uint8).cpu()
     base = int(bits.min())
     widths, field = bitpack.pack_widths(bits, base)
     record: dict = {"name": qt.name}
-    if qt.tied_names:
-        record["tied"] = list(qt.tied_names)
+    if qt.tied_names or aliases:
+        record["tied"] = list(qt.tied_names) + aliases
     record["shape"] = list(qt.shape)
     if qt.dtype != torch.float32:
         record["dtype"] = _dtype_name(qt.dtype)
@@ -179,9 +195,9 @@ def _float32_number(value: float, name: str) -> float:
     value = float(value)
     if not math.isfinite(value):
         raise ValueError(f"tensor {name!r}: range {value} is not finite; cannot save it")
-    single = np.float32(value)
-    short = float(str(single))  # 9 digits at most where repr(value) may take 17
-    return short if np.float32(short) == single else value
+    # str of a float32 has at most 9 digits, where repr of the double may take 17, and
+    # reads back to the same float32 (loaders compute ranges in float32).
+    return float(str(np.float32(value)))
 
 
 # ============================================================================ decoding
@@ -360,6 +376,13 @@ def _check_buffers(buffers: object, model: nn.Module, file: container.Container
         if tuple(target.shape) != p.shape:
             raise ValueError(f"buffer {name!r}: file shape {p.shape} does not match the "
                              f"model's {tuple(target.shape)}")
+        stored = container.STORED[p.dtype]
+        # Floats may change precision (a model moved to float16); integers and flags do not
+        # become floats, nor the reverse, nor another integer type.
+        if stored != target.dtype and not (stored.is_floating_point
+                                           and target.dtype.is_floating_point):
+            raise ValueError(f"buffer {name!r}: file dtype {p.dtype} does not fit the model's "
+                             f"{target.dtype}")
         plans.append(_Plan(name, [target], floats=_payload_tensor(file, name, crc)))
     missing = [name for name in targets if name not in buffers]
     if missing:
@@ -378,8 +401,10 @@ def _payload_tensor(file: container.Container, name: str, crc: object) -> torch.
     return data.view(container.STORED[p.dtype]).view(p.shape)
 
 
-def _targets(name: str, names: Iterable[str], shape: tuple, params: dict) -> list:
-    out = []
+def _targets(name: str, names: list[str], shape: tuple, params: dict) -> list:
+    if len(set(names)) != len(names):
+        raise ValueError(f"tensor {name!r}: its tied names repeat a name")
+    out, ids = [], set()
     for n in names:
         param = params.get(n)
         if param is None:
@@ -387,7 +412,8 @@ def _targets(name: str, names: Iterable[str], shape: tuple, params: dict) -> lis
         if tuple(param.shape) != tuple(shape):
             raise ValueError(f"tensor {name!r}: file shape {tuple(shape)} does not match the "
                              f"model's {tuple(param.shape)} for {n!r}")
-        if all(param is not p for p in out):
+        if id(param) not in ids:
+            ids.add(id(param))
             out.append(param)
     return out
 
@@ -412,7 +438,7 @@ def _read_checked(model: nn.Module, source) -> list[_Plan]:
         raise ValueError(f"malformed file ({type(e).__name__}: {e})") from e
 
 
-def _check_file(model: nn.Module, data: bytearray | bytes) -> list[_Plan]:
+def _check_file(model: nn.Module, data: bytearray | np.ndarray) -> list[_Plan]:
     file = container.Container(data)
     meta = file.meta
     if not isinstance(meta, dict) or meta.get("format") != FORMAT:

@@ -104,7 +104,7 @@ def check_widths(what: str, bits: object, numel: int, group_size: int,
         raise ValueError(f"{what}: lsq tensors have one group, got {n_groups}")
     # uint8 widths (what files decode to) are read as they are: no copy on the load path.
     flat = bits.reshape(-1) if bits.dtype == torch.uint8 else bits.reshape(-1).to(torch.int64)
-    low, high = (int(v) for v in torch.aminmax(flat)) if flat.numel() else (1, 1)
+    low, high = (int(v) for v in torch.aminmax(flat))  # n_groups >= 1
     if low < 1 or high > MAX_WIDTH:
         raise ValueError(f"{what}: widths [{low}, {high}] outside [1, {MAX_WIDTH}]")
     return flat.to(torch.uint8)

@@ -298,3 +298,59 @@ def test_buffers_round_trip():
     assert fresh[1].num_batches_tracked.dtype == torch.int64
     with torch.no_grad():
         assert torch.equal(fresh(x), expected)
+
+
+def test_tied_parameter_excluded_at_a_later_use_stays_quantized():
+    # The first use decides: quantized there, every use sees (and loads) the quantized value.
+    torch.manual_seed(0)
+    model = TiedLM()
+    quantizer = dq.DiffQuantizer(model, min_size=0.001, group_size=8, exclude=["out.*"])
+    spread_logits(model)
+    x = torch.randint(0, 300, (2, 7))
+    model.eval()
+    with torch.no_grad():
+        expected = model(x)
+    fresh = TiedLM().eval()
+    serialization.load_quantized(fresh, serialization.file_bytes(quantizer))
+    with torch.no_grad():
+        assert torch.equal(fresh(x), expected)
+
+
+def test_lsq_zero_step_quantizes_to_zero():
+    model = torch.nn.Linear(8, 8)
+    with torch.no_grad():
+        model.bias.zero_()
+    quantizer = dq.LSQ(model, bits=4, min_size=0)
+    expected = quantized_weights(model, quantizer)
+    assert torch.equal(expected["bias"], torch.zeros(8))
+    fresh = torch.nn.Linear(8, 8)
+    serialization.load_quantized(fresh, serialization.file_bytes(quantizer))
+    assert torch.equal(fresh.bias, expected["bias"])
+
+
+def test_module_registered_twice_gets_every_name():
+    # One module under two names: both names of its weight are in the file.
+    shared = torch.nn.Linear(64, 64)
+    model = torch.nn.Module()
+    model.a, model.b = shared, shared
+    quantizer = dq.UniformQuantizer(model, bits=4, min_size=0.001)
+    expected = quantized_weights(model, quantizer)
+    untied = torch.nn.Module()
+    untied.a, untied.b = torch.nn.Linear(64, 64), torch.nn.Linear(64, 64)
+    serialization.load_quantized(untied, serialization.file_bytes(quantizer))
+    assert torch.equal(untied.b.weight, expected["a.weight"])
+    assert torch.equal(untied.b.bias, expected["a.bias"])
+
+
+def test_complex_buffers_are_left_out_with_a_warning():
+    model = torch.nn.Linear(8, 8)
+    model.register_buffer("phase", torch.ones(3, dtype=torch.complex64))
+    model.register_buffer("count", torch.tensor(7, dtype=torch.uint16))
+    quantizer = dq.UniformQuantizer(model, bits=4, min_size=0)
+    with pytest.warns(RuntimeWarning, match="phase"):
+        data = serialization.file_bytes(quantizer)
+    fresh = torch.nn.Linear(8, 8)
+    fresh.register_buffer("phase", torch.zeros(3, dtype=torch.complex64))
+    fresh.register_buffer("count", torch.tensor(0, dtype=torch.uint16))
+    serialization.load_quantized(fresh, data)
+    assert int(fresh.count) == 7 and torch.equal(fresh.phase, torch.zeros(3, dtype=torch.complex64))

@@ -163,6 +163,8 @@ def test_streams_shorter_or_longer_than_the_records(good_file):
         ("min", 10**400, "not finite"),
         ("dtype", ["float32"], "unknown dtype"),
         ("tied", "out.weight", "list of names"),
+        ("tied", ["out.weight", "out.weight"], "repeat a name"),
+        ("tied", ["emb.weight"], "repeat a name"),
         ("scheme", "zip", "unknown scheme"),
         ("group_size", -3, "negative group_size"),
         ("group_size", "8", "wrong type"),
@@ -195,7 +197,7 @@ def test_widths_above_fifteen(good_file):
     assert_rejected(forge(good_file, edit), "outside \\[1, 15\\]|checksum|expected")
 
 
-@pytest.mark.parametrize("version", [0, 2, "1", None, True, 1.0])
+@pytest.mark.parametrize("version", [0, 1, 3, "2", None, True, 2.0])
 def test_unknown_version(good_file, version):
     def edit(meta, header):
         meta["version"] = version
@@ -380,6 +382,9 @@ def test_buffer_checks(bn_file):
     header, body = split(bn_file)
     header["1.running_mean"]["shape"] = [2, 2]
     assert_bn_rejected(join(header, body), "does not match the model's")
+    header, body = split(bn_file)
+    header["1.num_batches_tracked"]["dtype"] = "F64"  # 8 bytes either way
+    assert_bn_rejected(join(header, body), "does not fit the model's torch.int64")
     header, body = split(bn_file)
     start, _ = header["1.running_var"]["data_offsets"]
     body = bytearray(body)
