@@ -88,11 +88,11 @@ class LSQ(BaseQuantizer):
         A zero step (a weight of zeros at creation) gives level 0 everywhere, not the NaN
         of ``0/0``: the weight quantizes to 0, as a file restores it.
         """
-        w = record.param.detach().float()
-        if float(record.step.detach()) == 0:
-            return torch.zeros_like(w)
         with torch.no_grad():
-            return reference.lsq_quantize(w, record.step, self.bits)[1]
+            index = reference.lsq_quantize(record.param.detach().float(), record.step,
+                                           self.bits)[1]
+            # A select, not a branch: no host synchronisation, and eval forwards compile.
+            return torch.where(record.step == 0, torch.zeros_like(index), index)
 
     def _quantized_weight(self, record: QuantizedParam) -> torch.Tensor:
         # level·step with the plain step, in float32, as a saved file decodes (and as
