@@ -110,6 +110,6 @@ def quantize_cpu(w: torch.Tensor, bits: torch.Tensor, group_size: int
 
 
 def _chunk_size() -> int:
-    from . import bitpack_cpu
+    from . import bitpack_fixed
 
-    return bitpack_cpu.CHUNK
+    return bitpack_fixed.CHUNK

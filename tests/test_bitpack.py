@@ -5,7 +5,7 @@ from __future__ import annotations
 import pytest
 import torch
 
-from diffq_triton import bitpack, bitpack_cpu
+from diffq_triton import bitpack, bitpack_fixed
 from diffq_triton.reference import bit_width_field, expand_groups, num_groups
 
 # Every test runs on the native codec and on the torch path: both must write the same bytes.
@@ -80,7 +80,7 @@ def test_mixed_width_round_trip(group_size, numel, widths):
 @pytest.mark.parametrize("group_size", [0, 1, 8, 5], ids=lambda g: f"g{g}")
 def test_many_chunks(monkeypatch, group_size):
     # Chunk borders fall inside rows, words and groups.
-    monkeypatch.setattr(bitpack_cpu, "CHUNK", 24)
+    monkeypatch.setattr(bitpack_fixed, "CHUNK", 24)
     low, high = (3, 3) if group_size == 0 else (1, 15)
     levels, bits = random_case(1001, group_size, low, high, seed=7)
     packed = bitpack.pack_levels(levels, bits, group_size)

@@ -167,9 +167,9 @@ def test_packed_model_size_agrees_with_file():
 @pytest.mark.parametrize("numel, group_size", [(1000, 8), (1003, 8), (999, 0), (1001, 3)],
                          ids=lambda v: str(v))
 def test_chunked_codec_matches_reference(monkeypatch, numel, group_size):
-    from diffq_triton import bitpack_cpu, cpu_codec, reference
+    from diffq_triton import bitpack_fixed, cpu_codec, reference
 
-    monkeypatch.setattr(bitpack_cpu, "CHUNK", 40)  # many chunks, some ending inside a group
+    monkeypatch.setattr(bitpack_fixed, "CHUNK", 40)  # many chunks, some ending inside a group
     gen = torch.Generator().manual_seed(numel)
     w = torch.randn(numel, generator=gen)
     n_groups = reference.num_groups(numel, group_size)
