@@ -23,7 +23,7 @@ import torch
 from torch import nn
 
 from . import validation
-from .base import rebuild_quantizer
+from .restore import rebuild_quantizer
 from .state import check_levels, check_record_range, check_widths
 
 # diffq 0.2.4 class paths -> this library's quantizer of the same name.
