@@ -61,6 +61,15 @@ def join(header: dict, body: bytes, length: int | None = None) -> bytes:
     return struct.pack("<Q", len(text) if length is None else length) + text + body
 
 
+def flip(data: bytes, key: str, at: int, mask: int) -> bytes:
+    """``data`` with payload ``key``'s byte ``at`` (from its end when negative) XOR ``mask``."""
+    header, body = split(data)
+    start, stop = header[key]["data_offsets"]
+    body = bytearray(body)
+    body[(start if at >= 0 else stop) + at] ^= mask
+    return join(header, bytes(body))
+
+
 def forge(data: bytes, edit) -> bytes:
     """Apply ``edit(meta, header)`` and re-seal the metadata checksum."""
     header, body = split(data)
@@ -118,21 +127,11 @@ def test_forged_offsets_and_absurd_shapes(good_file):
 
 
 def test_payload_bit_flip_names_tensor(good_file):
-    header, body = split(good_file)
-    start, _ = header["__streams__"]["data_offsets"]
-    body = bytearray(body)
-    body[start + 3] ^= 0x10  # the first record's widths: emb.weight's
-    assert_rejected(join(header, bytes(body)), "'emb.weight': widths checksum mismatch")
-    header, body = split(good_file)
-    _, stop = header["__streams__"]["data_offsets"]
-    body = bytearray(body)
-    body[stop - 1] ^= 0x80  # the last record's levels
-    assert_rejected(join(header, bytes(body)), "levels checksum mismatch")
-    header, body = split(good_file)
-    start, _ = header["out.bias"]["data_offsets"]
-    body = bytearray(body)
-    body[start] ^= 0x01
-    assert_rejected(join(header, bytes(body)), "'out.bias': data checksum mismatch")
+    # The first record's widths (emb.weight's), the last record's levels, a float payload.
+    assert_rejected(flip(good_file, "__streams__", 3, 0x10),
+                    "'emb.weight': widths checksum mismatch")
+    assert_rejected(flip(good_file, "__streams__", -1, 0x80), "levels checksum mismatch")
+    assert_rejected(flip(good_file, "out.bias", 0, 0x01), "'out.bias': data checksum mismatch")
 
 
 def test_streams_shorter_or_longer_than_the_records(good_file):
@@ -385,11 +384,8 @@ def test_buffer_checks(bn_file):
     header, body = split(bn_file)
     header["1.num_batches_tracked"]["dtype"] = "F64"  # 8 bytes either way
     assert_bn_rejected(join(header, body), "does not fit the model's torch.int64")
-    header, body = split(bn_file)
-    start, _ = header["1.running_var"]["data_offsets"]
-    body = bytearray(body)
-    body[start] ^= 0x04
-    assert_bn_rejected(join(header, bytes(body)), "'1.running_var': data checksum mismatch")
+    assert_bn_rejected(flip(bn_file, "1.running_var", 0, 0x04),
+                       "'1.running_var': data checksum mismatch")
 
 
 def test_model_buffer_missing_from_the_file(bn_file):
