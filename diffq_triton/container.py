@@ -35,9 +35,11 @@ MAX_DIMS = 64
 # ...and no count or offset can reach 2^62 (a file of that size cannot exist).
 MAX_INT = 1 << 62
 
-# safetensors' dtype names (all but complex numbers, which it cannot hold).
+# safetensors' dtype names, for the dtypes both it and torch have (complex128 is not one).
 STORED = {"F64": torch.float64, "F32": torch.float32, "F16": torch.float16,
           "BF16": torch.bfloat16, "F8_E4M3": torch.float8_e4m3fn, "F8_E5M2": torch.float8_e5m2,
+          "F8_E4M3FNUZ": torch.float8_e4m3fnuz, "F8_E5M2FNUZ": torch.float8_e5m2fnuz,
+          "C64": torch.complex64,
           "I64": torch.int64, "I32": torch.int32, "I16": torch.int16, "I8": torch.int8,
           "U64": torch.uint64, "U32": torch.uint32, "U16": torch.uint16, "U8": torch.uint8,
           "BOOL": torch.bool}

@@ -32,9 +32,10 @@ DTYPES = {
 DTYPE_NAMES = {v: k for k, v in DTYPES.items()}
 
 
-def persistent_buffers(model: nn.Module | None) -> dict[str, torch.Tensor]:
-    """The buffers ``model.state_dict()`` holds that a file can store, by full name (every
-    name of a shared one); complex buffers are left out (safetensors has no such dtype)."""
+def persistent_buffers(model: nn.Module | None, storable_only: bool = True
+                       ) -> dict[str, torch.Tensor]:
+    """The buffers ``model.state_dict()`` holds, by full name (every name of a shared one);
+    only those of a dtype the format stores (:data:`container.STORED`) unless told."""
     if model is None:
         return {}
     out = {}
@@ -42,7 +43,8 @@ def persistent_buffers(model: nn.Module | None) -> dict[str, torch.Tensor]:
         for name, buf in module._buffers.items():
             if buf is not None and name not in module._non_persistent_buffers_set:
                 out[f"{module_name}.{name}" if module_name else name] = buf
-    return {name: buf for name, buf in out.items() if buf.dtype in container.CODES}
+    return {name: buf for name, buf in out.items()
+            if buf.dtype in container.CODES or not storable_only}
 
 
 @dataclass

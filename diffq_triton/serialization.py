@@ -42,7 +42,7 @@ def save_quantized(quantizer, path: str | os.PathLike | BinaryIO) -> None:
     Quantized weights are stored bit-packed (:mod:`diffq_triton.bitpack`) with their
     per-group widths; the other parameters as float16 when the quantizer keeps them so,
     else as float32 (float64 ones as float64); the model's persistent buffers (BatchNorm
-    statistics...) as they are, but for complex ones, which safetensors cannot hold (left
+    statistics...) as they are, but for complex128 ones, a dtype safetensors lacks (left
     out, with a warning). Every payload and the metadata carry a CRC-32.
 
     Args:
@@ -79,12 +79,20 @@ def _other_names(model: nn.Module | None) -> dict[str, list[str]]:
 def _buffers_to_save(model: nn.Module | None) -> dict[str, torch.Tensor]:
     """:func:`persistent_buffers`, with a warning naming those left out."""
     kept = persistent_buffers(model)
-    left_out = [name for name, buf in (model.named_buffers() if model is not None else [])
-                if name not in kept and buf is not None and buf.dtype not in container.CODES]
+    left_out = [name for name in persistent_buffers(model, storable_only=False)
+                if name not in kept]
     if left_out:
-        warnings.warn(f"buffers of dtypes a file cannot hold are not saved: {left_out[:3]}",
-                      RuntimeWarning, stacklevel=3)
+        warnings.warn(f"buffers of dtypes this format does not store are not saved: "
+                      f"{left_out[:3]}", RuntimeWarning, stacklevel=3)
     return kept
+
+
+def _new_aliases(name: str, other_names: dict[str, list[str]], stored: set[str]) -> list[str]:
+    """The other names of ``name``'s parameter that no record stores yet, now taken (each
+    name goes to one record: a second one would make the file load nowhere)."""
+    aliases = [n for n in other_names.get(name, []) if n not in stored]
+    stored.update(aliases)
+    return aliases
 
 
 def _encode(exported: list[QuantizedTensor], float_params: list,
@@ -116,16 +124,19 @@ def _encode(exported: list[QuantizedTensor], float_params: list,
     floats: dict = {"crc": [raw for *_, raw in entries]}
     if restored:
         floats["dtype"] = restored
-    tied = {name: other_names[name] for name, *_ in entries if other_names.get(name)}
+    # Every other name of a parameter goes into its record's tied names (a module
+    # registered under two names is not a tie the quantizer sees), but for names stored
+    # by a record of their own (detect_bound=False stores a tied parameter once per name).
+    stored = ({qt.name for qt in exported} | {n for qt in exported for n in qt.tied_names}
+              | {name for name, *_ in entries})
+    tied = {name: aliases for name, *_ in entries
+            if (aliases := _new_aliases(name, other_names, stored))}
     if tied:
         floats["tied"] = tied
     records, streams = [], []
-    stored_names = {qt.name for qt in exported} | {n for qt in exported for n in qt.tied_names}
     for qt in exported:
-        # Every other name of the parameter (a module registered under two names is not
-        # a tie the quantizer sees), but for names stored by a record of their own.
-        aliases = [n for n in other_names.get(qt.name, []) if n not in stored_names]
-        record, widths, levels = _encode_quantized(qt, aliases)
+        record, widths, levels = _encode_quantized(qt, _new_aliases(qt.name, other_names,
+                                                                     stored))
         records.append(record)
         if widths is not None:
             record["widths_crc"] = widths

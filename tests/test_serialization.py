@@ -342,15 +342,33 @@ def test_module_registered_twice_gets_every_name():
     assert torch.equal(untied.b.bias, expected["a.bias"])
 
 
-def test_complex_buffers_are_left_out_with_a_warning():
+def test_buffer_dtypes_the_format_lacks_are_left_out_with_a_warning():
     model = torch.nn.Linear(8, 8)
-    model.register_buffer("phase", torch.ones(3, dtype=torch.complex64))
+    model.register_buffer("phase", torch.ones(3, dtype=torch.complex128))
+    model.register_buffer("spin", torch.full((2,), 1j, dtype=torch.complex64))
     model.register_buffer("count", torch.tensor(7, dtype=torch.uint16))
+    model.register_buffer("scratch", torch.ones(2, dtype=torch.complex128), persistent=False)
     quantizer = dq.UniformQuantizer(model, bits=4, min_size=0)
-    with pytest.warns(RuntimeWarning, match="phase"):
+    with pytest.warns(RuntimeWarning, match=r"not saved: \['phase'\]"):
         data = serialization.file_bytes(quantizer)
     fresh = torch.nn.Linear(8, 8)
-    fresh.register_buffer("phase", torch.zeros(3, dtype=torch.complex64))
+    fresh.register_buffer("phase", torch.zeros(3, dtype=torch.complex128))
+    fresh.register_buffer("spin", torch.zeros(2, dtype=torch.complex64))
     fresh.register_buffer("count", torch.tensor(0, dtype=torch.uint16))
     serialization.load_quantized(fresh, data)
-    assert int(fresh.count) == 7 and torch.equal(fresh.phase, torch.zeros(3, dtype=torch.complex64))
+    assert int(fresh.count) == 7 and torch.equal(fresh.spin, model.spin)
+    assert torch.equal(fresh.phase, torch.zeros(3, dtype=torch.complex128))
+
+
+@pytest.mark.parametrize("exclude", [[], ["out.*"]], ids=["all", "exclude-out"])
+def test_detect_bound_false_file_loads_into_an_untied_model(exclude):
+    # Each use of the tied weight is stored under its own name, and nowhere else.
+    torch.manual_seed(0)
+    model = TiedLM()
+    quantizer = dq.DiffQuantizer(model, min_size=0.001, group_size=8, detect_bound=False,
+                                 exclude=exclude)
+    data = serialization.file_bytes(quantizer)
+    untied = untied_lm()
+    serialization.load_quantized(untied, data)
+    with pytest.raises(ValueError, match="detect_bound=False"):
+        serialization.load_quantized(TiedLM(), data)

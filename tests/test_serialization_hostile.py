@@ -122,7 +122,7 @@ def test_forged_offsets_and_absurd_shapes(good_file):
     header[key]["shape"][0] //= 2
     assert_rejected(join(header, body), "must be U8")
     header, body = split(good_file)
-    header[key]["dtype"] = "C64"
+    header[key]["dtype"] = "C128"
     assert_rejected(join(header, body), "unsupported dtype")
 
 
