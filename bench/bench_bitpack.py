@@ -32,7 +32,9 @@ from pathlib import Path
 
 import torch
 
-from diffq_triton import DiffQuantizer, bitpack, native, serialization
+from diffq_triton import DiffQuantizer, serialization
+from diffq_triton.codec import native
+from diffq_triton.ops import bitpack
 
 sys.path.insert(0, str(Path(__file__).resolve().parent))
 from results import record  # noqa: E402

@@ -22,7 +22,7 @@ from pathlib import Path
 import torch
 
 import diffq_triton
-from diffq_triton.budget import SizeBudget
+from diffq_triton import SizeBudget
 from diffq_triton.demo.data import VOCAB_SIZE, eval_windows, load_corpus, random_batch
 from diffq_triton.demo.model import CharTransformer, ModelConfig, lm_loss
 from diffq_triton.demo.train import perplexity

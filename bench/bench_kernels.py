@@ -18,8 +18,8 @@ import pytest
 import torch
 from results import record
 
-from diffq_triton import custom_ops, reference
-from diffq_triton.dispatch import choose_backend
+from diffq_triton.ops import custom_ops, reference
+from diffq_triton.ops.dispatch import choose_backend
 
 SIZES = (1 << 20, 1 << 24)
 GROUPS = (0, 1, 8, 64)

@@ -22,7 +22,7 @@ from torch import nn
 
 import diffq_triton
 from diffq_triton.demo.model import CharTransformer, ModelConfig, lm_loss
-from diffq_triton.dispatch import choose_backend
+from diffq_triton.ops.dispatch import choose_backend
 
 GROUP_SIZE = 8
 PENALTY = 1e-3

@@ -15,8 +15,9 @@ import torch
 from torch import nn
 from torch.nn import functional as F
 
-from . import ops, reference, validation
-from .base import MEGABYTE_BITS
+from . import ops, validation
+from .ops import reference
+from .ops.reference import MEGABYTE_BITS
 
 
 @dataclass(frozen=True)

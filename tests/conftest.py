@@ -84,7 +84,7 @@ def poisoned():
 def triton_backend():
     """Run the test with the Triton kernels (under the interpreter on a CPU machine)."""
     pytest.importorskip("triton")
-    from diffq_triton.dispatch import use_backend
+    from diffq_triton.ops.dispatch import use_backend
 
     with use_backend("triton"):
         yield
@@ -93,7 +93,7 @@ def triton_backend():
 @pytest.fixture
 def eager_backend():
     """Run the test with the eager path."""
-    from diffq_triton.dispatch import use_backend
+    from diffq_triton.ops.dispatch import use_backend
 
     with use_backend("eager"):
         yield
@@ -106,7 +106,7 @@ def cpu_codec(request, monkeypatch):
     Both must give the same bytes and values; the torch path is also what users without a C
     compiler get, so it stays tested on machines where native works.
     """
-    from diffq_triton import native
+    from diffq_triton.codec import native
 
     monkeypatch.setenv("DIFFQ_TRITON_NATIVE", "1" if request.param == "native" else "0")
     if request.param == "native" and native.library() is None:
@@ -117,7 +117,7 @@ def cpu_codec(request, monkeypatch):
 @pytest.fixture
 def native_lib(monkeypatch):
     """The compiled native CPU codec (enabled whatever the caller's environment says)."""
-    from diffq_triton import native
+    from diffq_triton.codec import native
 
     monkeypatch.setenv("DIFFQ_TRITON_NATIVE", "1")
     loaded = native.library()

@@ -5,8 +5,9 @@ from __future__ import annotations
 import pytest
 import torch
 
-from diffq_triton import bitpack, bitpack_fixed
-from diffq_triton.reference import bit_width_field, expand_groups, num_groups
+from diffq_triton.codec import bitpack_fixed
+from diffq_triton.ops import bitpack
+from diffq_triton.ops.reference import bit_width_field, expand_groups, num_groups
 
 # Every test runs on the native codec and on the torch path: both must write the same bytes.
 pytestmark = pytest.mark.usefixtures("cpu_codec")
@@ -166,7 +167,7 @@ def test_widths_reject():
 
 def test_kernel_path_level_check_reads_int64_levels_whole():
     # The range check before the Triton pack: 2^32 + 1 must not wrap to a valid 1.
-    from diffq_triton.bitpack import _check_levels_range
+    from diffq_triton.ops.bitpack import _check_levels_range
 
     bits = torch.tensor([4, 4], dtype=torch.uint8)
     with pytest.raises(ValueError, match="does not fit"):

@@ -34,9 +34,9 @@ POISON = textwrap.dedent(
 SCRIPT = POISON + textwrap.dedent(
     """
     import torch
-    from diffq_triton import bitpack
+    from diffq_triton.ops import bitpack
     from diffq_triton.kernels import bitpack as kernels
-    from diffq_triton.reference import expand_groups, num_groups
+    from diffq_triton.ops.reference import expand_groups, num_groups
 
     gen = torch.Generator().manual_seed(0)
     cases = [(1, 0, 4, 4), (100, 0, 13, 13), (1151, 1, 1, 15), (1151, 3, 1, 15),
@@ -82,7 +82,7 @@ LOAD_SCRIPT = POISON + textwrap.dedent(
     """
     import torch
     import diffq_triton as dq
-    from diffq_triton.dispatch import use_backend
+    from diffq_triton.ops.dispatch import use_backend
     from diffq_triton.kernels import bitpack as kernels
     from tests.models import TiedLM, conv_net
 

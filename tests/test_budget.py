@@ -9,7 +9,7 @@ import torch
 from torch import nn
 
 import diffq_triton
-from diffq_triton.budget import SizeBudget, _logits_for_widths, size_range
+from diffq_triton.quantizers.budget import SizeBudget, _logits_for_widths, size_range
 from tests.models import mlp
 
 

@@ -6,8 +6,9 @@ import pytest
 import torch
 
 import diffq_triton
-from diffq_triton import custom_ops, ops, reference
-from diffq_triton.dispatch import use_backend
+from diffq_triton import ops
+from diffq_triton.ops import custom_ops, reference
+from diffq_triton.ops.dispatch import use_backend
 from tests.conftest import INDUCTOR
 from tests.models import mlp
 

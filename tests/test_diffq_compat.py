@@ -13,7 +13,7 @@ import torch
 from hypothesis import HealthCheck, given, settings
 from hypothesis import strategies as st
 
-from diffq_triton.diffq_compat import load_diffq_state
+from diffq_triton.serialization.diffq_compat import load_diffq_state
 from tests.fixtures.diffq_cases import CASES, small_mlp
 
 FIXTURES = Path(__file__).parent / "fixtures"

@@ -12,8 +12,8 @@ from types import SimpleNamespace
 import pytest
 import torch
 
-from diffq_triton import dispatch
-from diffq_triton.dispatch import choose_backend, use_backend
+from diffq_triton.ops import dispatch
+from diffq_triton.ops.dispatch import choose_backend, use_backend
 
 CPU = torch.zeros(3)
 
@@ -90,10 +90,10 @@ def test_forcing_triton_where_it_cannot_run_raises(monkeypatch):
 def test_choice_is_logged_once_at_debug(monkeypatch, caplog):
     monkeypatch.setattr(dispatch, "_logged", set())
     monkeypatch.setenv("DIFFQ_TRITON_BACKEND", "eager")
-    with caplog.at_level(logging.DEBUG, logger="diffq_triton.dispatch"):
+    with caplog.at_level(logging.DEBUG, logger="diffq_triton.ops.dispatch"):
         for _ in range(3):
             choose_backend(CPU)
-    records = [r for r in caplog.records if r.name == "diffq_triton.dispatch"]
+    records = [r for r in caplog.records if r.name == "diffq_triton.ops.dispatch"]
     assert len(records) == 1 and records[0].levelno == logging.DEBUG
 
 
@@ -104,7 +104,7 @@ def test_library_imports_and_trains_without_triton():
         import torch
         from torch import nn
         import diffq_triton
-        from diffq_triton import dispatch
+        from diffq_triton.ops import dispatch
         assert not dispatch.HAS_TRITON
         model = nn.Sequential(nn.Linear(32, 64), nn.ReLU(), nn.Linear(64, 4))
         opt = torch.optim.Adam(model.parameters())

@@ -5,7 +5,8 @@ from __future__ import annotations
 import pytest
 import torch
 
-from diffq_triton import eager_ops, reference
+from diffq_triton.ops import eager as eager_ops
+from diffq_triton.ops import reference
 
 N = 10007
 GROUPS = [0, 1, 3, 4, 8, 16, 64, 100, 2000]
@@ -113,7 +114,7 @@ def test_buffer_pool_never_hands_out_a_buffer_in_use():
 
 
 def test_retained_graph_backward_twice_gives_the_same_gradients():
-    from diffq_triton import custom_ops
+    from diffq_triton.ops import custom_ops
 
     w = torch.randn(300, 200, requires_grad=True)
     logits = torch.randn(7500, requires_grad=True)

@@ -5,7 +5,7 @@ from __future__ import annotations
 import pytest
 import torch
 
-from diffq_triton import reference
+from diffq_triton.ops import reference
 from tests.conftest import poisoned_empty
 
 pytest.importorskip("triton")

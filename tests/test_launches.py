@@ -17,7 +17,7 @@ import torch
 from torch import nn
 
 import diffq_triton
-from diffq_triton.dispatch import use_backend
+from diffq_triton.ops.dispatch import use_backend
 
 pytest.importorskip("triton")
 import triton  # noqa: E402

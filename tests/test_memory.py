@@ -17,7 +17,7 @@ import torch
 from torch import nn
 
 import diffq_triton
-from diffq_triton.dispatch import use_backend
+from diffq_triton.ops.dispatch import use_backend
 
 DIFFQ_BYTES_PER_ENTRY = 9.2  # measured for diffq 0.2.4 on the bench MLP
 

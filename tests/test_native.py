@@ -17,7 +17,9 @@ import pytest
 import torch
 
 import diffq_triton as dq
-from diffq_triton import bitpack, bitpack_cpu, native, reference, serialization
+from diffq_triton import serialization
+from diffq_triton.codec import bitpack_cpu, native, native_build
+from diffq_triton.ops import bitpack, reference
 from tests.conftest import POISON_INT, poison, poisoned_empty
 from tests.models import TiedLM, conv_net, mlp
 from tests.test_bitpack import random_case, stream_as_int
@@ -457,7 +459,7 @@ def test_bitpack_identical_with_and_without_native(lib, monkeypatch):
 def real_compiler():
     """Skip unless a C compiler is found (tests that build the codec for real)."""
     try:
-        native._compiler()
+        native_build._compiler()
     except RuntimeError as exc:
         pytest.skip(str(exc))
 
@@ -466,7 +468,7 @@ def real_compiler():
 def fresh_build(monkeypatch, tmp_path):
     """Native enabled, nothing loaded yet, and an empty cache dir (returned)."""
     monkeypatch.setenv("DIFFQ_TRITON_NATIVE", "1")
-    monkeypatch.setattr(native, "_STATE", {})
+    monkeypatch.setattr(native_build, "_STATE", {})
     cache = tmp_path / "cache"
     monkeypatch.setenv("DIFFQ_TRITON_CACHE_DIR", str(cache))
     return cache
@@ -521,7 +523,7 @@ def test_build_cached_and_reused(real_compiler, fresh_build, monkeypatch):
         raise AssertionError("the cached build should have been reused")
 
     # A new process (fresh state) loads the cached file without compiling.
-    monkeypatch.setattr(native, "_STATE", {})
+    monkeypatch.setattr(native_build, "_STATE", {})
     monkeypatch.setattr(subprocess, "run", no_compile)
     second = native.library()
     assert second is not None
@@ -566,12 +568,12 @@ def test_self_test_refuses_broken_build(real_compiler, fresh_build, monkeypatch,
     replace, flags = BROKEN[edit]
     if replace is not None:
         old, new = replace
-        source = native.SOURCE.read_text()
+        source = native_build.SOURCE.read_text()
         assert old in source, f"codec.c changed: update BROKEN[{edit!r}]"
         broken = tmp_path / "codec.c"
         broken.write_text(source.replace(old, new))
-        monkeypatch.setattr(native, "SOURCE", broken)
-    monkeypatch.setattr(native, "CFLAGS", native.CFLAGS + flags)
+        monkeypatch.setattr(native_build, "SOURCE", broken)
+    monkeypatch.setattr(native_build, "CFLAGS", native_build.CFLAGS + flags)
     assert library_warns("self-test") is None
     assert "self-test" in native.unavailable_reason()
 
@@ -581,7 +583,7 @@ def test_default_cache_dir(monkeypatch, tmp_path):
     # user's cache home.
     monkeypatch.delenv("DIFFQ_TRITON_CACHE_DIR", raising=False)
     monkeypatch.setenv("XDG_CACHE_HOME", str(tmp_path))
-    assert native._cache_dir() == tmp_path / "diffq_triton"
+    assert native_build._cache_dir() == tmp_path / "diffq_triton"
 
 
 @pytest.mark.parametrize("offset", [0, 1, 7, 15])
@@ -605,7 +607,7 @@ def test_crc32_without_codec_is_zlib():
 @pytest.mark.parametrize("group_size", [0, 5, 8])
 def test_quantize_minmax_any_float_dtype_matches_reference(lib, dtype, group_size):
     """Non-float32 weights take the codec after the reference's own upcast: same levels."""
-    from diffq_triton.state import quantize_minmax
+    from diffq_triton.serialization.tensor_record import quantize_minmax
 
     gen = torch.Generator().manual_seed(group_size)
     w = (torch.randn(10_007, generator=gen) * 3).to(dtype)

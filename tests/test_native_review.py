@@ -19,7 +19,8 @@ import sys
 import pytest
 import torch
 
-from diffq_triton import bitpack_cpu, native, reference
+from diffq_triton.codec import bitpack_cpu, native
+from diffq_triton.ops import reference
 from tests.conftest import poisoned_empty
 from tests.test_bitpack import random_case, stream_as_int
 

@@ -114,7 +114,7 @@ def test_tied_parameters_share_logits_noise_and_survive_round_trip():
 @pytest.mark.parametrize("packed", [False, True])
 def test_state_round_trip_equals_eval_weights(group_size, packed):
     if packed:
-        pytest.importorskip("diffq_triton.bitpack")
+        pytest.importorskip("diffq_triton.ops.bitpack")
     torch.manual_seed(0)
     model = conv_net()
     q = diffq_triton.DiffQuantizer(model, min_size=0, group_size=group_size, init_bits=5)
@@ -324,7 +324,7 @@ def test_restoring_a_foreign_state_points_to_the_migration_path():
 @pytest.mark.parametrize("bounds", [(2, 15, 8), (1, 8, 4), (3, 12, 5)], ids=str)
 def test_int_bits_equal_rounded_get_bits(extra_bits, bounds):
     """The in-place widths of _int_bits are round_bits(extra_bits + get_bits(logit)), exactly."""
-    from diffq_triton import reference
+    from diffq_triton.ops import reference
 
     min_bits, max_bits, init_bits = bounds
     q = diffq_triton.DiffQuantizer(torch.nn.Linear(97, 31), group_size=8, min_bits=min_bits,

@@ -3,7 +3,7 @@
 import pytest
 import torch
 
-from diffq_triton import reference
+from diffq_triton.ops import reference
 
 
 @pytest.mark.parametrize("param", reference.PARAMS)

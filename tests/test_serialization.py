@@ -9,7 +9,7 @@ import torch
 
 import diffq_triton as dq
 from diffq_triton import serialization
-from diffq_triton.state import QuantizedTensor
+from diffq_triton.serialization.tensor_record import QuantizedTensor
 from tests.models import TiedLM, conv_net, mlp
 
 # Every test runs on the native codec and on the torch path: both must write the same bytes.
@@ -167,7 +167,8 @@ def test_packed_model_size_agrees_with_file():
 @pytest.mark.parametrize("numel, group_size", [(1000, 8), (1003, 8), (999, 0), (1001, 3)],
                          ids=lambda v: str(v))
 def test_chunked_codec_matches_reference(monkeypatch, numel, group_size):
-    from diffq_triton import bitpack_fixed, cpu_codec, reference
+    from diffq_triton.codec import bitpack_fixed, cpu_codec
+    from diffq_triton.ops import reference
 
     monkeypatch.setattr(bitpack_fixed, "CHUNK", 40)  # many chunks, some ending inside a group
     gen = torch.Generator().manual_seed(numel)

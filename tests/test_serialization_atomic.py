@@ -14,7 +14,8 @@ import pytest
 import torch
 
 import diffq_triton as dq
-from diffq_triton import atomic_file, serialization
+from diffq_triton import serialization
+from diffq_triton.serialization import atomic_file
 from tests.models import mlp
 
 OLD = b"the previous file, which a failed save must leave byte for byte\n"

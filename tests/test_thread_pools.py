@@ -9,7 +9,8 @@ _SCRIPT = r"""
 import os, sys, time
 import numpy as np
 import torch
-from diffq_triton import cpu_pool, eager_ops
+from diffq_triton.codec import cpu_pool
+from diffq_triton.ops import eager as eager_ops
 
 torch.set_num_threads(2)  # both pools are used only with more than one thread
 

@@ -153,7 +153,7 @@ def attach(
     )
     quantizer.setup_optimizer(optimizer, lr=settings.bits_lr)
     if method.kind == "budget":
-        from diffq_triton.budget import SizeBudget
+        from diffq_triton import SizeBudget
 
         budget = SizeBudget(quantizer, method.target_mb)
         return Attached(quantizer, budget.penalty, budget.finalize)

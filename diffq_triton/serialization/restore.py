@@ -2,13 +2,12 @@
 
 from __future__ import annotations
 
-from typing import TYPE_CHECKING
-
 import torch
 from torch import nn
 
-from . import validation
-from .state import (
+from .. import validation
+from ..ops.bitpack import packed_nbytes
+from .tensor_record import (
     QuantizedTensor,
     check_levels,
     check_record_range,
@@ -16,8 +15,15 @@ from .state import (
     check_widths,
 )
 
-if TYPE_CHECKING:
-    from .base import BaseQuantizer, QuantizedParam
+# The quantizer classes a saved state may name, by class name: each registers itself with
+# :func:`register_quantizer` where it is defined (the format layer imports no quantizer).
+_QUANTIZERS: dict[str, type] = {}
+
+
+def register_quantizer(cls: type) -> type:
+    """Class decorator: states naming ``cls.__name__`` rebuild with ``cls``."""
+    _QUANTIZERS[cls.__name__] = cls
+    return cls
 
 
 # ----------------------------------------------------------------------------- restore checks
@@ -56,24 +62,23 @@ def converted_float(kind: str, name: str, param: nn.Parameter, value: object
     return value.to(device=param.device, dtype=param.dtype)
 
 
-def checked_record(record: QuantizedParam, entry: dict) -> QuantizedTensor:
-    """An in-memory state entry as a record, checked as a file's records are (any field
-    missing or of the wrong type is a ValueError naming the tensor and the field)."""
-    name = record.full_name
+def checked_record(name: str, param: nn.Parameter, entry: dict) -> QuantizedTensor:
+    """The state entry of parameter ``name`` as a record, checked as a file's records are
+    (any field missing or of the wrong type is a ValueError naming the tensor and the field)."""
     what = f"quantized tensor for {name!r}"
-    shape = _checked_shape(what, entry.get("shape"), tuple(record.param.shape))
+    shape = _checked_shape(what, entry.get("shape"), tuple(param.shape))
     scheme = check_scheme(what, entry.get("scheme"))
     group_size = validation.check_int(f"{what}: group_size", entry.get("group_size"))
     mn, mx = (validation.check_real(f"{what}: {key}", entry.get(key)) for key in ("min", "max"))
     check_record_range(what, scheme, mn, mx)
-    numel = record.param.numel()
+    numel = param.numel()
     bits = check_widths(what, entry.get("bits"), numel, group_size, scheme)
     stream = entry.get("packed")
     if stream is not None:
         stream, levels = _checked_stream(what, stream, bits, group_size, numel), None
     else:
         levels = _checked_levels(what, entry.get("levels"), bits, group_size, numel, scheme)
-    return QuantizedTensor(name, shape, record.param.dtype, scheme, group_size, levels, bits,
+    return QuantizedTensor(name, shape, param.dtype, scheme, group_size, levels, bits,
                            mn, mx, stream=stream)
 
 
@@ -91,8 +96,6 @@ def _checked_shape(what: str, shape: object, expected: tuple) -> tuple:
 def _checked_stream(what: str, stream: object, bits: torch.Tensor, group_size: int,
                     numel: int) -> torch.Tensor:
     """A packed level stream: 1-D uint8 of exactly the bytes its widths need (docs §1)."""
-    from .bitpack import packed_nbytes
-
     stream = validation.check_state_tensor(f"{what}: packed stream", stream)
     expected = packed_nbytes(bits, group_size, numel) if numel else 0
     if stream.dtype != torch.uint8 or stream.dim() != 1 or stream.numel() != expected:
@@ -175,23 +178,19 @@ def _check_init_kwargs(name: str, kwargs: object) -> None:
         schema[key](f"state meta init_kwargs {key!r}", value)
 
 
-def rebuild_quantizer(model: nn.Module, name: object, kwargs: object) -> BaseQuantizer:
+def rebuild_quantizer(model: nn.Module, name: object, kwargs: object):
     """The quantizer a saved state names (``"DiffQuantizer"``, ...), built on ``model``.
 
     Arguments are checked first (:func:`_check_init_kwargs`); what a constructor still
     raises for a model the state does not fit (a non-float parameter, a name taken) is a
     ValueError, and the parameters it had registered are removed: the model is unchanged.
     """
-    from . import diffq, lsq, uniform
-
-    classes = {cls.__name__: cls for cls in (diffq.DiffQuantizer, uniform.UniformQuantizer,
-                                             lsq.LSQ)}
-    if not isinstance(name, str) or name not in classes:
+    if not isinstance(name, str) or name not in _QUANTIZERS:
         raise ValueError(f"unknown quantizer {name!r:.60} in state meta")
     _check_init_kwargs(name, kwargs)
     before = _param_slots(model)
     try:
-        return classes[name](model, **kwargs)
+        return _QUANTIZERS[name](model, **kwargs)
     except Exception as e:
         for module, key in _param_slots(model) - before:
             del module._parameters[key]

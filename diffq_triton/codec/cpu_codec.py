@@ -1,6 +1,6 @@
 """Quantize and dequantize on the CPU in cache-sized chunks, bit-identical to the reference.
 
-:func:`diffq_triton.reference.quantize` / ``dequantize`` make several whole-tensor passes
+:func:`diffq_triton.ops.reference.quantize` / ``dequantize`` make several whole-tensor passes
 with int64 temporaries; these run the same float32 operations in the same order on chunks
 that stay in cache, on the threads of cpu_pool, so the results are identical and a 25M
 weight model quantizes or dequantizes in a fraction of the time.
@@ -8,15 +8,26 @@ weight model quantizes or dequantizes in a fraction of the time.
 
 from __future__ import annotations
 
+from typing import Protocol
+
 import torch
 
+from . import bitpack_fixed
 from .cpu_pool import cpu_threads, run_chunks
-from .state import QuantizedTensor
 
 
-def dequantize_cpu(levels: torch.Tensor, bits: torch.Tensor, qt: QuantizedTensor,
+class RangedRecord(Protocol):
+    """What a decode needs of a record (a ``QuantizedTensor`` of the file format)."""
+
+    scheme: str  # "minmax" or "lsq"
+    group_size: int
+    mn: float  # the range's minimum, or the lsq step
+    mx: float
+
+
+def dequantize_cpu(levels: torch.Tensor, bits: torch.Tensor, qt: RangedRecord,
                    out: torch.Tensor | None = None) -> torch.Tensor:
-    """:meth:`QuantizedTensor.dequantize` on the CPU, chunk by chunk in cache, same bits.
+    """``QuantizedTensor.dequantize`` on the CPU, chunk by chunk in cache, same bits.
 
     The float32 operations and their order are the reference's (``q·u(b)·(mx - mn) + mn``,
     ``u(b) = 1/(2^b - 1)``; ``q·step`` for lsq), so the values are identical.
@@ -110,6 +121,5 @@ def quantize_cpu(w: torch.Tensor, bits: torch.Tensor, group_size: int
 
 
 def _chunk_size() -> int:
-    from . import bitpack_fixed
-
+    # Read at each call: tests shrink the chunk to cover its edges.
     return bitpack_fixed.CHUNK

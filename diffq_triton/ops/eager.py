@@ -14,8 +14,8 @@ from concurrent.futures import ThreadPoolExecutor
 
 import torch
 
+from ..codec.cpu_pool import ForkSafePool
 from . import reference
-from .cpu_pool import ForkSafePool
 
 # ξ is drawn in fixed chunks, each from its own generator seeded by (seed, chunk), so the
 # values depend on the seed only; chunks run on a thread pool (torch's normal_ is serial).

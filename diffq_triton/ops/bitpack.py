@@ -17,8 +17,8 @@ import sys
 
 import torch
 
-from . import native
-from .bitpack_cpu import (
+from ..codec import native
+from ..codec.bitpack_cpu import (
     MAX_WIDTH,
     pack_cpu,
     pack_fixed,
@@ -26,7 +26,7 @@ from .bitpack_cpu import (
     unpack_cpu,
     unpack_fixed,
 )
-from .cpu_pool import cpu_threads
+from ..codec.cpu_pool import cpu_threads
 from .dispatch import bitpack_on_triton
 from .reference import num_groups
 
@@ -63,7 +63,7 @@ def pack_levels(levels: torch.Tensor, bits: torch.Tensor, group_size: int) -> to
         ValueError: widths out of range, wrong number of groups, levels out of range.
     """
     if isinstance(levels, torch.Tensor) and bitpack_on_triton(levels):
-        from .kernels import bitpack as kernels
+        from ..kernels import bitpack as kernels
 
         levels, bits = _check_args(levels, bits.to(levels.device), group_size)
         if levels.numel() == 0:
@@ -114,7 +114,7 @@ def unpack_levels(
             if lib is not None:
                 return native.unpack(lib, packed, bits, group_size, numel)
             return unpack_cpu(packed, bits, group_size, numel)
-    from .kernels import bitpack as kernels
+    from ..kernels import bitpack as kernels
 
     return kernels.unpack(packed, bits, group_size, numel)
 
@@ -146,7 +146,7 @@ def pack_widths(bits: torch.Tensor, min_bits: int) -> tuple[torch.Tensor, int]:
     if field == 0:
         return torch.zeros(0, dtype=torch.uint8, device=bits.device), 0
     if bitpack_on_triton(bits):
-        from .kernels import bitpack as kernels
+        from ..kernels import bitpack as kernels
 
         return kernels.pack_fixed(bits.to(torch.int64) - min_bits, field), field
     with cpu_threads():
@@ -175,7 +175,7 @@ def unpack_widths(
     if field_bits == 0:
         return torch.full((n_groups,), min_bits, dtype=torch.uint8, device=packed.device)
     if bitpack_on_triton(packed):
-        from .kernels import bitpack as kernels
+        from ..kernels import bitpack as kernels
 
         excess = kernels.unpack_fixed(packed, field_bits, n_groups)
     else:

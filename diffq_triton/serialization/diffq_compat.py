@@ -22,9 +22,9 @@ from typing import BinaryIO
 import torch
 from torch import nn
 
-from . import validation
+from .. import validation
 from .restore import rebuild_quantizer
-from .state import check_levels, check_record_range, check_widths
+from .tensor_record import check_levels, check_record_range, check_widths
 
 # diffq 0.2.4 class paths -> this library's quantizer of the same name.
 _CLASS_PATHS = {

@@ -35,9 +35,8 @@ import warnings
 
 import torch
 
-from . import reference
+from ..ops import reference
 from .base import MEGABYTE_BITS, BaseQuantizer
-from .diffq import DiffQuantizer
 
 # λ starts at _INIT_SCALE / target: a penalty worth 0.1% of a unit of loss at the target,
 # below what cross-entropy-sized losses need (0.01–0.3 in bench/bench_budget.py), so λ grows
@@ -64,7 +63,7 @@ _P_CLAMP = 0.2
 _MAX_REL_ERROR = 1.0
 
 
-def size_range(quantizer: DiffQuantizer) -> tuple[float, float]:
+def size_range(quantizer: BaseQuantizer) -> tuple[float, float]:
     """Stored sizes in MB with every group at the narrowest and at the widest width.
 
     Any target in this interval can be reached; these are the sizes ``true_model_size()``
@@ -107,7 +106,7 @@ class SizeBudget:
         ValueError: ``target_mb`` lies outside the reachable range.
     """
 
-    def __init__(self, quantizer: DiffQuantizer, target_mb: float):
+    def __init__(self, quantizer: BaseQuantizer, target_mb: float):
         _check_quantizer(quantizer)
         self.quantizer = quantizer
         self.target_mb = _check_target(quantizer, target_mb)
@@ -300,13 +299,14 @@ class SizeBudget:
 
 # --------------------------------------------------------------------- helpers
 def _check_quantizer(quantizer: object) -> None:
-    if not isinstance(quantizer, DiffQuantizer):
+    # DiffQuantizer imports this module (size_penalty), so it is recognised by its flag.
+    if not (isinstance(quantizer, BaseQuantizer) and quantizer._trains_widths):
         raise TypeError(
             f"quantizer must be a diffq_triton.DiffQuantizer, got {type(quantizer).__name__}"
         )
 
 
-def _check_target(quantizer: DiffQuantizer, target_mb: object) -> float:
+def _check_target(quantizer: BaseQuantizer, target_mb: object) -> float:
     if isinstance(target_mb, bool) or not isinstance(target_mb, numbers.Real):
         raise TypeError(f"target_mb must be a number, got {type(target_mb).__name__}")
     target = float(target_mb)
@@ -321,19 +321,19 @@ def _check_target(quantizer: DiffQuantizer, target_mb: object) -> float:
     return target
 
 
-def _records(quantizer: DiffQuantizer):
+def _records(quantizer: BaseQuantizer):
     # One record per quantized tensor, tied copies excluded: the ones that own logits.
     return quantizer._first_uses()
 
 
-def _width_limits(quantizer: DiffQuantizer) -> tuple[int, int]:
+def _width_limits(quantizer: BaseQuantizer) -> tuple[int, int]:
     """Narrowest and widest stored widths the logits can produce after rounding."""
     low = min(max(round(quantizer.min_bits + quantizer.extra_bits), 1), 15)
     high = min(max(round(quantizer.max_bits + quantizer.extra_bits), 1), 15)
     return low, high
 
 
-def _stored_size_mb(quantizer: DiffQuantizer, widths: list[torch.Tensor]) -> float:
+def _stored_size_mb(quantizer: BaseQuantizer, widths: list[torch.Tensor]) -> float:
     """``true_model_size()`` the quantizer would report with these integer widths."""
     total = BaseQuantizer._float_size_bits(quantizer)
     for record, bits in zip(_records(quantizer), widths, strict=True):
@@ -345,7 +345,7 @@ def _stored_size_mb(quantizer: DiffQuantizer, widths: list[torch.Tensor]) -> flo
     return total / MEGABYTE_BITS
 
 
-def _logits_for_widths(quantizer: DiffQuantizer, widths: torch.Tensor) -> torch.Tensor:
+def _logits_for_widths(quantizer: BaseQuantizer, widths: torch.Tensor) -> torch.Tensor:
     """Logits whose widths round (with ``extra_bits``) to ``widths``, mid-interval.
 
     Args:

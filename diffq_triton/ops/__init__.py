@@ -1,9 +1,15 @@
-"""The operations quantizers call on each weight; the one seam between models and kernels.
+"""Ops: the math on weights, and the one seam between models and kernels.
 
-Every quantizer goes through these functions, whatever the device. They choose the backend
-(:func:`diffq_triton.dispatch.choose_backend`) and call the ``diffq_triton::`` custom ops,
-which run the fused Triton kernels or the lean eager path; semantics are those of
-:mod:`diffq_triton.reference` either way.
+The functions here are the operations quantizers and layers call on each weight, whatever
+the device. They choose the backend (:func:`.dispatch.choose_backend`) and call the
+``diffq_triton::`` custom ops, which run the fused Triton kernels or the lean eager path;
+semantics are those of :mod:`.reference` either way.
+
+- :mod:`.reference`: the eager float reference of spec.md (the correctness oracle).
+- :mod:`.eager`: the lean eager path (CPU and fallback), equal to the reference.
+- :mod:`.custom_ops`: the ``torch.library`` ops, their fakes and autograd.
+- :mod:`.dispatch`: the one function that picks Triton or eager.
+- :mod:`.bitpack`: level streams, by the Triton kernels or the CPU codec.
 """
 
 from __future__ import annotations

@@ -19,8 +19,8 @@ from typing import BinaryIO
 import numpy as np
 import torch
 
-from . import native
-from .cpu_pool import call_workers, run_calls
+from ..codec import native
+from ..codec.cpu_pool import call_workers, run_calls
 
 # A header larger than this is refused before it is read (a forged length must not make
 # the loader allocate); 16 MiB holds the metadata of some 50,000 tensors.

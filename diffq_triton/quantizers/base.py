@@ -1,4 +1,4 @@
-"""Common machinery of all quantizers: finding parameters, swapping weights, saving state.
+"""Common machinery of all quantizers: finding parameters, swapping weights, the optimizer.
 
 A quantizer hooks the root model. Before a forward it puts a derived tensor (noisy in
 training, quantized in eval) in place of each quantized parameter in its module's
@@ -6,13 +6,12 @@ training, quantized in eval) in place of each quantized parameter in its module'
 never written to, so ``state_dict()`` keys stay the plain model's (plus the quantizer's own
 parameters), tied parameters get one derived tensor shared by every use, and the swap is made
 of plain torch operations, which ``torch.compile(fullgraph=True)`` traces without a break.
+Exporting, saving and restoring are the methods of :class:`.saved_state.QuantizerState`.
 """
 
 from __future__ import annotations
 
-import io
 import weakref
-import zlib
 from collections.abc import Iterator, Sequence
 from contextlib import contextmanager
 from dataclasses import dataclass, field
@@ -21,17 +20,13 @@ from fnmatch import fnmatch
 import torch
 from torch import nn
 
-from . import validation
-from .cpu_pool import cpu_threads, run_calls
-from .restore import checked_record, converted_float, state_lists, write_weight
-from .restore import rebuild_quantizer as rebuild_quantizer  # re-exported
-from .restore import restore_quantized_state as restore_quantized_state  # re-exported
-from .state import QuantizedTensor
+from .. import validation
+from ..ops.reference import MEGABYTE_BITS
+from ..serialization.tensor_record import QuantizedTensor
+from .saved_state import QuantizerState
 
 # Models that carry a quantizer: a second one on the same model is an error.
 _ATTACHED: weakref.WeakKeyDictionary[nn.Module, BaseQuantizer] = weakref.WeakKeyDictionary()
-
-MEGABYTE_BITS = 8 * 2**20
 
 
 @dataclass(eq=False)
@@ -58,7 +53,7 @@ def _is_compiling() -> bool:
     return torch.compiler.is_compiling()
 
 
-class BaseQuantizer:
+class BaseQuantizer(QuantizerState):
     """Base of :class:`DiffQuantizer`, :class:`UniformQuantizer` and :class:`LSQ`.
 
     Args:
@@ -75,6 +70,8 @@ class BaseQuantizer:
     _param_suffix: str | None = None
     # What the quantizer itself trains, for messages ("bit logits", "LSQ steps").
     _trained_name = "quantizer parameters"
+    # Whether the quantizer trains per-group widths, the sizes a SizeBudget steers.
+    _trains_widths = False
     # The constructor's arguments but the model (for __repr__ and saved states).
     _kwargs: dict
 
@@ -350,35 +347,7 @@ class BaseQuantizer:
         """Size of the quantized model in MB, as stored without further compression."""
         return float(self.model_size())
 
-    def packed_model_size(self) -> float:
-        """Size in MB of the file :func:`diffq_triton.save_quantized` writes."""
-        from .serialization import save_quantized
-
-        buffer = io.BytesIO()
-        save_quantized(self, buffer)
-        return len(buffer.getvalue()) / 2**20
-
-    def compressed_model_size(self, compress_level: int = -1, num_workers: int = 8) -> float:
-        """zlib-compressed size in MB of the quantized state (levels unpacked, as diffq).
-
-        Args:
-            compress_level: zlib level (-1: zlib's default).
-            num_workers: kept for diffq compatibility; compression runs on one thread.
-        """
-        compressor = zlib.compressobj(compress_level)
-        total = 0
-        for qt in self.export_quantized():
-            levels = qt.levels.cpu()
-            levels = levels.to(torch.uint8) if int(qt.bits.max()) <= 8 else levels
-            for chunk in (levels.numpy().tobytes(), qt.bits.cpu().numpy().tobytes()):
-                total += len(compressor.compress(chunk))
-        for _, tensor, as_half in self.export_float():
-            data = tensor.detach().cpu().to(torch.float16 if as_half else torch.float32)
-            total += len(compressor.compress(data.numpy().tobytes()))
-        total += len(compressor.flush())
-        return total / 2**20
-
-    # ----------------------------------------------------------------- export / state
+    # ----------------------------------------------------------------- export hooks
     def _export_bits(self, record: QuantizedParam) -> torch.Tensor | None:
         """Integer widths of a record for export (``None`` when the record has none)."""
         return None
@@ -386,120 +355,3 @@ class BaseQuantizer:
     def _quantize_record(self, record: QuantizedParam, bits: torch.Tensor | None
                          ) -> QuantizedTensor:
         raise NotImplementedError
-
-    def export_quantized(self) -> list[QuantizedTensor]:
-        """The quantized form of every quantized parameter, each counted once (ties named).
-
-        Raises:
-            ValueError: a weight holds NaN or Inf.
-        """
-        records = list(self._first_uses())
-        # The widths of all tensors first: inside save_quantized (torch on one thread) their
-        # small torch ops run several at once on the pool threads, as torch releases the GIL.
-        widths = run_calls([(self._export_bits, (r,)) for r in records])
-        out = []
-        for record, bits in zip(records, widths, strict=True):
-            qt = self._quantize_record(record, bits)
-            qt.tied_names = [use.full_name for use in record.tied]
-            out.append(qt)
-        return out
-
-    def export_float(self) -> list[tuple[str, torch.Tensor, bool]]:
-        """The parameters kept in floating point: ``(full name, tensor, stored as float16)``."""
-        half = [(n, p.detach(), True) for n, p in self._float16]
-        return half + [(n, p.detach(), False) for n, p in self._others]
-
-    def get_quantized_state(self, packed: bool = True, torch_pack: bool = False) -> dict:
-        """The quantized weights and the other parameters, enough to rebuild the model.
-
-        Args:
-            packed: bit-pack the levels (the format of :mod:`diffq_triton.bitpack`).
-            torch_pack: accepted for diffq compatibility; the packing is the same.
-
-        Returns:
-            A dict of tensors, numbers and strings (no classes: loadable with
-            ``torch.load(weights_only=True)``) for :meth:`restore_quantized_state`.
-        """
-        quantized = []
-        # Torch on one thread while the codec's threads quantize (as in save_quantized).
-        with cpu_threads():
-            exported = self.export_quantized()
-        for qt in exported:
-            entry = {
-                "shape": list(qt.shape),
-                "scheme": qt.scheme,
-                "group_size": qt.group_size,
-                "bits": qt.bits.cpu(),
-                "min": qt.mn,
-                "max": qt.mx,
-            }
-            if packed:
-                entry["packed"] = qt.stream().cpu()
-            else:
-                entry["levels"] = qt.levels.cpu()
-            quantized.append(entry)
-        return {
-            "quantized": quantized,
-            "float16": [p.half().cpu() for _, p, half in self.export_float() if half],
-            "others": [p.clone().cpu() for _, p, half in self.export_float() if not half],
-            "meta": {
-                "init_kwargs": self._init_kwargs(),
-                "klass": type(self).__name__,
-                "packed": packed,
-                "torch_pack": torch_pack,
-            },
-        }
-
-    def restore_quantized_state(self, state: dict) -> None:
-        """Load the weights of a state from :meth:`get_quantized_state` into the model.
-
-        Every entry is checked with the rules files are read with (docs/format.md) and
-        converted before the first parameter is written: on failure the model is unchanged.
-
-        Raises:
-            ValueError: the state is malformed or does not match this model (counts,
-                shapes, schemes, widths, ranges, levels); the message names the tensor.
-        """
-        quantized, float16, others = state_lists(state)
-        firsts = list(self._first_uses())
-        if len(quantized) != len(firsts):
-            raise ValueError(
-                f"state holds {len(quantized)} quantized tensors, the model has {len(firsts)}"
-            )
-        floats = self._restored_floats(float16, others)
-        weights = [self._restored_weight(record, entry)
-                   for record, entry in zip(firsts, quantized, strict=True)]
-        self._restore_params()
-        self.unquantize()
-        with torch.no_grad():
-            for record, weight in zip(firsts, weights, strict=True):
-                write_weight(record.param, weight)
-            for p, value in floats:
-                p.copy_(value)
-        self._fix_rnns()
-
-    def _restored_floats(self, float16: list, others: list
-                         ) -> list[tuple[nn.Parameter, torch.Tensor]]:
-        """Each float parameter with its value from the state, checked and converted."""
-        out = []
-        for kind, params, saved in (("float16", self._float16, float16),
-                                    ("others", self._others, others)):
-            if len(params) != len(saved):
-                raise ValueError(f"state holds {len(saved)} {kind} tensors, model {len(params)}")
-            out += [(p, converted_float(kind, name, p, value))
-                    for (name, p), value in zip(params, saved, strict=True)]
-        return out
-
-    def _restored_weight(self, record: QuantizedParam, entry: dict
-                         ) -> QuantizedTensor | torch.Tensor:
-        """The checked record of ``entry``, or its weight already decoded.
-
-        float32 CPU weights are decoded straight into the parameter once every tensor is
-        checked (decoding a checked stream cannot fail); the others are decoded here, so
-        that a failure leaves the model untouched.
-        """
-        qt = checked_record(record, entry)
-        p = record.param
-        direct = (p.device.type == "cpu" and p.dtype == torch.float32 and p.is_contiguous()
-                  and qt.native_decodable(p.device))
-        return qt if direct else qt.dequantize(p.device)

@@ -18,12 +18,12 @@ from __future__ import annotations
 import torch
 from torch import Tensor
 
-from . import eager_ops
+from . import eager as eager_ops
 
 
 def _kernels():
     # Imported on first use: the library must import without Triton.
-    from .kernels import noise, quantize
+    from ..kernels import noise, quantize
 
     return noise, quantize
 

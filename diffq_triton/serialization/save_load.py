@@ -20,8 +20,10 @@ import numpy as np
 import torch
 from torch import nn
 
-from . import atomic_file, bitpack, container, cpu_codec, dispatch, native
-from .cpu_pool import cpu_threads
+from ..codec import cpu_codec, native
+from ..codec.cpu_pool import cpu_threads
+from ..ops import bitpack, dispatch
+from . import atomic_file, container
 from .file_records import (
     DTYPE_NAMES,
     FORMAT,
@@ -32,7 +34,7 @@ from .file_records import (
     persistent_buffers,
     read_checked,
 )
-from .state import QuantizedTensor
+from .tensor_record import QuantizedTensor
 
 
 # ============================================================================ writing

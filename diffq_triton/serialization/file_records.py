@@ -16,8 +16,9 @@ import numpy as np
 import torch
 from torch import nn
 
-from . import bitpack, container, reference
-from .state import QuantizedTensor, check_record_range, check_scheme, check_widths
+from ..ops import bitpack, reference
+from . import container
+from .tensor_record import QuantizedTensor, check_record_range, check_scheme, check_widths
 
 FORMAT = "diffq-triton"
 VERSION = 2

@@ -7,11 +7,14 @@ from collections.abc import Sequence
 import torch
 from torch import nn
 
-from . import ops, reference, validation
+from .. import ops, validation
+from ..ops import reference
+from ..serialization.restore import register_quantizer
+from ..serialization.tensor_record import QuantizedTensor, quantize_minmax
 from .base import MEGABYTE_BITS, BaseQuantizer, QuantizedParam
-from .state import QuantizedTensor, quantize_minmax
 
 
+@register_quantizer
 class UniformQuantizer(BaseQuantizer):
     """Quantizes every weight tensor to ``bits`` bits between its min and max.
 

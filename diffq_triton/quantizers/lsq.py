@@ -7,11 +7,14 @@ from collections.abc import Sequence
 import torch
 from torch import nn
 
-from . import reference, validation
+from .. import validation
+from ..ops import reference
+from ..serialization.restore import register_quantizer
+from ..serialization.tensor_record import QuantizedTensor
 from .base import MEGABYTE_BITS, BaseQuantizer, QuantizedParam
-from .state import QuantizedTensor
 
 
+@register_quantizer
 class LSQ(BaseQuantizer):
     """Signed uniform quantization ``round(clamp(w/s))·s`` with a learned step ``s``.
 

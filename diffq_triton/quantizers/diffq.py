@@ -7,11 +7,15 @@ from collections.abc import Sequence
 import torch
 from torch import nn
 
-from . import ops, reference, validation
+from .. import ops, validation
+from ..ops import reference
+from ..serialization.restore import register_quantizer
+from ..serialization.tensor_record import QuantizedTensor, quantize_minmax
 from .base import MEGABYTE_BITS, BaseQuantizer, QuantizedParam
-from .state import QuantizedTensor, quantize_minmax
+from .budget import SizeBudget
 
 
+@register_quantizer
 class DiffQuantizer(BaseQuantizer):
     """Trains the bit width of each group of weights along with the model.
 
@@ -93,6 +97,7 @@ class DiffQuantizer(BaseQuantizer):
         record.module.register_parameter(record.name + self.suffix, record.logit)
 
     _trained_name = "bit logits"
+    _trains_widths = True
 
     def _own_param(self, record: QuantizedParam) -> nn.Parameter:
         return record.logit
@@ -201,8 +206,6 @@ class DiffQuantizer(BaseQuantizer):
         Raises:
             ValueError: ``target_mb`` is outside the sizes the widths can reach.
         """
-        from .budget import SizeBudget
-
         budget = getattr(self, "budget", None)
         if budget is None or budget.target_mb != target_mb:
             self.budget = budget = SizeBudget(self, target_mb)

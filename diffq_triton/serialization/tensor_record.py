@@ -6,9 +6,12 @@ import math
 
 import torch
 
-from . import native, reference, validation
-from .bitpack_cpu import MAX_WIDTH
-from .dispatch import bitpack_on_triton
+from .. import validation
+from ..codec import native
+from ..codec.bitpack_cpu import MAX_WIDTH
+from ..codec.cpu_codec import quantize_cpu
+from ..ops import bitpack, reference
+from ..ops.dispatch import bitpack_on_triton
 
 SCHEMES = ("minmax", "lsq")
 
@@ -41,8 +44,6 @@ def quantize_minmax(
         return QuantizedTensor(name, tuple(w.shape), dtype, "minmax", group_size, None,
                                bits.reshape(-1).to(torch.uint8), mn, mx, stream=stream)
     if host and w.dtype == torch.float32:
-        from .cpu_codec import quantize_cpu
-
         levels, mn, mx = quantize_cpu(w, bits, group_size)
     else:
         levels, mn, mx = reference.quantize(w, bits, group_size)
@@ -187,8 +188,6 @@ class QuantizedTensor:
     def levels(self) -> torch.Tensor:
         """``[numel]`` int16 levels (unpacked from the stream on first use)."""
         if self._levels is None:
-            from . import bitpack
-
             levels = bitpack.unpack_levels(self._stream, self.bits.to(self._stream.device),
                                            self.group_size, self.numel)
             self._levels = levels - self.offset if self.offset else levels
@@ -201,8 +200,6 @@ class QuantizedTensor:
     def stream(self) -> torch.Tensor:
         """The packed level stream of docs/format.md §1 (lsq levels offset), uint8."""
         if self._stream is None:
-            from . import bitpack
-
             levels = self._levels.reshape(-1)
             if self.offset:
                 levels = levels.to(torch.int32) + self.offset

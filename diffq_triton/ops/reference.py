@@ -18,6 +18,8 @@ import torch
 
 PARAMS = ("bits", "noise")
 NOISES = ("gaussian", "uniform")
+# Sizes are reported in MB of 2^23 bits (spec §3), as diffq 0.2.4 reports them.
+MEGABYTE_BITS = 8 * 2**20
 
 
 def num_groups(numel: int, group_size: int) -> int:
