@@ -12,7 +12,7 @@ Three measurements, each row tagged with machine, versions and commit (bench/RES
    ``get_quantized_state()`` + ``restore_quantized_state()`` (in memory), and our own
    ``get_quantized_state()`` + ``restore_quantized_state()`` against diffq's.
 
-Each measurement runs with the native codec (``diffq_triton.native``, the default when a C
+Each measurement runs with the native codec (``diffq_triton.codec.native``, the default when a C
 compiler is present) and with the torch-only fallback (``DIFFQ_TRITON_NATIVE=0``): the
 ``codec`` column. Best of several runs; the end-to-end rows also give the first save + load
 of the process (codec already built and cached on disk, memory not yet reused).

@@ -2,7 +2,7 @@
 
 The usual way to reach a size with DiffQ is a sweep: one full training per λ, keep the run
 that landed nearest. Here each fixed-λ run of the sweep sets a target (its own final
-``true_model_size()``), and one :class:`~diffq_triton.budget.SizeBudget` run is trained to
+``true_model_size()``), and one :class:`~diffq_triton.SizeBudget` run is trained to
 that target with everything else equal (model, data order, noise seed, optimizer, steps).
 A row compares the two: size reached and validation perplexity (lower is better).
 

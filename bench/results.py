@@ -1,13 +1,14 @@
-"""Append benchmark rows, tagged with machine, versions and commit, to ``bench/RESULTS.md``.
+"""Write benchmark tables, tagged with machine, versions and commit, to ``bench/RESULTS.md``.
 
 Usage from any benchmark::
 
     from results import record
     record("training step", [{"model": "mlp", "ms": 3.2, "vs plain": 1.4}])
 
-Each call adds a Markdown section (title, date) holding one table; every row carries the
-machine, device, torch and triton versions and the git commit, so rows stay comparable
-after they are copied elsewhere.
+Each benchmark owns one Markdown section per device (``## training step (cpu)``): a call
+rewrites that section in place, so the file shows the current figure of each benchmark once
+(earlier figures live in git history). Every row carries the machine, device, torch and
+triton versions and the git commit, so rows stay comparable after they are copied elsewhere.
 """
 
 from __future__ import annotations
@@ -24,8 +25,10 @@ RESULTS = Path(__file__).resolve().parent / "RESULTS.md"
 
 _HEADER = (
     "# Benchmark results\n\n"
-    "Rows are appended by the benchmarks in `bench/` (`make bench`). Each row names the machine, "
-    "the device, the torch and triton versions and the git commit it was measured at.\n"
+    "The current figures of each benchmark in `bench/` (`make bench`), one section per "
+    "benchmark and device; a benchmark rewrites its own section when it runs, and git keeps "
+    "the earlier figures. Each row names the machine, the device, the torch and triton "
+    "versions and the git commit it was measured at.\n"
 )
 
 
@@ -106,30 +109,43 @@ def record(
     note: str = "",
     path: Path | str | None = None,
 ) -> Path:
-    """Append a section ``title`` with a table of ``rows`` (and an optional ``note``).
+    """Write the section ``title`` (on this device) with a table of ``rows``, replacing it.
 
     Args:
         title: what was measured, e.g. ``"training step, eager"``.
         rows: one mapping per row, column name to value (floats shown with 4 digits).
         note: a sentence under the title (method, units, what the ratio is against).
-        path: the file to append to (``bench/RESULTS.md`` by default).
+        path: the file to write (``bench/RESULTS.md`` by default).
 
     Returns:
         the path written.
     """
-    if not isinstance(title, str) or not title:
-        raise ValueError(f"title must be a non-empty string, got {title!r}")
+    if not isinstance(title, str) or not title or "\n" in title:
+        raise ValueError(f"title must be a non-empty one-line string, got {title!r}")
     if not rows:
         raise ValueError("rows must hold at least one row")
     target = Path(path) if path is not None else RESULTS
     stamp = datetime.datetime.now(datetime.timezone.utc).strftime("%Y-%m-%d %H:%M UTC")
-    parts = [f"\n## {title} ({stamp})\n"]
+    heading = f"## {title} ({environment()['device']})"
+    body = [f"Measured {stamp}."]
     if note:
-        parts.append(f"\n{note}\n")
-    parts.append("\n" + format_rows(rows) + "\n")
-    new_file = not target.exists()
-    with open(target, "a", encoding="utf-8") as f:
-        if new_file:
-            f.write(_HEADER)
-        f.write("".join(parts))
+        body.append(note)
+    body.append(format_rows(rows))
+    text = target.read_text(encoding="utf-8") if target.exists() else _HEADER
+    target.write_text(replace_section(text, heading, "\n\n".join(body)), encoding="utf-8")
     return target
+
+
+def replace_section(text: str, heading: str, body: str) -> str:
+    """``text`` with the section under the line ``heading`` (up to the next ``## `` line)
+    replaced by ``body``, or the section appended when no line is ``heading``."""
+    lines = text.rstrip("\n").split("\n")
+    section = [heading, "", *body.split("\n")]
+    if heading in lines:
+        start = lines.index(heading)
+        end = next((i for i in range(start + 1, len(lines)) if lines[i].startswith("## ")),
+                   len(lines))
+        lines[start:end] = [*section, ""] if end < len(lines) else section
+    else:
+        lines += ["", *section]
+    return "\n".join(lines) + "\n"

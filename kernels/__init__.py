@@ -6,5 +6,5 @@
 - :mod:`.bitpack`: packing of quantized levels.
 
 Callers go through :mod:`diffq_triton.ops`, which chooses between these kernels and the
-eager path (:mod:`diffq_triton.dispatch`).
+eager path (:mod:`diffq_triton.ops.dispatch`).
 """

@@ -66,7 +66,7 @@ def _group_offsets(bits: torch.Tensor, group_size: int, numel: int) -> tuple[tor
 
 
 def pack(levels: torch.Tensor, bits: torch.Tensor, group_size: int) -> torch.Tensor:
-    """Triton version of :func:`diffq_triton.bitpack.pack_levels` (inputs already checked).
+    """Triton version of :func:`diffq_triton.ops.bitpack.pack_levels` (inputs already checked).
 
     Args:
         levels: ``[numel]`` integer levels, ``0 <= q < 2^b``.
@@ -89,7 +89,7 @@ def pack(levels: torch.Tensor, bits: torch.Tensor, group_size: int) -> torch.Ten
 
 
 def unpack(packed: torch.Tensor, bits: torch.Tensor, group_size: int, numel: int) -> torch.Tensor:
-    """Triton version of :func:`diffq_triton.bitpack.unpack_levels`: ``[numel]`` int16."""
+    """Triton version of :func:`diffq_triton.ops.bitpack.unpack_levels`: ``[numel]`` int16."""
     goff, g = _group_offsets(bits, group_size, numel)
     out = torch.empty(numel, dtype=torch.int16, device=packed.device)
     grid = (triton.cdiv(numel, BLOCK),)

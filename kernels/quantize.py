@@ -1,6 +1,6 @@
 """Eval-time quantize → dequantize with per-group integer widths (spec §1), fused.
 
-Bit-exact with :func:`diffq_triton.reference.fake_quantize` in float32: the same sequence of
+Bit-exact with :func:`diffq_triton.ops.reference.fake_quantize` in float32: the same sequence of
 correctly rounded float32 operations (IEEE division, no fused multiply-add, round half to
 even), and a constant tensor maps to itself instead of NaN.
 """

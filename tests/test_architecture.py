@@ -172,3 +172,18 @@ def test_few_modules_at_the_package_root():
 def test_each_package_says_its_job(package):
     doc = ast.get_docstring(ast.parse(MODULES[package].read_text()))
     assert doc and len(doc.splitlines()[0]) > 20, f"{package} has no one-line docstring"
+
+
+def test_every_package_is_installed():
+    import tomllib
+
+    config = tomllib.loads((ROOT / "pyproject.toml").read_text())
+    listed = set(config["tool"]["setuptools"]["packages"])
+    packages = {m for m, p in MODULES.items() if p.name == "__init__.py"}
+    assert packages == listed
+
+
+def test_the_map_names_every_part():
+    text = (ROOT / "docs" / "architecture.md").read_text()
+    missing = [part for part in LAYERS if part and f"`{part}" not in text]
+    assert missing == []

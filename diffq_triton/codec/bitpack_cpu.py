@@ -1,11 +1,11 @@
 """Mixed-width packing of the level bitstream on CPU (layout in docs/format.md); see bitpack.py."""
 
 # Vectorized torch and numpy, no Python loop per entry or per group. One width for the whole
-# tensor goes to :mod:`bitpack_fixed`; when every group starts on a byte (``group_size % 8
+# tensor goes to :mod:`.bitpack_fixed`; when every group starts on a byte (``group_size % 8
 # == 0``, or a single group) rows of mixed widths are packed in 64/128-bit lanes and their
 # bytes gathered; other group sizes place each entry in 64-bit words with segmented sums.
 # Work runs in cache-sized chunks (``bitpack_fixed.CHUNK``, read at call time) on the pool
-# of :mod:`cpu_pool`.
+# of :mod:`.cpu_pool`.
 
 from __future__ import annotations
 
@@ -36,7 +36,7 @@ def _aligned(group_size: int, n_groups: int) -> bool:
 
 # ----------------------------------------------------------------------------- CPU paths
 def pack_cpu(levels: torch.Tensor, bits: torch.Tensor, group_size: int) -> torch.Tensor:
-    """:func:`diffq_triton.bitpack.pack_levels` for checked CPU arguments (uint8 stream).
+    """:func:`diffq_triton.ops.bitpack.pack_levels` for checked CPU arguments (uint8 stream).
 
     Each path checks ``0 <= q < 2^b`` chunk by chunk, while the data is in cache.
     """
@@ -51,7 +51,7 @@ def pack_cpu(levels: torch.Tensor, bits: torch.Tensor, group_size: int) -> torch
 def unpack_cpu(
     packed: torch.Tensor, bits: torch.Tensor, group_size: int, numel: int
 ) -> torch.Tensor:
-    """:func:`diffq_triton.bitpack.unpack_levels` for checked CPU arguments (int16 levels)."""
+    """:func:`diffq_triton.ops.bitpack.unpack_levels` for checked CPU arguments (int16 levels)."""
     low, high = torch.aminmax(bits)
     if int(low) == int(high):
         return unpack_fixed(packed, int(low), numel)

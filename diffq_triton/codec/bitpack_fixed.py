@@ -3,7 +3,7 @@
 # Vectorized torch and numpy, no Python loop per entry. Rows of 8 entries of one width are
 # exactly ``b`` bytes, so fixed-width runs pack with a handful of whole-chunk shifts (2 and 3
 # bits: one 64-bit multiply per 4 entries). Work runs in cache-sized chunks on the pool of
-# :mod:`cpu_pool`.
+# :mod:`.cpu_pool`.
 
 from __future__ import annotations
 

@@ -27,7 +27,7 @@ class Method:
         kind: ``"float"`` (no quantizer), ``"qat"`` (:class:`UniformQuantizer`, straight-through
             training at ``bits``), ``"diffq"`` (:class:`DiffQuantizer`, loss + ``penalty``
             times the differentiable size in MB) or ``"budget"`` (DiffQ whose penalty adapts
-            so the stored model ends at ``target_mb``: :class:`~diffq_triton.budget.SizeBudget`).
+            so the stored model ends at ``target_mb``: :class:`~diffq_triton.SizeBudget`).
         bits: width of every weight for ``"qat"``.
         penalty: the size penalty λ for ``"diffq"``.
         target_mb: the size budget in MB for ``"budget"``.

@@ -5,7 +5,7 @@ Layout: entry ``i`` of width ``b_i`` (its group's width) occupies stream bits
 is bit ``k % 8`` of byte ``k // 8``; the last byte is padded with zero bits. The stream is
 the little-endian integer ``Σ_i q_i · 2^{o_i}`` written in ``ceil(Σ b_i / 8)`` bytes.
 
-CPU tensors go through the vectorized code of :mod:`diffq_triton.bitpack_cpu`, CUDA tensors
+CPU tensors go through the vectorized code of :mod:`diffq_triton.codec.bitpack_cpu`, CUDA tensors
 through the Triton kernels of :mod:`diffq_triton.kernels.bitpack`; this module checks the
 arguments and dispatches.
 """
@@ -34,7 +34,7 @@ __all__ = ["MAX_WIDTH", "pack_levels", "pack_widths", "packed_nbytes", "unpack_l
            "unpack_widths", "width_field_bits"]
 
 if sys.byteorder != "little":  # pragma: no cover - the byte views below assume it
-    raise ImportError("diffq_triton.bitpack needs a little-endian host")
+    raise ImportError("diffq_triton.ops.bitpack needs a little-endian host")
 
 
 # ----------------------------------------------------------------------------- public API

@@ -3,7 +3,7 @@
 Each op is registered for every device (its body launches the Triton kernels or runs the
 eager path, as the ``backend`` argument says), with a fake implementation for tracing and,
 for the noise, autograd through a backward op; ``torch.compile(fullgraph=True)`` sees each as
-one node. The backend is an argument, chosen by :mod:`diffq_triton.dispatch` when the op is
+one node. The backend is an argument, chosen by :mod:`diffq_triton.ops.dispatch` when the op is
 called (at trace time under ``torch.compile``), so the fake and the real implementation
 always agree on the outputs' shapes.
 

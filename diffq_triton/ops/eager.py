@@ -1,6 +1,6 @@
 """Lean eager (PyTorch) implementations behind the custom ops, for CPUs and as a fallback.
 
-Same math as :mod:`diffq_triton.reference` (the oracle), laid out to touch each weight-sized
+Same math as :mod:`diffq_triton.ops.reference` (the oracle), laid out to touch each weight-sized
 tensor as few times as possible: a training step draws ``ξ`` once, keeps it for the
 backward (4 bytes per entry; diffq 0.2.4 keeps 9.2) and never expands per-group values to
 per-entry tensors when the group size divides the tensor.

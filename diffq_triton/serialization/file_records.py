@@ -3,7 +3,7 @@
 Every check of docs/format.md §4 that concerns the metadata and the payloads lives here:
 :func:`read_checked` turns a file into :class:`Plan` s, one per stored tensor, or raises one
 ``ValueError`` naming the tensor and the problem; decoding a plan cannot fail after that.
-:mod:`diffq_triton.container` checks the container itself.
+:mod:`.container` checks the container itself.
 """
 
 from __future__ import annotations

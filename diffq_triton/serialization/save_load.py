@@ -1,9 +1,9 @@
 """Save a quantized model to one ``.safetensors`` file and load it back, safely and fast.
 
 This module maps a quantizer's tensors to payloads and metadata (docs/format.md) and checked
-records back onto a model; :mod:`diffq_triton.file_records` checks a file's records,
-:mod:`diffq_triton.container` reads and writes the safetensors container itself, and
-:mod:`diffq_triton.atomic_file` replaces the file on disk.
+records back onto a model; :mod:`.file_records` checks a file's records,
+:mod:`.container` reads and writes the safetensors container itself, and
+:mod:`.atomic_file` replaces the file on disk.
 """
 
 from __future__ import annotations
@@ -41,7 +41,7 @@ from .tensor_record import QuantizedTensor
 def save_quantized(quantizer, path: str | os.PathLike | BinaryIO) -> None:
     """Write the quantized model held by ``quantizer`` to one ``.safetensors`` file.
 
-    Quantized weights are stored bit-packed (:mod:`diffq_triton.bitpack`) with their
+    Quantized weights are stored bit-packed (:mod:`diffq_triton.ops.bitpack`) with their
     per-group widths; the other parameters as float16 when the quantizer keeps them so,
     else as float32 (float64 ones as float64); the model's persistent buffers (BatchNorm
     statistics...) as they are, but for complex128 ones, a dtype safetensors lacks (left
