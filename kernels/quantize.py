@@ -11,8 +11,16 @@ import torch
 import triton
 import triton.language as tl
 
-from .common import INTERPRET, RNE_MAGIC, cast_out, size_bucket
-from .range import range_partials, reduce_range_values
+from . import tensor_table
+from .common import INTERPRET, RNE_MAGIC, cast_out, size_bucket, tl_dtype
+from .range import BLOCK as RANGE_BLOCK
+from .range import (
+    MAX_PARTIALS,
+    range_many_partials,
+    range_partials,
+    reduce_range_many_values,
+    reduce_range_values,
+)
 
 BLOCK = 8192 if INTERPRET else 2048
 
@@ -74,3 +82,86 @@ def fake_quantize(w: torch.Tensor, bits_int: torch.Tensor, group_size: int) -> t
         size_bucket(n), G=G, P=P, BLOCK=BLOCK, IS_BF16=w.dtype == torch.bfloat16, **options,
     )
     return out
+
+
+# ----------------------------------------------------------------------------- many tensors
+_W_PTR = tl.constexpr(tensor_table.W_PTR)
+_N = tl.constexpr(tensor_table.N)
+_P_OFF = tl.constexpr(tensor_table.P_OFF)
+_P_NUM = tl.constexpr(tensor_table.P_NUM)
+_NCOLS = tl.constexpr(tensor_table.NCOLS)
+
+BLOCKS = tensor_table.Blocks(fwd=BLOCK, range_block=RANGE_BLOCK, max_partials=MAX_PARTIALS,
+                             tile=BLOCK, chunk=BLOCK, max_tile_g=0)
+
+
+@triton.jit
+def fake_quant_many_kernel(
+    p_rows, p_map, p_bptr, p_optr, p_part_v, total_p,
+    G: tl.constexpr, MAX_P: tl.constexpr, BLOCK: tl.constexpr, IS_BF16: tl.constexpr,
+    W_DTYPE: tl.constexpr, ALIGNED: tl.constexpr,
+):
+    """:func:`fake_quant_fwd_kernel` for block ``j`` of tensor ``t`` (map ``t<<32 | j``).
+
+    Bytes per entry (fp32): reads ``w`` 4 and one uint8 width per group, writes 4.
+    """
+    code = tl.load(p_map + tl.program_id(0))
+    t = code >> 32
+    j = code & 0xFFFFFFFF
+    row = p_rows + t * _NCOLS
+    p_w = tl.load(row + _W_PTR).to(tl.pointer_type(W_DTYPE))
+    p_bits = tl.load(p_bptr + t).to(tl.pointer_type(tl.uint8))
+    p_out = tl.load(p_optr + t).to(tl.pointer_type(W_DTYPE))
+    n = tl.load(row + _N)
+    mn, mx = reduce_range_many_values(p_part_v, total_p, tl.load(row + _P_OFF),
+                                      tl.load(row + _P_NUM), MAX_P)
+    scale = mx - mn
+    safe = tl.where(scale > 0, scale, 1.0)
+    o_w = j * BLOCK + tl.arange(0, BLOCK)
+    m_w = o_w < n
+    if ALIGNED:
+        p_w = tl.multiple_of(p_w, 16)
+        p_out = tl.multiple_of(p_out, 16)
+    full = (j + 1) * BLOCK <= n
+    if G == 0:
+        b_bits = tl.load(p_bits).to(tl.int32)
+    else:
+        b_bits = tl.load(p_bits + o_w // G, mask=m_w, other=1).to(tl.int32)
+    b_unit = tl.div_rn(tl.full([BLOCK], 1.0, tl.float32), ((1 << b_bits) - 1).to(tl.float32))
+    if full:
+        b_w = tl.load(p_w + o_w).to(tl.float32)
+    else:
+        b_w = tl.load(p_w + o_w, mask=m_w, other=0.0).to(tl.float32)
+    b_x = tl.div_rn(tl.div_rn(b_w - mn, safe), b_unit)
+    b_q = (b_x + RNE_MAGIC) - RNE_MAGIC
+    b_out = cast_out(b_q * b_unit * scale + mn, IS_BF16, W_DTYPE)
+    if full:
+        tl.store(p_out + o_w, b_out)
+    else:
+        tl.store(p_out + o_w, b_out, mask=m_w)
+
+
+def fake_quantize_many(weights: list[torch.Tensor], bits: list[torch.Tensor],
+                       outputs: list[torch.Tensor], group_size: int) -> None:
+    """Eval quantize → dequantize of every weight into ``outputs`` (2 launches in all:
+    range partials, quantize).
+
+    Args:
+        weights: ``T`` contiguous non-empty tensors of one dtype and device.
+        bits: ``[n_groups_t]`` contiguous uint8 widths in ``[1, 15]`` per weight.
+        outputs: ``T`` contiguous tensors like ``weights`` (written).
+        group_size: entries per group, shared (0: one group per tensor).
+    """
+    table = tensor_table.table_for(weights, None, group_size, BLOCKS)
+    device = weights[0].device
+    w_dtype = tl_dtype(weights[0].dtype)
+    part_v, _ = range_many_partials(table, w_dtype)
+    bptr, _ = tensor_table.pointer_table(bits, device)
+    optr, out_aligned = tensor_table.pointer_table(outputs, device)
+    options = {} if INTERPRET else {"enable_fp_fusion": False}
+    fake_quant_many_kernel[(table.fwd_map.numel(),)](
+        table.rows, table.fwd_map, bptr, optr, part_v, table.partials,
+        G=group_size, MAX_P=table.max_partials, BLOCK=BLOCK,
+        IS_BF16=weights[0].dtype == torch.bfloat16, W_DTYPE=w_dtype,
+        ALIGNED=table.aligned and out_aligned, **options,
+    )

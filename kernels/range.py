@@ -12,6 +12,7 @@ import torch
 import triton
 import triton.language as tl
 
+from . import tensor_table
 from .common import INTERPRET, next_pow2
 
 # At most this many partial results. Every program of a consumer kernel loads them all
@@ -103,3 +104,108 @@ def range_partials(w: torch.Tensor) -> tuple[torch.Tensor, torch.Tensor, int]:
     range_partial_kernel[(P,)](w, part_v, part_i, n, span, P=P, BLOCK=BLOCK,
                                num_warps=NUM_WARPS)
     return part_v, part_i, P
+
+
+# ----------------------------------------------------------------------------- many tensors
+# Columns of the tensor table (kernels/tensor_table.py) read here.
+_W_PTR = tl.constexpr(tensor_table.W_PTR)
+_N = tl.constexpr(tensor_table.N)
+_P_OFF = tl.constexpr(tensor_table.P_OFF)
+_P_NUM = tl.constexpr(tensor_table.P_NUM)
+_SPAN = tl.constexpr(tensor_table.SPAN)
+_NCOLS = tl.constexpr(tensor_table.NCOLS)
+
+
+@triton.jit
+def range_many_partial_kernel(
+    p_rows, p_map, p_part_v, p_part_i, total_p,
+    BLOCK: tl.constexpr, W_DTYPE: tl.constexpr, ALIGNED: tl.constexpr,
+):
+    """:func:`range_partial_kernel` for span ``j`` of tensor ``t`` (map entry ``t<<32 | j``).
+
+    Tensor ``t``'s partials sit at ``[p_off_t, p_off_t + p_num_t)`` of ``part_v[0]``
+    (mins), ``part_v[1]`` (maxes) and ``part_i`` (their indices), rows ``total_p`` apart.
+    Bytes per entry: reads the weight once (4 fp32, 2 bf16/fp16), writes none.
+    """
+    code = tl.load(p_map + tl.program_id(0))
+    t = code >> 32
+    j = code & 0xFFFFFFFF
+    row = p_rows + t * _NCOLS
+    p_w = tl.load(row + _W_PTR).to(tl.pointer_type(W_DTYPE))
+    n = tl.load(row + _N)
+    slot = tl.load(row + _P_OFF) + j
+    span = tl.load(row + _SPAN)
+    o_start = tl.multiple_of(j * span, BLOCK)  # spans are whole blocks
+    if ALIGNED:
+        p_w = tl.multiple_of(p_w, 16)
+    o_b = tl.arange(0, BLOCK)
+    b_mn = tl.full([BLOCK], float("inf"), tl.float32)
+    b_mx = tl.full([BLOCK], float("-inf"), tl.float32)
+    b_imn = tl.zeros([BLOCK], tl.int64)
+    b_imx = tl.zeros([BLOCK], tl.int64)
+    for i_s in range(0, span, BLOCK):
+        o_w = o_start + i_s + o_b
+        m_w = o_w < n
+        if o_start + i_s + BLOCK <= n:  # no mask: 128-bit loads where aligned
+            b_w = tl.load(p_w + o_w).to(tl.float32)
+        else:
+            b_w = tl.load(p_w + o_w, mask=m_w, other=0.0).to(tl.float32)
+        m_lt = m_w & (b_w < b_mn)
+        m_gt = m_w & (b_w > b_mx)
+        b_mn = tl.where(m_lt, b_w, b_mn)
+        b_imn = tl.where(m_lt, o_w, b_imn)
+        b_mx = tl.where(m_gt, b_w, b_mx)
+        b_imx = tl.where(m_gt, o_w, b_imx)
+    mn = tl.min(b_mn, axis=0)
+    mx = tl.max(b_mx, axis=0)
+    big = 0x7FFFFFFFFFFFFFFF
+    tl.store(p_part_v + slot, mn)
+    tl.store(p_part_v + total_p + slot, mx)
+    tl.store(p_part_i + slot, tl.min(tl.where(b_mn == mn, b_imn, big), axis=0))
+    tl.store(p_part_i + total_p + slot, tl.min(tl.where(b_mx == mx, b_imx, big), axis=0))
+
+
+@triton.jit
+def reduce_range_many_values(p_part_v, total_p, p_off, p_num, MAX_P: tl.constexpr):
+    """``(mn, mx)`` of one tensor from its ``p_num`` partials (reads 8·p_num bytes)."""
+    o_p = tl.arange(0, MAX_P)
+    m_p = o_p < p_num
+    mn = tl.min(tl.load(p_part_v + p_off + o_p, mask=m_p, other=float("inf")), axis=0)
+    mx = tl.max(tl.load(p_part_v + total_p + p_off + o_p, mask=m_p, other=float("-inf")),
+                axis=0)
+    return mn, mx
+
+
+@triton.jit
+def reduce_range_many(p_part_v, p_part_i, total_p, p_off, p_num, MAX_P: tl.constexpr):
+    """``(mn, mx, imn, imx)`` of one tensor from its partials, first index on ties."""
+    o_p = tl.arange(0, MAX_P)
+    m_p = o_p < p_num
+    b_mn = tl.load(p_part_v + p_off + o_p, mask=m_p, other=float("inf"))
+    b_mx = tl.load(p_part_v + total_p + p_off + o_p, mask=m_p, other=float("-inf"))
+    big = 0x7FFFFFFFFFFFFFFF
+    b_imn = tl.load(p_part_i + p_off + o_p, mask=m_p, other=big)
+    b_imx = tl.load(p_part_i + total_p + p_off + o_p, mask=m_p, other=big)
+    mn = tl.min(b_mn, axis=0)
+    mx = tl.max(b_mx, axis=0)
+    imn = tl.min(tl.where(b_mn == mn, b_imn, big), axis=0)
+    imx = tl.min(tl.where(b_mx == mx, b_imx, big), axis=0)
+    return mn, mx, imn, imx
+
+
+def range_many_partials(table: tensor_table.TensorTable, w_dtype) -> tuple[torch.Tensor,
+                                                                           torch.Tensor]:
+    """Launch stage one of the range of every tensor of ``table`` (1 launch).
+
+    Returns:
+        ``(part_v, part_i)``: float32 ``[2, partials]`` and int64 ``[2, partials]``.
+    """
+    device = table.rows.device
+    part_v = torch.empty((2, table.partials), dtype=torch.float32, device=device)
+    part_i = torch.empty((2, table.partials), dtype=torch.int64, device=device)
+    range_many_partial_kernel[(table.range_map.numel(),)](
+        table.rows, table.range_map, part_v, part_i, table.partials,
+        BLOCK=table.blocks.range_block, W_DTYPE=w_dtype, ALIGNED=table.aligned,
+        num_warps=NUM_WARPS,
+    )
+    return part_v, part_i

@@ -58,3 +58,27 @@ def test_shape_is_kept():
     out = _run(w, bits, 8)
     assert out.shape == w.shape
     assert torch.equal(out, reference.fake_quantize(w, bits, 8))
+
+
+# ----------------------------------------------------------------------------- many tensors
+# Odd sizes (one smaller than a group, one spanning two blocks of 8192), a constant tensor,
+# and one tensor that is a view 4 bytes into its storage (not 16-byte aligned).
+MANY_SIZES = [1, 7, 300, 9001]
+
+
+@pytest.mark.parametrize("aligned", [True, False], ids=["aligned", "offset"])
+@pytest.mark.parametrize("dtype", DTYPES, ids=str)
+@pytest.mark.parametrize("group_size", [0, 1, 3, 8, 2000], ids=lambda g: f"g{g}")
+def test_many_bit_exact_with_reference(group_size, dtype, aligned):
+    cases = [_case(n, group_size, dtype, seed=i) for i, n in enumerate(MANY_SIZES)]
+    weights = [w for w, _ in cases] + [torch.full((50,), 0.75, dtype=dtype)]
+    bits = [b for _, b in cases] + [torch.full((reference.num_groups(50, group_size),), 3,
+                                               dtype=torch.uint8)]
+    if not aligned:
+        weights = [torch.cat([w[:1], w])[1:] for w in weights]
+    outputs = [torch.full_like(w, float("nan")) for w in weights]
+    with poisoned_empty():
+        quantize_k.fake_quantize_many(weights, bits, outputs, group_size)
+    for w, b, out in zip(weights, bits, outputs, strict=True):
+        assert torch.equal(out, reference.fake_quantize(w, b, group_size))
+    assert torch.equal(outputs[-1], weights[-1])  # a constant tensor maps to itself

@@ -1,9 +1,10 @@
-"""Triton launches per training step: a small constant per quantized tensor.
+"""Triton launches per training step: a constant for the whole model.
 
-Documented count (``DiffQuantizer``, any group size): 4 launches per quantized tensor per
-training step — forward: range partials + noise; backward: group sums + finalize. The seed
-of each tensor is one ``torch.randint`` (not a Triton launch). Eval: 2 per tensor (range
-partials + quantize) the first time, none while weights and bits are unchanged (cached).
+Documented count (``DiffQuantizer``, any group size, weights of one dtype): 4 launches per
+training step whatever the number of quantized tensors — forward: range partials + noise;
+backward: group sums + finalize, each one launch over every tensor. The step's seed is one
+``torch.randint`` (not a Triton launch). Eval: 2 (range partials + quantize, each over every
+tensor) the first time, none while weights and bits are unchanged (cached).
 """
 
 from __future__ import annotations
@@ -23,8 +24,8 @@ pytest.importorskip("triton")
 import triton  # noqa: E402
 from triton.runtime import interpreter  # noqa: E402
 
-LAUNCHES_PER_TENSOR_STEP = 4
-LAUNCHES_PER_TENSOR_EVAL = 2
+LAUNCHES_PER_STEP = 4
+LAUNCHES_PER_EVAL = 2
 
 
 @contextmanager
@@ -55,31 +56,37 @@ def count_launches() -> Iterator[Counter]:
         knobs.launch_enter_hook = previous
 
 
-def _model():
-    # Four quantized tensors (two weights, two biases) of different group layouts.
-    return nn.Sequential(nn.Linear(48, 96), nn.ReLU(), nn.Linear(96, 24))
+def _model(blocks: int = 1):
+    # 4 quantized tensors per block (two weights, two biases) of different group layouts.
+    layers = []
+    for _ in range(blocks):
+        layers += [nn.Linear(48, 96), nn.ReLU(), nn.Linear(96, 48)]
+    return nn.Sequential(*layers)
 
 
+@pytest.mark.parametrize("blocks", [1, 10], ids=lambda b: f"{4 * b}tensors")
 @pytest.mark.parametrize("group_size", [0, 8, 2048], ids=lambda g: f"g{g}")
-def test_training_step_launches(group_size):
+def test_training_step_launches(group_size, blocks):
     torch.manual_seed(0)
-    model = _model()
+    model = _model(blocks)
     opt = torch.optim.Adam(model.parameters())
     q = diffq_triton.DiffQuantizer(model, min_size=0, group_size=group_size)
     q.setup_optimizer(opt)
-    n_tensors = len(list(q._first_uses()))
-    assert n_tensors == 4
+    assert len(list(q._first_uses())) == 4 * blocks
     x = torch.randn(8, 48)
     with use_backend("triton"), count_launches() as counts:
         (model(x).pow(2).mean() + 1e-3 * q.model_size()).backward()
         opt.step()
-    assert sum(counts.values()) == LAUNCHES_PER_TENSOR_STEP * n_tensors, counts
-    assert counts["range_partial_kernel"] == counts["noise_fwd_kernel"] == n_tensors
-    assert counts["noise_bwd_finalize_kernel"] == n_tensors
+    assert sum(counts.values()) == LAUNCHES_PER_STEP, counts
+    assert counts["range_many_partial_kernel"] == counts["noise_many_fwd_kernel"] == 1
+    assert counts["noise_many_finalize_kernel"] == 1
+    for record in q._first_uses():
+        assert record.param.grad is not None and record.logit.grad is not None
 
 
-def test_eval_launches_once_then_cached():
-    model = _model()
+@pytest.mark.parametrize("blocks", [1, 10], ids=lambda b: f"{4 * b}tensors")
+def test_eval_launches_once_then_cached(blocks):
+    model = _model(blocks)
     q = diffq_triton.DiffQuantizer(model, min_size=0, group_size=8)
     q.no_optimizer()
     model.eval()
@@ -88,5 +95,11 @@ def test_eval_launches_once_then_cached():
         model(x)
         first = sum(counts.values())
         model(x)
-    assert first == LAUNCHES_PER_TENSOR_EVAL * 4, counts
+    assert first == LAUNCHES_PER_EVAL, counts
     assert sum(counts.values()) == first
+    # One weight changed: only it is quantized again (still 2 launches).
+    with torch.no_grad():
+        model[0].weight.add_(1)
+    with use_backend("triton"), torch.no_grad(), count_launches() as counts:
+        model(x)
+    assert sum(counts.values()) == LAUNCHES_PER_EVAL, counts

@@ -93,3 +93,21 @@ def test_lsq_straight_through_and_step_gradient_scale():
     # Inside the clamp range the rounding is straight-through: dw = 1; clamped: 0.
     torch.testing.assert_close(w.grad, torch.tensor([1.0, 1.0, 0.0, 1.0]))
     assert step.grad is not None and torch.isfinite(step.grad)
+
+
+@pytest.mark.parametrize("group_size", [0, 1, 8, 100], ids=lambda g: f"g{g}")
+def test_sizes_of_many_tensors_equal_the_sum_of_each(group_size):
+    # The vectorized model size (one set of ops for all tensors) against the per-tensor
+    # formula, with widths below min_bits (negative extra_bits) and a shorter last group.
+    numels = [1, 7, 300, 1001]
+    gen = torch.Generator().manual_seed(0)
+    bits = [torch.rand(reference.num_groups(n, group_size), generator=gen, dtype=torch.float64)
+            * 14 + 0.6 for n in numels]
+    expected = sum(reference.diffq_tensor_size_bits(b, n, group_size, 3)
+                   for b, n in zip(bits, numels, strict=True))
+    layout = reference.size_layout(numels, group_size, torch.device("cpu"))
+    flat = torch.cat(bits).requires_grad_()
+    got = reference.diffq_sizes_bits(flat, layout, 3)
+    torch.testing.assert_close(got, expected, rtol=1e-12, atol=1e-9)
+    got.backward()
+    assert torch.equal(flat.grad, layout[0].double())  # ∂size/∂b_s = len(s)

@@ -90,7 +90,7 @@ def _workloads(quick: bool) -> list[tuple[str, Callable[[], None]]]:
     """``(label, thunk)`` pairs; each thunk calls one launcher on CPU tensors."""
     import torch
 
-    from ..kernels import bitpack, noise, quantize
+    from ..kernels import bitpack, noise, noise_many, quantize
 
     seed = torch.zeros(1, dtype=torch.int64)
     stats = torch.zeros(4, dtype=torch.float64)
@@ -136,6 +136,25 @@ def _workloads(quick: bool) -> list[tuple[str, Callable[[], None]]]:
         else:
             noise.noise_backward(w, logits, seed, stats, g, 2.0, 15.0, param, kind)
 
+    def launch_many(op: str, g: int, name: str, pz: str) -> None:
+        # Three tensors in one launch: two large ones, one of a length not divisible by 16.
+        sizes = (N_LARGE, N_LARGE // 2, 4099)
+        weights = [torch.empty(n, dtype=getattr(torch, name)) for n in sizes]
+        logits = [torch.zeros(1 if g == 0 else -(-n // g)) for n in sizes]
+        param, kind = pz.split("/")
+        if op == "quant_many":
+            bits = [torch.full((lg.numel(),), 4, dtype=torch.uint8) for lg in logits]
+            quantize.fake_quantize_many(weights, bits, weights, g)
+            return
+        if op == "fwd_many":
+            noise_many.noise_forward_many(weights, logits, weights, seed, g, 2.0, 15.0, param,
+                                          kind)
+            return
+        table = noise_many.table_for(weights, logits, g, noise_many.BLOCKS)
+        noise_many.noise_backward_many(table, weights, weights, logits, logits[0].dtype, seed,
+                                       torch.zeros((3, 4), dtype=torch.float64), 2.0, 15.0,
+                                       param, kind)
+
     def pack(g: int, n: int) -> None:
         bits = torch.full((-(-n // g),), 4, dtype=torch.uint8)
         bitpack.pack(torch.zeros(n, dtype=torch.int16), bits, g)
@@ -146,6 +165,17 @@ def _workloads(quick: bool) -> list[tuple[str, Callable[[], None]]]:
          functools.partial(launch, op, g, name, pz, n))
         for op, g, name, pz, n in plan
     ]
+    # The multi-tensor kernels: tiles (8, 100: padded rows) and chunks (0, 4096).
+    many = [("fwd_many", 8, "float32"), ("bwd_many", 8, "float32"), ("bwd_many", 0, "float32"),
+            ("fwd_many", 8, "bfloat16"), ("bwd_many", 8, "bfloat16"), ("quant_many", 8, "float32"),
+            ("quant_many", 0, "bfloat16")]
+    if not quick:
+        many += [(op, g, name) for name in DTYPE_NAMES
+                 for op in ("fwd_many", "bwd_many", "quant_many")
+                 for g in (0, 1, 100, 1024, 4096)]
+    for op, g, name in many:
+        out.append((f"{op} {name} g={g}",
+                    functools.partial(launch_many, op, g, name, "bits/gaussian")))
     # group_size is a runtime argument of the bitpack kernels: 64 carries a divisibility hint.
     for g in (8,) if quick else (8, 64, 100):
         out.append((f"pack/unpack g={g} n=65536", functools.partial(pack, g, 1 << 16)))

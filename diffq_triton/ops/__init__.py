@@ -17,6 +17,7 @@ from __future__ import annotations
 import torch
 
 from . import custom_ops, dispatch
+from .noise_many import NoiseMany
 
 # Largest seed drawn; Philox and torch.Generator both take it.
 _SEED_HIGH = 2**31 - 1
@@ -73,3 +74,93 @@ def quantized_weight(w: torch.Tensor, bits_int: torch.Tensor, group_size: int) -
         Tensor of ``w``'s shape and dtype, without gradient.
     """
     return custom_ops.fake_quantize(w.detach(), bits_int, int(group_size), _backend(w))
+
+
+def _launch_groups(weights: list[torch.Tensor]) -> dict[tuple, list[int]]:
+    """Positions of the weights by what one launch can share: device, dtype, non-empty."""
+    groups: dict[tuple, list[int]] = {}
+    for t, w in enumerate(weights):
+        groups.setdefault((w.device, w.dtype, w.numel() > 0), []).append(t)
+    return groups
+
+
+def pseudo_quantize_many(
+    weights: list[torch.Tensor],
+    logits: list[torch.Tensor],
+    *,
+    group_size: int,
+    min_bits: float,
+    max_bits: float,
+    param: str,
+    noise: str,
+) -> list[torch.Tensor]:
+    """:func:`pseudo_quantize` of every weight of a model at once, one seed per call.
+
+    On the Triton backend: 2 launches forward and 2 backward for all weights of one dtype
+    and device, one autograd node (:mod:`.noise_many`); under ``torch.compile`` one custom op
+    per direction (``diffq_triton::pseudo_quantize_many``); on the eager backend one
+    :func:`pseudo_quantize` per weight.
+
+    Args:
+        weights: ``T`` weights, any shapes, float32/bfloat16/float16 (several dtypes or
+            devices are launched group by group).
+        logits: ``[n_groups_t]`` bit logits per weight.
+        group_size, min_bits, max_bits, param, noise: as in :class:`DiffQuantizer`.
+
+    Returns:
+        ``T`` noisy weights, each of its weight's shape and dtype, differentiable in the
+        weights and the logits (a weight whose output gets no gradient gets none).
+    """
+    out: list[torch.Tensor | None] = [None] * len(weights)
+    config = (int(group_size), float(min_bits), float(max_bits), param, noise)
+    for (device, _, non_empty), members in _launch_groups(weights).items():
+        some_w = [weights[t] for t in members]
+        some_l = [logits[t] for t in members]
+        backend = _backend(some_w[0])
+        if non_empty and (backend == "triton" or torch.compiler.is_compiling()):
+            seed = torch.randint(0, _SEED_HIGH, (1,), dtype=torch.int64, device=device)
+            if torch.compiler.is_compiling():
+                noisy = custom_ops.pseudo_quantize_many(some_w, some_l, seed, *config,
+                                                        backend)[0]
+            else:
+                noisy = NoiseMany.apply(config, seed, *some_w, *some_l)
+        else:
+            noisy = [pseudo_quantize(w, lg, group_size=group_size, min_bits=min_bits,
+                                     max_bits=max_bits, param=param, noise=noise)
+                     for w, lg in zip(some_w, some_l, strict=True)]
+        for t, tensor in zip(members, noisy, strict=True):
+            out[t] = tensor
+    return out
+
+
+def quantized_weight_many(weights: list[torch.Tensor], bits_int: list[torch.Tensor],
+                          group_size: int) -> list[torch.Tensor]:
+    """:func:`quantized_weight` of every weight: on the Triton backend 2 launches for all
+    weights of one dtype and device (range partials, quantize), whatever their number.
+
+    Args:
+        weights: ``T`` weights, any shapes, floating dtypes.
+        bits_int: ``[n_groups_t]`` uint8 widths in ``[1, 15]`` per weight.
+        group_size: entries per group, shared (0: one group per weight).
+
+    Returns:
+        ``T`` tensors, each of its weight's shape and dtype, without gradient.
+    """
+    out: list[torch.Tensor | None] = [None] * len(weights)
+    for (_, _, non_empty), members in _launch_groups(weights).items():
+        some_w = [weights[t].detach() for t in members]
+        if (non_empty and not torch.compiler.is_compiling()
+                and _backend(some_w[0]) == "triton"):
+            from ..kernels import quantize as quantize_kernels
+
+            some_w = [w.contiguous() for w in some_w]
+            quantized = [torch.empty_like(w) for w in some_w]
+            quantize_kernels.fake_quantize_many(
+                some_w, [bits_int[t].to(torch.uint8).contiguous() for t in members],
+                quantized, int(group_size))
+        else:
+            quantized = [quantized_weight(w, bits_int[t], group_size)
+                         for w, t in zip(some_w, members, strict=True)]
+        for t, tensor in zip(members, quantized, strict=True):
+            out[t] = tensor
+    return out

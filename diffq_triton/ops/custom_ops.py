@@ -11,6 +11,8 @@ Ops:
     ``pseudo_quantize(w, logits, seed, ...) -> (w_hat, stats, xi)``
     ``pseudo_quantize_backward(grad, logits, seed, stats, xi, ...) -> (grad_w, grad_logits)``
     ``fake_quantize(w, bits, group_size, backend) -> Tensor``
+    ``pseudo_quantize_many(weights, logits, seed, ...) -> (w_hats, stats, xis)`` and its
+    backward: every weight of a model in one op (what ``torch.compile`` sees of a step).
 """
 
 from __future__ import annotations
@@ -26,6 +28,12 @@ def _kernels():
     from ..kernels import noise, quantize
 
     return noise, quantize
+
+
+def _many_kernels():
+    from ..kernels import noise_many
+
+    return noise_many
 
 
 @torch.library.custom_op("diffq_triton::pseudo_quantize", mutates_args=())
@@ -109,3 +117,95 @@ def fake_quantize(w: Tensor, bits: Tensor, group_size: int, backend: str) -> Ten
 @fake_quantize.register_fake
 def _(w, bits, group_size, backend):
     return torch.empty_like(w)
+
+
+# ----------------------------------------------------------------------------- many tensors
+# Seeds of the eager path, one per tensor: the step's seed in the low bits, the tensor's
+# position above them (seeds are drawn below 2^31).
+_EAGER_SEED_STRIDE = 1 << 32
+
+
+@torch.library.custom_op("diffq_triton::pseudo_quantize_many", mutates_args=())
+def pseudo_quantize_many(
+    weights: list[Tensor], logits: list[Tensor], seed: Tensor, group_size: int,
+    min_bits: float, max_bits: float, param: str, noise: str, backend: str,
+) -> tuple[list[Tensor], Tensor, list[Tensor]]:
+    """:func:`pseudo_quantize` of ``T`` weights with one seed: ``(w_hats, stats, xis)``.
+
+    ``stats`` is float64 ``[T, 4]``; ``xis[t]`` the eager path's ``ξ`` of weight ``t``
+    (empty on the Triton backend). Weights are non-empty, of one dtype and device.
+    """
+    if backend == "triton":
+        outputs = [torch.empty_like(w, memory_format=torch.contiguous_format) for w in weights]
+        stats = _many_kernels().noise_forward_many(
+            [w.contiguous() for w in weights], [lg.contiguous() for lg in logits], outputs,
+            seed, group_size, min_bits, max_bits, param, noise)
+        return outputs, stats, [w.new_empty(0, dtype=torch.float32) for w in weights]
+    results = [eager_ops.noise_forward(w, lg, seed + t * _EAGER_SEED_STRIDE, group_size,
+                                       min_bits, max_bits, param, noise)
+               for t, (w, lg) in enumerate(zip(weights, logits, strict=True))]
+    return ([r[0] for r in results], torch.stack([r[1] for r in results]),
+            [r[2] for r in results])
+
+
+@pseudo_quantize_many.register_fake
+def _(weights, logits, seed, group_size, min_bits, max_bits, param, noise, backend):
+    stats = weights[0].new_empty((len(weights), 4), dtype=torch.float64)
+    xis = [w.new_empty(w.numel() if backend == "eager" else 0, dtype=torch.float32)
+           for w in weights]
+    return [torch.empty_like(w) for w in weights], stats, xis
+
+
+@torch.library.custom_op("diffq_triton::pseudo_quantize_many_backward", mutates_args=())
+def pseudo_quantize_many_backward(
+    grads: list[Tensor], weights: list[Tensor], logits: list[Tensor], seed: Tensor,
+    stats: Tensor, xis: list[Tensor], group_size: int, min_bits: float, max_bits: float,
+    param: str, noise: str, backend: str,
+) -> tuple[list[Tensor], list[Tensor]]:
+    """``(∂L/∂w, ∂L/∂logits)`` per weight from ``grads = ∂L/∂ŵ`` (see
+    :func:`pseudo_quantize_many`)."""
+    if backend == "triton":
+        kernels = _many_kernels()
+        logits = [lg.contiguous() for lg in logits]
+        table = kernels.table_for([w.contiguous() for w in weights], logits, group_size,
+                                  kernels.BLOCKS)
+        grads = [g.contiguous() for g in grads]
+        grad_w = [torch.empty_like(g) for g in grads]
+        grad_l = [torch.empty_like(lg) for lg in logits]
+        kernels.noise_backward_many(table, grads, grad_w, grad_l, logits[0].dtype, seed,
+                                    stats, min_bits, max_bits, param, noise)
+        return grad_w, grad_l
+    results = [eager_ops.noise_backward(g, lg, stats[t], xi, group_size, min_bits, max_bits,
+                                        param)
+               for t, (g, lg, xi) in enumerate(zip(grads, logits, xis, strict=True))]
+    return [r[0] for r in results], [r[1] for r in results]
+
+
+@pseudo_quantize_many_backward.register_fake
+def _(grads, weights, logits, seed, stats, xis, group_size, min_bits, max_bits, param, noise,
+      backend):
+    return [torch.empty_like(g) for g in grads], [torch.empty_like(lg) for lg in logits]
+
+
+def _setup_many_context(ctx, inputs, output):
+    weights, logits, seed, group_size, min_bits, max_bits, param, noise, backend = inputs
+    _, stats, xis = output
+    ctx.save_for_backward(seed, stats, *weights, *logits, *xis)
+    ctx.count = len(weights)
+    ctx.config = (group_size, min_bits, max_bits, param, noise, backend)
+    ctx.mark_non_differentiable(stats, *xis)
+
+
+def _many_backward(ctx, grad_w_hats, grad_stats, grad_xis):
+    seed, stats, *saved = ctx.saved_tensors
+    n = ctx.count
+    weights, logits, xis = saved[:n], saved[n:2 * n], saved[2 * n:]
+    grad_w, grad_l = pseudo_quantize_many_backward(
+        [g.contiguous() for g in grad_w_hats], weights, logits, seed, stats, xis, *ctx.config)
+    return (grad_w, grad_l,
+            None,  # seed: integer
+            None, None, None,  # group_size, min_bits, max_bits: configuration
+            None, None, None)  # param, noise, backend: strings
+
+
+pseudo_quantize_many.register_autograd(_many_backward, setup_context=_setup_many_context)

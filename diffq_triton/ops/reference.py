@@ -257,6 +257,51 @@ def diffq_tensor_size_bits(
     return payload + 2 * 32 + 8 + field * bits.numel()
 
 
+def size_layout(numels: list[int], group_size: int, device: torch.device
+                ) -> tuple[torch.Tensor, torch.Tensor, torch.Tensor]:
+    """What :func:`diffq_sizes_bits` needs of tensors of ``numels`` entries, concatenated.
+
+    Returns:
+        ``(lengths, tensor_ids, group_counts)``: float32 ``[Σ n_groups]`` true length of
+        every group (a shorter last group counts its own), int64 ``[Σ n_groups]`` the tensor
+        of every group, float32 ``[T]`` groups per tensor.
+    """
+    lengths, ids, counts = [], [], []
+    for t, numel in enumerate(numels):
+        n = num_groups(numel, group_size)
+        full = numel if n == 1 else group_size
+        lengths += [full] * (n - 1) + [numel - full * (n - 1)]
+        ids += [t] * n
+        counts.append(n)
+    return (torch.tensor(lengths, dtype=torch.float32, device=device),
+            torch.tensor(ids, dtype=torch.int64, device=device),
+            torch.tensor(counts, dtype=torch.float32, device=device))
+
+
+def diffq_sizes_bits(bits: torch.Tensor, layout: tuple[torch.Tensor, torch.Tensor, torch.Tensor],
+                     min_bits: float) -> torch.Tensor:
+    """Σ over tensors of :func:`diffq_tensor_size_bits`, in a fixed number of operations.
+
+    Args:
+        bits: ``[Σ n_groups]`` widths of every group of every tensor, concatenated.
+        layout: :func:`size_layout` of the tensors.
+        min_bits: the quantizer's ``min_bits``.
+
+    Returns:
+        0-dim tensor of ``bits``' dtype, differentiable in ``bits``.
+    """
+    lengths, ids, counts = layout
+    payload = (bits * lengths.to(bits.dtype)).sum()
+    rounded = bits.detach().round()
+    n_tensors = counts.numel()
+    top = rounded.new_full((n_tensors,), float("-inf")).scatter_reduce(0, ids, rounded, "amax")
+    low = rounded.new_full((n_tensors,), float("inf")).scatter_reduce(0, ids, rounded, "amin")
+    # The width field of each tensor, as bit_width_field computes it.
+    span = (top - torch.clamp(low, max=min_bits)).clamp(min=0)
+    fields = (torch.ceil(torch.log2(1 + span)) * counts.to(bits.dtype)).sum()
+    return payload + n_tensors * (2 * 32 + 8) + fields
+
+
 def lsq_quantize(
     w: torch.Tensor, step: torch.Tensor, bits: int
 ) -> tuple[torch.Tensor, torch.Tensor]:

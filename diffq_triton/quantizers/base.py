@@ -249,21 +249,33 @@ class BaseQuantizer(QuantizerState):
         return None
 
     def _eval_weights(self) -> list[torch.Tensor]:
-        """Quantized weights for an eval forward, reused until the weights or bits change."""
-        out = []
-        for record in self._first_uses():
-            if _is_compiling():
-                out.append(self._quantized_weight(record))
-                continue
-            key = self._cache_key(record)
-            cached = getattr(record, "eval_cache", None)
-            if cached is None or cached[0] != key:
-                validation.check_finite(record.full_name, record.param.detach())
-                with torch.no_grad():
-                    cached = (key, self._quantized_weight(record))
-                record.eval_cache = cached
-            out.append(cached[1])
-        return out
+        """Quantized weights for an eval forward, reused until the weights or bits change.
+
+        The stale ones are quantized together (:meth:`_quantized_weights`: on the Triton
+        backend a constant number of launches), after one finiteness check for all.
+        """
+        records = list(self._first_uses())
+        if _is_compiling():
+            return self._quantized_weights(records)
+        keys = [self._cache_key(record) for record in records]
+        stale = [i for i, (record, key) in enumerate(zip(records, keys, strict=True))
+                 if getattr(record, "eval_cache", None) is None or record.eval_cache[0] != key]
+        if stale:
+            params = [records[i].param.detach() for i in stale]
+            finite = torch.stack([torch.isfinite(p).all().to(params[0].device)
+                                  for p in params])
+            if not bool(finite.all()):  # one host sync for all of them
+                bad = stale[int((~finite).nonzero()[0, 0])]
+                validation.check_finite(records[bad].full_name, records[bad].param.detach())
+            with torch.no_grad():
+                fresh = self._quantized_weights([records[i] for i in stale])
+            for i, weight in zip(stale, fresh, strict=True):
+                records[i].eval_cache = (keys[i], weight)
+        return [record.eval_cache[1] for record in records]
+
+    def _quantized_weights(self, records: list[QuantizedParam]) -> list[torch.Tensor]:
+        """:meth:`_quantized_weight` of several first uses (subclasses batch them)."""
+        return [self._quantized_weight(record) for record in records]
 
     def _cache_key(self, record: QuantizedParam) -> tuple:
         p = record.param

@@ -146,20 +146,24 @@ class DiffQuantizer(BaseQuantizer):
     # ----------------------------------------------------------------- forward
     def _train_weights(self) -> list[torch.Tensor]:
         self._require_optimizer()
-        return [
-            ops.pseudo_quantize(
-                record.param, record.logit, group_size=self.group_size,
-                min_bits=self.min_bits, max_bits=self.max_bits, param=self.param,
-                noise=self.noise,
-            )
-            for record in self._first_uses()
-        ]
+        records = list(self._first_uses())
+        # One call for all weights: on the Triton backend a constant number of launches
+        # and one autograd node per step, whatever the number of tensors.
+        return ops.pseudo_quantize_many(
+            [record.param for record in records], [record.logit for record in records],
+            group_size=self.group_size, min_bits=self.min_bits, max_bits=self.max_bits,
+            param=self.param, noise=self.noise,
+        )
 
     def _cache_key(self, record: QuantizedParam) -> tuple:
         return (*super()._cache_key(record), record.logit._version)
 
     def _quantized_weight(self, record: QuantizedParam) -> torch.Tensor:
         return ops.quantized_weight(record.param, self._int_bits(record), self.group_size)
+
+    def _quantized_weights(self, records: list[QuantizedParam]) -> list[torch.Tensor]:
+        return ops.quantized_weight_many([r.param for r in records],
+                                         [self._int_bits(r) for r in records], self.group_size)
 
     def _export_bits(self, record: QuantizedParam) -> torch.Tensor:
         return self._int_bits(record)
@@ -177,19 +181,26 @@ class DiffQuantizer(BaseQuantizer):
         quantization does (then equal to :meth:`true_model_size`). Computed on the logits'
         device without synchronising with the host.
         """
-        total = None
-        for record in self._first_uses():
-            bits = self.extra_bits + self.get_bits(record.logit)
-            if exact:
-                bits = bits.detach().round().clamp(1, 15)
-            size = reference.diffq_tensor_size_bits(
-                bits, record.param.numel(), self.group_size, self.min_bits
-            )
-            total = size if total is None else total + size
-        floats = super().model_size()
-        if total is None:
-            return floats
-        return floats.to(total.device) + total / MEGABYTE_BITS
+        records = list(self._first_uses())
+        floats = self._float_size_bits() / MEGABYTE_BITS
+        if not records:
+            return super().model_size()
+        # All tensors at once: a fixed number of small ops whatever their number (host time
+        # per step), on the logits' device (a Python float joins without a copy).
+        logits = torch.cat([record.logit.reshape(-1) for record in records])
+        bits = self.extra_bits + self.get_bits(logits)
+        if exact:
+            bits = bits.detach().round().clamp(1, 15)
+        total = reference.diffq_sizes_bits(bits, self._layout(records), self.min_bits)
+        return total / MEGABYTE_BITS + floats
+
+    def _layout(self, records: list[QuantizedParam]) -> tuple:
+        key = (tuple(r.param.numel() for r in records), records[0].logit.device)
+        cached = getattr(self, "_size_layout", None)
+        if cached is None or cached[0] != key:
+            layout = reference.size_layout(list(key[0]), self.group_size, key[1])
+            self._size_layout = cached = (key, layout)
+        return cached[1]
 
     def true_model_size(self) -> float:
         """Size in MB with the widths rounded, as stored without further compression."""

@@ -53,13 +53,17 @@ class UniformQuantizer(BaseQuantizer):
     def _train_weights(self) -> list[torch.Tensor] | None:
         if not self.qat:
             return None
-        return [
-            reference.straight_through(record.param, self._quantized_weight(record))
-            for record in self._first_uses()
-        ]
+        records = list(self._first_uses())
+        quantized = self._quantized_weights(records)
+        return [reference.straight_through(record.param, q)
+                for record, q in zip(records, quantized, strict=True)]
 
     def _quantized_weight(self, record: QuantizedParam) -> torch.Tensor:
         return ops.quantized_weight(record.param, self._int_bits(record), 0)
+
+    def _quantized_weights(self, records: list[QuantizedParam]) -> list[torch.Tensor]:
+        return ops.quantized_weight_many([r.param for r in records],
+                                         [self._int_bits(r) for r in records], 0)
 
     def _export_bits(self, record: QuantizedParam) -> torch.Tensor:
         return self._int_bits(record)

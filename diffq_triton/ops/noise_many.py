@@ -1,0 +1,68 @@
+"""Autograd of the multi-tensor noise on the Triton backend: a constant step cost.
+
+A quantizer's training forward calls :func:`diffq_triton.ops.pseudo_quantize_many` once
+with all its weights, which comes here for the Triton backend outside ``torch.compile``:
+2 launches forward and 2 backward for all weights of one dtype
+(:mod:`diffq_triton.kernels.noise_many`), and a host cost that barely grows with the number
+of tensors: one autograd node, device tables cached while the parameters stay in place.
+"""
+
+from __future__ import annotations
+
+import torch
+
+
+def _kernels():
+    # Imported on first use: the library must import without Triton.
+    from ..kernels import noise_many
+
+    return noise_many
+
+
+class NoiseMany(torch.autograd.Function):
+    """Autograd of the Triton multi-tensor noise (eager mode: no custom-op dispatch)."""
+
+    @staticmethod
+    def forward(ctx, config: tuple, seed: torch.Tensor, *tensors: torch.Tensor):
+        group_size, min_bits, max_bits, param, noise = config
+        count = len(tensors) // 2
+        weights = [w.contiguous() for w in tensors[:count]]
+        logits = [lg.contiguous() for lg in tensors[count:]]
+        # One allocation per output: each noisy weight is freed as soon as its layer
+        # no longer needs it, as with one op per tensor.
+        outputs = [torch.empty_like(w) for w in weights]
+        stats = _kernels().noise_forward_many(weights, logits, outputs, seed, group_size,
+                                              min_bits, max_bits, param, noise)
+        ctx.save_for_backward(seed, stats)
+        # The weights and logits themselves are parameters (no copy is kept): the backward
+        # reads the logits and finds the cached table by the weights' pointers.
+        ctx.weights, ctx.logits, ctx.config = weights, logits, config
+        # A weight no loss reached gets no gradient (None), as with one op per tensor.
+        ctx.set_materialize_grads(False)
+        return tuple(outputs)
+
+    @staticmethod
+    def backward(ctx, *grads: torch.Tensor | None):
+        seed, stats = ctx.saved_tensors
+        group_size, min_bits, max_bits, param, noise = ctx.config
+        weights, logits = ctx.weights, ctx.logits
+        present = [t for t, g in enumerate(grads) if g is not None]
+        grad_w: list[torch.Tensor | None] = [None] * len(weights)
+        grad_l: list[torch.Tensor | None] = [None] * len(weights)
+        if present:
+            every = len(present) == len(weights)
+            kernels = _kernels()
+            table = kernels.table_for([weights[t] for t in present], [logits[t] for t in present],
+                                      group_size, kernels.BLOCKS,
+                                      None if every else present)
+            some_grads = [grads[t].contiguous() for t in present]
+            dws = [torch.empty_like(g) for g in some_grads]
+            dls = [torch.empty_like(logits[t]) for t in present]
+            kernels.noise_backward_many(table, some_grads, dws, dls, logits[0].dtype, seed,
+                                        stats if every else stats[present], min_bits,
+                                        max_bits, param, noise)
+            for t, dw, dl in zip(present, dws, dls, strict=True):
+                grad_w[t], grad_l[t] = dw, dl
+        return (None,  # config: Python values
+                None,  # seed: integer
+                *grad_w, *grad_l)
