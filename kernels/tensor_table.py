@@ -145,7 +145,9 @@ def pointer_table(tensors: list[torch.Tensor], device: torch.device
     host = torch.tensor(pointers, dtype=torch.int64)
     if device.type == "cpu":
         return host, aligned
-    return host.pin_memory().to(device, non_blocking=True), aligned
+    if device.type == "cuda":
+        host = host.pin_memory()
+    return host.to(device, non_blocking=True), aligned
 
 
 _TABLES: OrderedDict[tuple, TensorTable] = OrderedDict()
