@@ -90,7 +90,7 @@ def _workloads(quick: bool) -> list[tuple[str, Callable[[], None]]]:
     """``(label, thunk)`` pairs; each thunk calls one launcher on CPU tensors."""
     import torch
 
-    from ..kernels import bitpack, noise, noise_many, quantize
+    from ..kernels import bitpack, noise, noise_many, quantize, size_many
 
     seed = torch.zeros(1, dtype=torch.int64)
     stats = torch.zeros(4, dtype=torch.float64)
@@ -142,6 +142,14 @@ def _workloads(quick: bool) -> list[tuple[str, Callable[[], None]]]:
         weights = [torch.empty(n, dtype=getattr(torch, name)) for n in sizes]
         logits = [torch.zeros(1 if g == 0 else -(-n // g)) for n in sizes]
         param, kind = pz.split("/")
+        if op == "size_many":
+            table = noise_many.table_for(weights, logits, g, noise_many.BLOCKS)
+            for exact in (False, True):
+                size_many.sizes_forward(table, logits[0].dtype, 0.0, 2.0, 15.0, pz.split("/")[0],
+                                        exact)
+            size_many.sizes_backward(table, seed.float(), logits[0].dtype, 2.0, 15.0,
+                                     pz.split("/")[0])
+            return
         if op == "quant_many":
             bits = [torch.full((lg.numel(),), 4, dtype=torch.uint8) for lg in logits]
             quantize.fake_quantize_many(weights, bits, weights, g)
@@ -168,7 +176,7 @@ def _workloads(quick: bool) -> list[tuple[str, Callable[[], None]]]:
     # The multi-tensor kernels: tiles (8, 100: padded rows) and chunks (0, 4096).
     many = [("fwd_many", 8, "float32"), ("bwd_many", 8, "float32"), ("bwd_many", 0, "float32"),
             ("fwd_many", 8, "bfloat16"), ("bwd_many", 8, "bfloat16"), ("quant_many", 8, "float32"),
-            ("quant_many", 0, "bfloat16")]
+            ("quant_many", 0, "bfloat16"), ("size_many", 8, "float32")]
     if not quick:
         many += [(op, g, name) for name in DTYPE_NAMES
                  for op in ("fwd_many", "bwd_many", "quant_many")
@@ -176,6 +184,9 @@ def _workloads(quick: bool) -> list[tuple[str, Callable[[], None]]]:
     for op, g, name in many:
         out.append((f"{op} {name} g={g}",
                     functools.partial(launch_many, op, g, name, "bits/gaussian")))
+    if not quick:
+        out.append(("size_many float32 g=8 noise",
+                    functools.partial(launch_many, "size_many", 8, "float32", "noise/gaussian")))
     # group_size is a runtime argument of the bitpack kernels: 64 carries a divisibility hint.
     for g in (8,) if quick else (8, 64, 100):
         out.append((f"pack/unpack g={g} n=65536", functools.partial(pack, g, 1 << 16)))

@@ -18,6 +18,7 @@ import torch
 
 from . import custom_ops, dispatch
 from .noise_many import NoiseMany
+from .size_many import SizeMany
 
 # Largest seed drawn; Philox and torch.Generator both take it.
 _SEED_HIGH = 2**31 - 1
@@ -164,3 +165,29 @@ def quantized_weight_many(weights: list[torch.Tensor], bits_int: list[torch.Tens
         for t, tensor in zip(members, quantized, strict=True):
             out[t] = tensor
     return out
+
+
+def diffq_size_bits(weights: list[torch.Tensor], logits: list[torch.Tensor], *,
+                    group_size: int, extra_bits: float, min_bits: float, max_bits: float,
+                    param: str, exact: bool) -> torch.Tensor | None:
+    """Σ of the DiffQ sizes (spec §3) of the weights, in bits, by the multi-tensor kernels:
+    3 launches per step (2 forward, 1 backward) whatever the number of tensors.
+
+    Args:
+        weights: ``T`` weights (their lengths set the group layout; values unused).
+        logits: ``[n_groups_t]`` bit logits per weight, all of one dtype and device.
+        group_size, extra_bits, min_bits, max_bits, param: as in :class:`DiffQuantizer`.
+        exact: round the widths as real quantization does (no gradient).
+
+    Returns:
+        One-entry float32 tensor on the logits' device, differentiable in the logits unless
+        ``exact``; None where the kernels do not apply (eager backend, ``torch.compile``,
+        logits of several dtypes or devices): compute it with the reference then.
+    """
+    if (not weights or torch.compiler.is_compiling()
+            or len(_launch_groups(logits)) != 1 or logits[0].numel() == 0
+            or any(w.numel() == 0 for w in weights) or _backend(weights[0]) != "triton"):
+        return None
+    config = (int(group_size), float(extra_bits), float(min_bits), float(max_bits), param,
+              bool(exact))
+    return SizeMany.apply(config, *weights, *logits)

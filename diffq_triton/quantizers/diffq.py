@@ -187,12 +187,19 @@ class DiffQuantizer(BaseQuantizer):
             return super().model_size()
         # All tensors at once: a fixed number of small ops whatever their number (host time
         # per step), on the logits' device (a Python float joins without a copy).
-        logits = torch.cat([record.logit.reshape(-1) for record in records])
-        bits = self.extra_bits + self.get_bits(logits)
-        if exact:
-            bits = bits.detach().round().clamp(1, 15)
-        total = reference.diffq_sizes_bits(bits, self._layout(records), self.min_bits)
-        return total / MEGABYTE_BITS + floats
+        total = None
+        if type(self).get_bits is DiffQuantizer.get_bits:  # the kernels know these widths
+            total = ops.diffq_size_bits(
+                [r.param for r in records], [r.logit for r in records],
+                group_size=self.group_size, extra_bits=self.extra_bits, min_bits=self.min_bits,
+                max_bits=self.max_bits, param=self.param, exact=exact)
+        if total is None:
+            logits = torch.cat([record.logit.reshape(-1) for record in records])
+            bits = self.extra_bits + self.get_bits(logits)
+            if exact:
+                bits = bits.detach().round().clamp(1, 15)
+            total = reference.diffq_sizes_bits(bits, self._layout(records), self.min_bits)
+        return total.reshape(()) / MEGABYTE_BITS + floats
 
     def _layout(self, records: list[QuantizedParam]) -> tuple:
         key = (tuple(r.param.numel() for r in records), records[0].logit.device)
