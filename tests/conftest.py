@@ -1,5 +1,8 @@
 """Test-wide set-up: the Triton interpreter on, before anything imports triton.
 
+Kernel tests make their tensors on :data:`DEVICE` (``DIFFQ_TRITON_TEST_DEVICE``, the CPU by
+default): ``make gpu-check`` runs them on a GPU with their own assertions.
+
 ``TRITON_INTERPRET=1`` must be set before ``import triton`` (``import torch._dynamo`` imports
 it too), so it is set here, at conftest import. The backend used by tests that do not ask
 for one is ``eager`` (the interpreter costs ~1.4 ms per program instance; quantizer tests
@@ -12,7 +15,10 @@ from __future__ import annotations
 import os
 import tempfile
 
-os.environ.setdefault("TRITON_INTERPRET", "1")
+# The device the kernel tests run on: the CPU under Triton's interpreter by default, a GPU
+# with DIFFQ_TRITON_TEST_DEVICE=cuda (make gpu-check), where the kernels run compiled.
+TEST_DEVICE = os.environ.get("DIFFQ_TRITON_TEST_DEVICE", "cpu")
+os.environ.setdefault("TRITON_INTERPRET", "0" if TEST_DEVICE.startswith("cuda") else "1")
 os.environ.setdefault("TRITON_DEFAULT_FP_FUSION", "1")
 os.environ.setdefault("DIFFQ_TRITON_BACKEND", "eager")
 _CACHE = os.path.join(tempfile.gettempdir(), f"diffq_triton_tests_{os.getuid()}")
@@ -27,6 +33,8 @@ from contextlib import contextmanager  # noqa: E402
 import numpy as np  # noqa: E402
 import pytest  # noqa: E402
 import torch  # noqa: E402
+
+DEVICE = torch.device(TEST_DEVICE)
 
 # Integer buffers are filled with this, float buffers with NaN: a kernel that forgets to
 # write an entry leaves a value no correct result has.

@@ -1,7 +1,8 @@
-"""Triton bitpack kernels under the interpreter, checked against the CPU path byte for byte.
+"""Triton bitpack kernels, checked against the CPU path byte for byte.
 
-The interpreter must be switched on before triton is imported, so the checks run in a
-fresh Python process.
+On the test device (:data:`tests.conftest.DEVICE`): under the interpreter on a CPU machine,
+compiled on a GPU. The interpreter must be switched on before triton is imported, so the
+checks run in a fresh Python process.
 """
 
 from __future__ import annotations
@@ -12,6 +13,8 @@ import sys
 import textwrap
 
 import pytest
+
+from tests.conftest import TEST_DEVICE
 
 pytest.importorskip("triton")
 
@@ -48,21 +51,25 @@ SCRIPT = POISON + textwrap.dedent(
         levels = (torch.rand(numel, generator=gen, dtype=torch.float64) * (top + 1)).long()
         levels = levels.clamp(max=top).to(torch.int16)
         expected = bitpack.pack_levels(levels, bits, group_size)
-        packed = kernels.pack(levels, bits, group_size)
-        assert torch.equal(packed, expected), (numel, group_size)
-        out = kernels.unpack(expected, bits, group_size, numel)
-        assert torch.equal(out, levels), (numel, group_size)
+        packed = kernels.pack(levels.to(DEVICE), bits.to(DEVICE), group_size)
+        assert torch.equal(packed.cpu(), expected), (numel, group_size)
+        out = kernels.unpack(expected.to(DEVICE), bits.to(DEVICE), group_size, numel)
+        assert torch.equal(out.cpu(), levels), (numel, group_size)
     excess = torch.randint(0, 8, (777,), generator=gen)
-    fields = kernels.pack_fixed(excess, 3)
+    fields = kernels.pack_fixed(excess.to(DEVICE), 3).cpu()
     assert torch.equal(fields, bitpack.pack_widths(excess.to(torch.uint8) + 2, 2)[0])
-    assert torch.equal(kernels.unpack_fixed(fields, 3, 777), excess.to(torch.int16))
+    assert torch.equal(kernels.unpack_fixed(fields.to(DEVICE), 3, 777).cpu(),
+                       excess.to(torch.int16))
     print("KERNELS-OK")
     """
 )
 
 
 def run_interpreted(script: str, marker: str) -> None:
-    env = dict(os.environ, TRITON_INTERPRET="1", TRITON_DEFAULT_FP_FUSION="1")
+    """Run ``script`` in a fresh process on the test device (interpreted on the CPU)."""
+    script = f"DEVICE = {TEST_DEVICE!r}\n" + script
+    interpret = "0" if TEST_DEVICE.startswith("cuda") else "1"
+    env = dict(os.environ, TRITON_INTERPRET=interpret, TRITON_DEFAULT_FP_FUSION="1")
     env.pop("DIFFQ_TRITON_BACKEND", None)
     result = subprocess.run(
         [sys.executable, "-c", script], env=env, capture_output=True, text=True, timeout=300
@@ -96,7 +103,7 @@ LOAD_SCRIPT = POISON + textwrap.dedent(
              (conv_net, dq.LSQ, dict(bits=4, min_size=0.0001))]
     for make, quantizer_cls, kwargs in cases:
         torch.manual_seed(0)
-        model = make()
+        model = make().to(DEVICE)
         quantizer = quantizer_cls(model, **kwargs)
         gen = torch.Generator().manual_seed(1)
         with torch.no_grad():
@@ -108,7 +115,7 @@ LOAD_SCRIPT = POISON + textwrap.dedent(
             assert dq.serialization.file_bytes(quantizer) == data, quantizer_cls
         assert packs, quantizer_cls
         packs.clear()
-        on_host, on_kernels = make(), make()
+        on_host, on_kernels = make(), make().to(DEVICE)
         dq.load_quantized(on_host, data)
         before = len(calls)
         with use_backend("triton"):
@@ -118,7 +125,7 @@ LOAD_SCRIPT = POISON + textwrap.dedent(
         mixed = sum(int(qt.bits.min()) != int(qt.bits.max()) for qt in records)
         assert len(calls) - before == len(records) + mixed, quantizer_cls
         for (name, a), b in zip(on_host.named_parameters(), on_kernels.parameters()):
-            assert torch.equal(a, b), (quantizer_cls.__name__, name)
+            assert torch.equal(a, b.cpu()), (quantizer_cls.__name__, name)
     print("LOAD-OK")
     """
 )

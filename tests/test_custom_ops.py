@@ -9,7 +9,7 @@ import diffq_triton
 from diffq_triton import ops
 from diffq_triton.ops import custom_ops, reference
 from diffq_triton.ops.dispatch import use_backend
-from tests.conftest import INDUCTOR
+from tests.conftest import DEVICE, INDUCTOR
 from tests.models import mlp
 
 pytest.importorskip("triton")
@@ -20,10 +20,10 @@ N = 1003  # odd: a short last group
 
 def _inputs(backend, group_size=8, dtype=torch.float32, grad=True):
     gen = torch.Generator().manual_seed(0)
-    w = torch.randn(17, 59, generator=gen).to(dtype).requires_grad_(grad)
-    logits = torch.randn(reference.num_groups(w.numel(), group_size), generator=gen)
+    w = torch.randn(17, 59, generator=gen).to(dtype).to(DEVICE).requires_grad_(grad)
+    logits = torch.randn(reference.num_groups(w.numel(), group_size), generator=gen).to(DEVICE)
     logits.requires_grad_(grad)
-    seed = torch.tensor([42])
+    seed = torch.tensor([42], device=DEVICE)
     return w, logits, seed
 
 
@@ -45,7 +45,8 @@ def test_opcheck_pseudo_quantize(backend, group_size):
 @pytest.mark.parametrize("backend", BACKENDS)
 def test_opcheck_fake_quantize(backend):
     w, _, _ = _inputs(backend, grad=False)
-    bits = torch.randint(1, 16, (reference.num_groups(w.numel(), 8),), dtype=torch.uint8)
+    bits = torch.randint(1, 16, (reference.num_groups(w.numel(), 8),), dtype=torch.uint8,
+                         device=DEVICE)
     torch.library.opcheck(custom_ops.fake_quantize, (w, bits, 8, backend))
 
 
@@ -58,7 +59,7 @@ def test_op_gradients_match_reference_given_its_noise(backend, dtype):
         # The Triton path keeps no ξ: ask the kernel for it with the same seed.
         from diffq_triton.kernels import noise as noise_k
 
-        xi = torch.empty(w.numel())
+        xi = torch.empty(w.numel(), device=DEVICE)
         noise_k.noise_forward(w.detach(), logits.detach(), seed, 8, 2.0, 15.0, "bits",
                               "gaussian", xi_out=xi)
     out, _, xi_eager = custom_ops.pseudo_quantize(w, logits, seed, 8, 2.0, 15.0, "bits",
@@ -121,11 +122,11 @@ def test_compile_fullgraph_sees_one_op(backend, compiler):
 
 def test_quantizer_under_triton_trains_and_evaluates_like_eager():
     torch.manual_seed(0)
-    model = mlp()
+    model = mlp().to(DEVICE)
     opt = torch.optim.SGD(model.parameters(), lr=0.1)
     q = diffq_triton.DiffQuantizer(model, min_size=0, group_size=8, init_bits=4)
     q.setup_optimizer(opt)
-    x = torch.randn(4, 32)
+    x = torch.randn(4, 32, device=DEVICE)
     with use_backend("triton"):
         model.train()
         (model(x).pow(2).mean() + 1e-3 * q.model_size()).backward()
@@ -141,3 +142,51 @@ def test_quantizer_under_triton_trains_and_evaluates_like_eager():
         with torch.no_grad():
             out_eager = model(x)
     assert torch.equal(out_triton, out_eager)
+
+
+# ----------------------------------------------------------------------------- many tensors
+def _many_inputs(group_size=8, grad=True):
+    gen = torch.Generator().manual_seed(0)
+    weights = [torch.randn(shape, generator=gen).to(DEVICE).requires_grad_(grad)
+               for shape in ((17, 59), (3,), (301,))]
+    logits = [torch.randn(reference.num_groups(w.numel(), group_size), generator=gen)
+              .to(DEVICE).requires_grad_(grad) for w in weights]
+    return weights, logits, torch.tensor([42], device=DEVICE)
+
+
+@pytest.mark.parametrize("backend", BACKENDS)
+@pytest.mark.parametrize("group_size", [0, 8, 2000], ids=lambda g: f"g{g}")
+def test_opcheck_pseudo_quantize_many(backend, group_size):
+    weights, logits, seed = _many_inputs(group_size)
+    config = (group_size, 2.0, 15.0, "bits", "gaussian", backend)
+    args = (weights, logits, seed, *config)
+    torch.library.opcheck(custom_ops.pseudo_quantize_many, args)
+    _, stats, xis = custom_ops.pseudo_quantize_many(*args)
+    grads = [torch.randn_like(w) for w in weights]
+    torch.library.opcheck(
+        custom_ops.pseudo_quantize_many_backward,
+        (grads, [w.detach() for w in weights], [lg.detach() for lg in logits], seed, stats, xis,
+         *config),
+    )
+
+
+@pytest.mark.parametrize("backend", BACKENDS)
+def test_compile_fullgraph_sees_one_op_for_all_weights(backend):
+    # A quantized model's training forward under torch.compile: one op for every weight.
+    torch.manual_seed(0)
+    model = mlp().to(DEVICE)
+    q = diffq_triton.DiffQuantizer(model, min_size=0, group_size=8)
+    q.no_optimizer()
+    x = torch.randn(4, 32, device=DEVICE)
+    torch._dynamo.reset()
+    with use_backend(backend):
+        explanation = torch._dynamo.explain(model)(x)
+        compiled = torch.compile(model, fullgraph=True, backend="aot_eager")
+        (compiled(x).pow(2).mean() + 1e-3 * q.model_size()).backward()
+    assert explanation.graph_break_count == 0
+    targets = [str(n.target) for g in explanation.graphs for n in g.graph.nodes
+               if n.op == "call_function"]
+    assert sum("pseudo_quantize_many" in t for t in targets) == 1
+    assert not any(t.endswith("pseudo_quantize.default") for t in targets)
+    for record in q._first_uses():
+        assert record.logit.grad is not None and record.logit.grad.abs().sum() > 0

@@ -13,7 +13,7 @@ import torch
 from diffq_triton import ops
 from diffq_triton.ops import custom_ops, reference
 from diffq_triton.ops.dispatch import use_backend
-from tests.conftest import poisoned_empty
+from tests.conftest import DEVICE, poisoned_empty
 
 pytest.importorskip("triton")
 from diffq_triton.kernels import noise_many  # noqa: E402
@@ -26,6 +26,14 @@ DTYPES = [torch.float32, torch.bfloat16, torch.float16]
 MIN_BITS, MAX_BITS = 2.0, 15.0
 
 
+def _seed(value):
+    return torch.tensor([value], device=DEVICE)
+
+
+def _randn(n):
+    return torch.randn(n).to(DEVICE)
+
+
 def _weights(dtype, sizes=SIZES, seed=0):
     gen = torch.Generator().manual_seed(seed)
     out = []
@@ -33,21 +41,21 @@ def _weights(dtype, sizes=SIZES, seed=0):
         w = torch.randn(n, generator=gen)
         if n > 2:  # unique extremes after rounding to 16 bits (see test_kernels_noise)
             w[n // 3], w[n // 2] = 4.5 + i, -4.25 - i
-        out.append(w.to(dtype))
+        out.append(w.to(dtype).to(DEVICE))
     return out
 
 
 def _logits(weights, group_size, seed=1):
     gen = torch.Generator().manual_seed(seed)
-    return [torch.randn(reference.num_groups(w.numel(), group_size), generator=gen) * 2
-            for w in weights]
+    return [(torch.randn(reference.num_groups(w.numel(), group_size), generator=gen) * 2)
+            .to(DEVICE) for w in weights]
 
 
 def _forward(weights, logits, group_size, param="bits", noise="gaussian", seed=123):
-    xi = torch.full((sum(w.numel() for w in weights),), float("nan"))
+    xi = torch.full((sum(w.numel() for w in weights),), float("nan"), device=DEVICE)
     outputs = [torch.full_like(w, float("nan")) for w in weights]
     with poisoned_empty():
-        stats = noise_many.noise_forward_many(weights, logits, outputs, torch.tensor([seed]),
+        stats = noise_many.noise_forward_many(weights, logits, outputs, _seed(seed),
                                               group_size, MIN_BITS, MAX_BITS, param, noise,
                                               xi_out=xi)
     return outputs, stats, list(xi.split([w.numel() for w in weights]))
@@ -64,10 +72,10 @@ def _backward(weights, logits, grads, stats, group_size, param="bits", noise="ga
     table = noise_many.table_for(weights, logits, group_size, noise_many.BLOCKS)
     grad_w = [torch.full_like(g, float("nan")) for g in grads]
     grad_l = [torch.full_like(lg, float("nan")) for lg in logits]
-    dr = torch.full((len(weights),), float("nan"))
+    dr = torch.full((len(weights),), float("nan"), device=DEVICE)
     with poisoned_empty():
         noise_many.noise_backward_many(table, grads, grad_w, grad_l, logits[0].dtype,
-                                       torch.tensor([123]), stats, MIN_BITS, MAX_BITS, param,
+                                       _seed(123), stats, MIN_BITS, MAX_BITS, param,
                                        noise, dr_out=dr)
     assert torch.isfinite(dr).all()
     return grad_w, grad_l
@@ -80,7 +88,7 @@ def test_forward_and_backward_match_reference(group_size, dtype):
     logits = _logits(weights, group_size)
     outputs, stats, xis = _forward(weights, logits, group_size)
     gen = torch.Generator().manual_seed(5)
-    grads = [torch.randn(w.numel(), generator=gen).to(dtype) for w in weights]
+    grads = [torch.randn(w.numel(), generator=gen).to(dtype).to(DEVICE) for w in weights]
     grad_w, grad_l = _backward(weights, logits, grads, stats, group_size)
     for t, w in enumerate(weights):
         w64, l64, expected = _reference(w, logits[t], xis[t], group_size, "bits")
@@ -92,7 +100,7 @@ def test_forward_and_backward_match_reference(group_size, dtype):
                                      w32.argmin().item(), w32.argmax().item()]
         expected.backward(grads[t].double())
         ends = sorted({int(stats[t, 2]), int(stats[t, 3])})
-        mask = torch.ones(w.numel(), dtype=torch.bool)
+        mask = torch.ones(w.numel(), dtype=torch.bool, device=DEVICE)
         mask[ends] = False
         assert torch.equal(grad_w[t][mask], grads[t][mask])
         # The range terms are float32 sums of d products (the reference sums in float64).
@@ -108,7 +116,7 @@ def test_unaligned_views_match_reference(group_size):
     assert all(w.data_ptr() % 16 for w in weights)
     logits = _logits(weights, group_size)
     outputs, stats, xis = _forward(weights, logits, group_size)
-    grads = [torch.cat([g[:1], g])[1:] for g in (torch.randn(9001), torch.randn(300))]
+    grads = [torch.cat([g[:1], g])[1:] for g in (_randn(9001), _randn(300))]
     grad_w, grad_l = _backward(weights, logits, grads, stats, group_size)
     for t, w in enumerate(weights):
         w64, l64, expected = _reference(w, logits[t], xis[t], group_size, "bits")
@@ -125,7 +133,7 @@ def test_param_and_noise_variants(group_size, param, noise):
     weights = _weights(torch.float32, [300, 5001])
     logits = _logits(weights, group_size)
     outputs, stats, xis = _forward(weights, logits, group_size, param, noise)
-    grads = [torch.randn(w.numel()) for w in weights]
+    grads = [_randn(w.numel()) for w in weights]
     grad_w, grad_l = _backward(weights, logits, grads, stats, group_size, param, noise)
     for t, w in enumerate(weights):
         w64, l64, expected = _reference(w, logits[t], xis[t], group_size, param)
@@ -142,7 +150,7 @@ def test_each_tensor_draws_its_own_noise_and_backward_is_bit_reproducible():
     assert (xis[0] != xis[1]).float().mean() > 0.99
     _, _, again = _forward(weights, logits, 8)
     assert all(torch.equal(a, b) for a, b in zip(xis, again, strict=True))
-    grads = [torch.randn(4000), torch.randn(4000)]
+    grads = [_randn(4000), _randn(4000)]
     first = _backward(weights, logits, grads, stats, 8)
     second = _backward(weights, logits, grads, stats, 8)
     for a, b in zip(first[0] + first[1], second[0] + second[1], strict=True):
@@ -162,7 +170,7 @@ def test_autograd_function_equals_custom_op(dtype):
     # same seed, same noise, the same numbers.
     weights, logits = _op_inputs(dtype)
     config = (8, MIN_BITS, MAX_BITS, "bits", "gaussian")
-    seed = torch.tensor([77])
+    seed = _seed(77)
     with use_backend("triton"):
         by_function = ops.NoiseMany.apply(config, seed, *weights, *logits)
         by_op = custom_ops.pseudo_quantize_many(weights, logits, seed, *config, "triton")[0]
@@ -176,7 +184,7 @@ def test_autograd_function_equals_custom_op(dtype):
 
 def test_a_weight_without_gradient_gets_none_and_the_others_keep_their_noise():
     weights, logits = _op_inputs()
-    seed = torch.tensor([9])
+    seed = _seed(9)
     config = (8, MIN_BITS, MAX_BITS, "bits", "gaussian")
     with use_backend("triton"):
         outs = ops.NoiseMany.apply(config, seed, *weights, *logits)
@@ -195,9 +203,9 @@ def test_a_weight_without_gradient_gets_none_and_the_others_keep_their_noise():
 
 def test_pseudo_quantize_many_groups_dtypes_and_keeps_order():
     torch.manual_seed(0)
-    weights = [torch.randn(40, 3, dtype=dt, requires_grad=True)
+    weights = [torch.randn(40, 3, dtype=dt, device=DEVICE, requires_grad=True)
                for dt in (torch.float32, torch.bfloat16, torch.float32, torch.float16)]
-    logits = [torch.zeros(15, requires_grad=True) for _ in weights]
+    logits = [torch.zeros(15, device=DEVICE, requires_grad=True) for _ in weights]
     with use_backend("triton"):
         outs = ops.pseudo_quantize_many(weights, logits, group_size=8, min_bits=2,
                                         max_bits=15, param="bits", noise="gaussian")

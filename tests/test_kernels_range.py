@@ -5,7 +5,7 @@ from __future__ import annotations
 import pytest
 import torch
 
-from tests.conftest import poisoned_empty
+from tests.conftest import DEVICE, poisoned_empty
 
 pytest.importorskip("triton")
 import triton  # noqa: E402
@@ -25,7 +25,7 @@ def _reduce_test_kernel(p_part_v, p_part_i, p_out, P: tl.constexpr):
 def _range(w):
     with poisoned_empty():
         part_v, part_i, P = range_k.range_partials(w)
-        out = torch.empty(4, dtype=torch.float64)
+        out = torch.empty(4, dtype=torch.float64, device=DEVICE)
         _reduce_test_kernel[(1,)](part_v, part_i, out, P=P)
     return out.tolist(), P
 
@@ -34,7 +34,7 @@ def _range(w):
 @pytest.mark.parametrize("n", [1, 8191, 8193, 40000])
 @pytest.mark.parametrize("dtype", [torch.float32, torch.bfloat16, torch.float16], ids=str)
 def test_range_and_first_indices(n, dtype):
-    w = torch.randn(n, generator=torch.Generator().manual_seed(n)).to(dtype)
+    w = torch.randn(n, generator=torch.Generator().manual_seed(n)).to(dtype).to(DEVICE)
     (mn, mx, imn, imx), P = _range(w)
     w32 = w.float()
     assert (mn, mx) == (w32.min().item(), w32.max().item())
@@ -45,7 +45,7 @@ def test_range_and_first_indices(n, dtype):
 
 
 def test_ties_across_programs_keep_the_first():
-    w = torch.zeros(40000)
+    w = torch.zeros(40000, device=DEVICE)
     w[[30000, 9000, 20000]] = 2.0
     w[[35000, 17000]] = -3.0
     (mn, mx, imn, imx), _ = _range(w)
@@ -53,5 +53,5 @@ def test_ties_across_programs_keep_the_first():
 
 
 def test_constant_tensor():
-    (mn, mx, imn, imx), _ = _range(torch.full((5000,), 1.5))
+    (mn, mx, imn, imx), _ = _range(torch.full((5000,), 1.5, device=DEVICE))
     assert (mn, mx, imn, imx) == (1.5, 1.5, 0, 0)

@@ -6,7 +6,7 @@ import pytest
 import torch
 
 from diffq_triton.ops import reference
-from tests.conftest import poisoned_empty
+from tests.conftest import DEVICE, poisoned_empty
 
 pytest.importorskip("triton")
 from diffq_triton.kernels import noise_many, size_many  # noqa: E402
@@ -19,8 +19,8 @@ MIN_BITS, MAX_BITS = 2.0, 15.0
 
 def _case(group_size, seed=0):
     gen = torch.Generator().manual_seed(seed)
-    weights = [torch.empty(n) for n in SIZES]
-    logits = [torch.randn(reference.num_groups(n, group_size), generator=gen) * 3
+    weights = [torch.empty(n, device=DEVICE) for n in SIZES]
+    logits = [(torch.randn(reference.num_groups(n, group_size), generator=gen) * 3).to(DEVICE)
               for n in SIZES]
     return weights, logits
 
@@ -30,7 +30,7 @@ def _expected(logits, group_size, extra_bits, param, exact):
     bits = extra_bits + reference.bits_from_logits(flat, MIN_BITS, MAX_BITS, param)
     if exact:
         bits = bits.detach().round().clamp(1, 15)
-    layout = reference.size_layout(SIZES, group_size, torch.device("cpu"))
+    layout = reference.size_layout(SIZES, group_size, DEVICE)
     return flat, reference.diffq_sizes_bits(bits, layout, MIN_BITS)
 
 
@@ -53,8 +53,8 @@ def test_size_and_gradient_match_reference(group_size, extra_bits, param, exact)
         return
     expected.backward()
     with poisoned_empty():
-        grad = size_many.sizes_backward(table, torch.tensor([0.5]), torch.float32, MIN_BITS,
-                                        MAX_BITS, param)
+        half = torch.tensor([0.5], device=DEVICE)
+        grad = size_many.sizes_backward(table, half, torch.float32, MIN_BITS, MAX_BITS, param)
     # σ(1 - σ) in float32 loses relative precision where σ is near 0 or 1: the absolute
     # error stays within float32's epsilon times len(s)·(max_bits - min_bits) ≤ 2000·13.
     torch.testing.assert_close(grad.double(), 0.5 * flat.grad, rtol=1e-5, atol=1e-7 * 2000 * 13)

@@ -20,6 +20,7 @@ from torch import nn
 
 import diffq_triton
 from diffq_triton.ops.dispatch import use_backend
+from tests.conftest import DEVICE
 
 pytest.importorskip("triton")
 import triton  # noqa: E402
@@ -62,7 +63,7 @@ def _model(blocks: int = 1):
     layers = []
     for _ in range(blocks):
         layers += [nn.Linear(48, 96), nn.ReLU(), nn.Linear(96, 48)]
-    return nn.Sequential(*layers)
+    return nn.Sequential(*layers).to(DEVICE)
 
 
 @pytest.mark.parametrize("blocks", [1, 10], ids=lambda b: f"{4 * b}tensors")
@@ -74,7 +75,7 @@ def test_training_step_launches(group_size, blocks):
     q = diffq_triton.DiffQuantizer(model, min_size=0, group_size=group_size)
     q.setup_optimizer(opt)
     assert len(list(q._first_uses())) == 4 * blocks
-    x = torch.randn(8, 48)
+    x = torch.randn(8, 48, device=DEVICE)
     with use_backend("triton"), count_launches() as counts:
         (model(x).pow(2).mean() + 1e-3 * q.model_size()).backward()
         opt.step()
@@ -92,7 +93,7 @@ def test_eval_launches_once_then_cached(blocks):
     q = diffq_triton.DiffQuantizer(model, min_size=0, group_size=8)
     q.no_optimizer()
     model.eval()
-    x = torch.randn(8, 48)
+    x = torch.randn(8, 48, device=DEVICE)
     with use_backend("triton"), torch.no_grad(), count_launches() as counts:
         model(x)
         first = sum(counts.values())
