@@ -3,7 +3,7 @@ VENV ?= .venv
 PY := $(VENV)/bin/python
 PIP := $(PY) -m pip install --quiet --disable-pip-version-check
 
-.PHONY: setup test test-all demo bench lint
+.PHONY: setup test test-all demo bench lint gpu-check
 
 setup: $(VENV)/.installed
 
@@ -31,3 +31,12 @@ bench: setup
 
 lint: setup
 	$(VENV)/bin/ruff check .
+
+# On a machine with a CUDA GPU: GPU_PY is a Python whose torch and triton are CUDA builds
+# (not the CPU wheel `setup` installs). The package is installed into it in editable mode,
+# without dependencies; the check then runs the kernel tests on the GPU, the benchmarks and
+# the demo (bench/gpu_check.py). Without a GPU it says so and fails.
+GPU_PY ?= python3
+gpu-check:
+	$(GPU_PY) -m pip install --quiet --disable-pip-version-check --no-deps --no-build-isolation -e .
+	$(GPU_PY) bench/gpu_check.py
