@@ -1,13 +1,16 @@
 """Ops: the math on weights, and the one seam between models and kernels.
 
-The functions here are the operations quantizers and layers call on each weight, whatever
-the device. They choose the backend (:func:`.dispatch.choose_backend`) and call the
+The functions here are the operations quantizers and layers call on each weight, or on all
+weights of a model at once (``*_many``: a constant number of launches), whatever the
+device. They choose the backend (:func:`.dispatch.choose_backend`) and call the
 ``diffq_triton::`` custom ops, which run the fused Triton kernels or the lean eager path;
 semantics are those of :mod:`.reference` either way.
 
 - :mod:`.reference`: the eager float reference of spec.md (the correctness oracle).
 - :mod:`.eager`: the lean eager path (CPU and fallback), equal to the reference.
 - :mod:`.custom_ops`: the ``torch.library`` ops, their fakes and autograd.
+- :mod:`.noise_many`, :mod:`.size_many`: eager-mode autograd of the multi-tensor kernels
+  (one node for every weight of a model).
 - :mod:`.dispatch`: the one function that picks Triton or eager.
 - :mod:`.bitpack`: level streams, by the Triton kernels or the CPU codec.
 """
