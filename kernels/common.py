@@ -70,6 +70,26 @@ def draw_xi(seed, offs, GAUSSIAN: tl.constexpr):
 
 
 @triton.jit
+def load_block(p, o, m, full):
+    """``p[o]`` as float32; a whole block (``full``) unmasked, so that 16-byte aligned data
+    loads 128 bits at a time (a mask on a runtime length would split the vectors)."""
+    if full:
+        b = tl.load(p + o).to(tl.float32)
+    else:
+        b = tl.load(p + o, mask=m, other=0.0).to(tl.float32)
+    return b
+
+
+@triton.jit
+def store_block(p, o, b, m, full):
+    """``p[o] = b``, unmasked for a whole block (see :func:`load_block`)."""
+    if full:
+        tl.store(p + o, b)
+    else:
+        tl.store(p + o, b, mask=m)
+
+
+@triton.jit
 def to_bf16_rne(x):
     """float32 → bfloat16 rounded to nearest even, by hand (the interpreter truncates)."""
     bits = x.to(tl.uint32, bitcast=True)

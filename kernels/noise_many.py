@@ -18,8 +18,16 @@ import torch
 import triton
 import triton.language as tl
 
-from . import tensor_table
-from .common import INTERPRET, cast_out, draw_xi, log_units, tl_dtype, unit_and_slope
+from .common import (
+    INTERPRET,
+    cast_out,
+    draw_xi,
+    load_block,
+    log_units,
+    store_block,
+    tl_dtype,
+    unit_and_slope,
+)
 from .noise import BLOCK_CHUNK, BLOCK_FIN, BLOCK_FWD, MAX_TILE_G, TILE_BWD
 from .range import (
     BLOCK as RANGE_BLOCK,
@@ -30,7 +38,25 @@ from .range import (
     reduce_range_many,
     reduce_range_many_values,
 )
-from .tensor_table import Blocks, TensorTable, pointer_table, table_for
+from .tensor_table import (
+    C_B_NUM,
+    C_B_OFF,
+    C_GROUP_LEN,
+    C_L_PTR,
+    C_N,
+    C_N_GROUPS,
+    C_NCOLS,
+    C_P_NUM,
+    C_P_OFF,
+    C_W_OFF,
+    C_W_PTR,
+    C_XI_ID,
+    Blocks,
+    TensorTable,
+    pointer_table,
+    program_piece,
+    table_for,
+)
 
 BLOCKS = Blocks(fwd=BLOCK_FWD, range_block=RANGE_BLOCK, max_partials=MAX_PARTIALS,
                 tile=TILE_BWD, chunk=BLOCK_CHUNK, max_tile_g=MAX_TILE_G)
@@ -38,24 +64,25 @@ BLOCKS = Blocks(fwd=BLOCK_FWD, range_block=RANGE_BLOCK, max_partials=MAX_PARTIAL
 # tiles hold 2048-4096 entries; with 4 warps ptxas spills on sm_80/sm_90, 8 do not).
 _WARPS = 4 if INTERPRET else 8
 
-_L_PTR = tl.constexpr(tensor_table.L_PTR)
-_W_PTR = tl.constexpr(tensor_table.W_PTR)
-_N = tl.constexpr(tensor_table.N)
-_W_OFF = tl.constexpr(tensor_table.W_OFF)
-_N_GROUPS = tl.constexpr(tensor_table.N_GROUPS)
-_GROUP_LEN = tl.constexpr(tensor_table.GROUP_LEN)
-_P_OFF = tl.constexpr(tensor_table.P_OFF)
-_P_NUM = tl.constexpr(tensor_table.P_NUM)
-_B_OFF = tl.constexpr(tensor_table.B_OFF)
-_B_NUM = tl.constexpr(tensor_table.B_NUM)
-_XI_ID = tl.constexpr(tensor_table.XI_ID)
-_NCOLS = tl.constexpr(tensor_table.NCOLS)
 
 
 @triton.jit
 def _xi_offsets(row, o_w):
     # Each tensor's own Philox counter range: 2^40 entries apart.
-    return o_w + (tl.load(row + _XI_ID) << 40)
+    return o_w + (tl.load(row + C_XI_ID) << 40)
+
+
+@triton.jit
+def _copy_gradient(p_g, p_dw, o_w, m_w, full):
+    """``∂L/∂w = g`` on the block (the range terms come in the finalize); returns ``g`` in
+    its dtype. Whole blocks unmasked, as :func:`load_block`."""
+    if full:
+        b_g = tl.load(p_g + o_w)
+        tl.store(p_dw + o_w, b_g)
+    else:
+        b_g = tl.load(p_g + o_w, mask=m_w, other=0.0)
+        tl.store(p_dw + o_w, b_g, mask=m_w)
+    return b_g
 
 
 @triton.jit
@@ -72,16 +99,13 @@ def noise_many_fwd_kernel(
     Block 0 of each tensor stores its ``stats[t] = (mn, mx, argmin, argmax)`` (float64).
     Bytes per entry (fp32): reads ``w`` 4 and one logit per group, writes ``ŵ`` 4.
     """
-    code = tl.load(p_map + tl.program_id(0))
-    t = code >> 32
-    j = code & 0xFFFFFFFF
-    row = p_rows + t * _NCOLS
-    p_w = tl.load(row + _W_PTR).to(tl.pointer_type(W_DTYPE))
-    p_l = tl.load(row + _L_PTR).to(tl.pointer_type(L_DTYPE))
+    t, j, row = program_piece(p_map, p_rows)
+    p_w = tl.load(row + C_W_PTR).to(tl.pointer_type(W_DTYPE))
+    p_l = tl.load(row + C_L_PTR).to(tl.pointer_type(L_DTYPE))
     p_out = tl.load(p_optr + t).to(tl.pointer_type(W_DTYPE))
-    n = tl.load(row + _N)
-    p_off = tl.load(row + _P_OFF)
-    p_num = tl.load(row + _P_NUM)
+    n = tl.load(row + C_N)
+    p_off = tl.load(row + C_P_OFF)
+    p_num = tl.load(row + C_P_NUM)
     mn, mx = reduce_range_many_values(p_part_v, total_p, p_off, p_num, MAX_P)
     if j == 0:
         mn, mx, imn, imx = reduce_range_many(p_part_v, p_part_i, total_p, p_off, p_num, MAX_P)
@@ -104,17 +128,10 @@ def noise_many_fwd_kernel(
         b_l = tl.load(p_l + o_w // G, mask=m_w, other=0.0).to(tl.float32)
     b_u, _ = unit_and_slope(b_l, min_bits, max_bits, log_u_lo, log_u_hi, PARAM_NOISE)
     b_xi = draw_xi(seed, _xi_offsets(row, o_w), GAUSSIAN)
-    if full:  # no mask: the lengths are runtime values, a mask would split the vectors
-        b_w = tl.load(p_w + o_w).to(tl.float32)
-    else:
-        b_w = tl.load(p_w + o_w, mask=m_w, other=0.0).to(tl.float32)
-    b_out = cast_out(b_w + r * b_u * b_xi, IS_BF16, W_DTYPE)
-    if full:
-        tl.store(p_out + o_w, b_out)
-    else:
-        tl.store(p_out + o_w, b_out, mask=m_w)
+    b_w = load_block(p_w, o_w, m_w, full)
+    store_block(p_out, o_w, cast_out(b_w + r * b_u * b_xi, IS_BF16, W_DTYPE), m_w, full)
     if WRITE_XI:
-        tl.store(p_xi + tl.load(row + _W_OFF) + o_w, b_xi, mask=m_w)
+        tl.store(p_xi + tl.load(row + C_W_OFF) + o_w, b_xi, mask=m_w)
 
 
 @triton.jit
@@ -132,16 +149,13 @@ def noise_many_bwd_kernel(
     Bytes per entry (fp32): reads ``g`` 4, writes ``∂L/∂w`` 4.
     """
     BLOCK_G: tl.constexpr = TILE // G_PAD
-    code = tl.load(p_map + tl.program_id(0))
-    t = code >> 32
-    j = code & 0xFFFFFFFF
-    row = p_rows + t * _NCOLS
-    p_l = tl.load(row + _L_PTR).to(tl.pointer_type(L_DTYPE))
+    t, j, row = program_piece(p_map, p_rows)
+    p_l = tl.load(row + C_L_PTR).to(tl.pointer_type(L_DTYPE))
     p_g = tl.load(p_gptr + t).to(tl.pointer_type(W_DTYPE))
     p_dw = tl.load(p_dwptr + t).to(tl.pointer_type(W_DTYPE))
     p_dl = tl.load(p_dlptr + t).to(tl.pointer_type(L_DTYPE))
-    n = tl.load(row + _N)
-    n_groups = tl.load(row + _N_GROUPS)
+    n = tl.load(row + C_N)
+    n_groups = tl.load(row + C_N_GROUPS)
     seed = tl.load(p_seed)
     r = (tl.load(p_stats + t * 4 + 1) - tl.load(p_stats + t * 4)).to(tl.float32)
     o_s = j * BLOCK_G + tl.arange(0, BLOCK_G)
@@ -152,18 +166,13 @@ def noise_many_bwd_kernel(
     if ALIGNED:  # G a power of two: the tile is one contiguous, aligned run of entries
         p_g = tl.multiple_of(p_g, 16)
         p_dw = tl.multiple_of(p_dw, 16)
-    if ALIGNED and (j + 1) * BLOCK_G * G <= n:
-        b_g = tl.load(p_g + o_w)
-        tl.store(p_dw + o_w, b_g)
-    else:
-        b_g = tl.load(p_g + o_w, mask=m_w, other=0.0)
-        tl.store(p_dw + o_w, b_g, mask=m_w)
+    b_g = _copy_gradient(p_g, p_dw, o_w, m_w, ALIGNED and (j + 1) * BLOCK_G * G <= n)
     b_xi = draw_xi(seed, _xi_offsets(row, o_w), GAUSSIAN)
     b_sum = tl.sum(tl.where(m_w, b_g.to(tl.float32) * b_xi, 0.0), axis=1)
     b_l = tl.load(p_l + o_s, mask=m_s, other=0.0).to(tl.float32)
     b_u, b_du = unit_and_slope(b_l, min_bits, max_bits, log_u_lo, log_u_hi, PARAM_NOISE)
     tl.store(p_dl + o_s, (r * b_sum * b_du).to(L_DTYPE), mask=m_s)
-    tl.store(p_part + tl.load(row + _B_OFF) + j, tl.sum(tl.where(m_s, b_u * b_sum, 0.0), axis=0))
+    tl.store(p_part + tl.load(row + C_B_OFF) + j, tl.sum(tl.where(m_s, b_u * b_sum, 0.0), axis=0))
 
 
 @triton.jit
@@ -178,15 +187,12 @@ def noise_many_chunk_bwd_kernel(
     into ``part[b_off_t + j]`` and copies ``g`` to ``∂L/∂w``.
     Bytes per entry (fp32): reads ``g`` 4, writes ``∂L/∂w`` 4.
     """
-    code = tl.load(p_map + tl.program_id(0))
-    t = code >> 32
-    j = code & 0xFFFFFFFF
-    row = p_rows + t * _NCOLS
+    t, j, row = program_piece(p_map, p_rows)
     p_g = tl.load(p_gptr + t).to(tl.pointer_type(W_DTYPE))
     p_dw = tl.load(p_dwptr + t).to(tl.pointer_type(W_DTYPE))
-    n = tl.load(row + _N)
-    group_len = tl.load(row + _GROUP_LEN)
-    chunks = tl.load(row + _B_NUM)
+    n = tl.load(row + C_N)
+    group_len = tl.load(row + C_GROUP_LEN)
+    chunks = tl.load(row + C_B_NUM)
     i_s = j // chunks
     i_c = j % chunks
     seed = tl.load(p_seed)
@@ -198,14 +204,10 @@ def noise_many_chunk_bwd_kernel(
         o_start = tl.multiple_of(o_start, 16)
     o_w = o_start + o_in
     m_w = (o_in < group_len) & (o_w < n)
-    if ALIGNED and (i_c + 1) * BLOCK <= group_len and o_start + (i_c + 1) * BLOCK <= n:
-        b_g = tl.load(p_g + o_w)
-        tl.store(p_dw + o_w, b_g)
-    else:
-        b_g = tl.load(p_g + o_w, mask=m_w, other=0.0)
-        tl.store(p_dw + o_w, b_g, mask=m_w)
+    full = ALIGNED and (i_c + 1) * BLOCK <= group_len and o_start + (i_c + 1) * BLOCK <= n
+    b_g = _copy_gradient(p_g, p_dw, o_w, m_w, full)
     b_xi = draw_xi(seed, _xi_offsets(row, o_w), GAUSSIAN)
-    tl.store(p_part + tl.load(row + _B_OFF) + j,
+    tl.store(p_part + tl.load(row + C_B_OFF) + j,
              tl.sum(tl.where(m_w, b_g.to(tl.float32) * b_xi, 0.0), axis=0))
 
 
@@ -222,17 +224,17 @@ def noise_many_finalize_kernel(
     Bytes moved: O(groups or tiles) per tensor, none per entry.
     """
     t = tl.program_id(0).to(tl.int64)
-    row = p_rows + t * _NCOLS
+    row = p_rows + t * C_NCOLS
     p_dw = tl.load(p_dwptr + t).to(tl.pointer_type(W_DTYPE))
-    b_off = tl.load(row + _B_OFF)
-    b_num = tl.load(row + _B_NUM)
+    b_off = tl.load(row + C_B_OFF)
+    b_num = tl.load(row + C_B_NUM)
     o_b = tl.arange(0, BLOCK)
     b_acc = tl.zeros([BLOCK], tl.float32)
     if CHUNKED:
-        p_l = tl.load(row + _L_PTR).to(tl.pointer_type(L_DTYPE))
+        p_l = tl.load(row + C_L_PTR).to(tl.pointer_type(L_DTYPE))
         p_dl = tl.load(p_dlptr + t).to(tl.pointer_type(L_DTYPE))
         r = (tl.load(p_stats + t * 4 + 1) - tl.load(p_stats + t * 4)).to(tl.float32)
-        for i_s in range(0, tl.load(row + _N_GROUPS)):
+        for i_s in range(0, tl.load(row + C_N_GROUPS)):
             b_sum = tl.zeros([BLOCK], tl.float32)
             for i_c in range(0, b_num, BLOCK):
                 m_c = (i_c + o_b) < b_num

@@ -12,7 +12,15 @@ import triton
 import triton.language as tl
 
 from . import tensor_table
-from .common import INTERPRET, RNE_MAGIC, cast_out, size_bucket, tl_dtype
+from .common import (
+    INTERPRET,
+    RNE_MAGIC,
+    cast_out,
+    load_block,
+    size_bucket,
+    store_block,
+    tl_dtype,
+)
 from .range import BLOCK as RANGE_BLOCK
 from .range import (
     MAX_PARTIALS,
@@ -21,6 +29,7 @@ from .range import (
     reduce_range_many_values,
     reduce_range_values,
 )
+from .tensor_table import C_N, C_P_NUM, C_P_OFF, C_W_PTR, program_piece
 
 BLOCK = 8192 if INTERPRET else 2048
 
@@ -85,11 +94,6 @@ def fake_quantize(w: torch.Tensor, bits_int: torch.Tensor, group_size: int) -> t
 
 
 # ----------------------------------------------------------------------------- many tensors
-_W_PTR = tl.constexpr(tensor_table.W_PTR)
-_N = tl.constexpr(tensor_table.N)
-_P_OFF = tl.constexpr(tensor_table.P_OFF)
-_P_NUM = tl.constexpr(tensor_table.P_NUM)
-_NCOLS = tl.constexpr(tensor_table.NCOLS)
 
 BLOCKS = tensor_table.Blocks(fwd=BLOCK, range_block=RANGE_BLOCK, max_partials=MAX_PARTIALS,
                              tile=BLOCK, chunk=BLOCK, max_tile_g=0)
@@ -105,16 +109,13 @@ def fake_quant_many_kernel(
 
     Bytes per entry (fp32): reads ``w`` 4 and one uint8 width per group, writes 4.
     """
-    code = tl.load(p_map + tl.program_id(0))
-    t = code >> 32
-    j = code & 0xFFFFFFFF
-    row = p_rows + t * _NCOLS
-    p_w = tl.load(row + _W_PTR).to(tl.pointer_type(W_DTYPE))
+    t, j, row = program_piece(p_map, p_rows)
+    p_w = tl.load(row + C_W_PTR).to(tl.pointer_type(W_DTYPE))
     p_bits = tl.load(p_bptr + t).to(tl.pointer_type(tl.uint8))
     p_out = tl.load(p_optr + t).to(tl.pointer_type(W_DTYPE))
-    n = tl.load(row + _N)
-    mn, mx = reduce_range_many_values(p_part_v, total_p, tl.load(row + _P_OFF),
-                                      tl.load(row + _P_NUM), MAX_P)
+    n = tl.load(row + C_N)
+    mn, mx = reduce_range_many_values(p_part_v, total_p, tl.load(row + C_P_OFF),
+                                      tl.load(row + C_P_NUM), MAX_P)
     scale = mx - mn
     safe = tl.where(scale > 0, scale, 1.0)
     o_w = j * BLOCK + tl.arange(0, BLOCK)
@@ -128,17 +129,10 @@ def fake_quant_many_kernel(
     else:
         b_bits = tl.load(p_bits + o_w // G, mask=m_w, other=1).to(tl.int32)
     b_unit = tl.div_rn(tl.full([BLOCK], 1.0, tl.float32), ((1 << b_bits) - 1).to(tl.float32))
-    if full:
-        b_w = tl.load(p_w + o_w).to(tl.float32)
-    else:
-        b_w = tl.load(p_w + o_w, mask=m_w, other=0.0).to(tl.float32)
+    b_w = load_block(p_w, o_w, m_w, full)
     b_x = tl.div_rn(tl.div_rn(b_w - mn, safe), b_unit)
     b_q = (b_x + RNE_MAGIC) - RNE_MAGIC
-    b_out = cast_out(b_q * b_unit * scale + mn, IS_BF16, W_DTYPE)
-    if full:
-        tl.store(p_out + o_w, b_out)
-    else:
-        tl.store(p_out + o_w, b_out, mask=m_w)
+    store_block(p_out, o_w, cast_out(b_q * b_unit * scale + mn, IS_BF16, W_DTYPE), m_w, full)
 
 
 def fake_quantize_many(weights: list[torch.Tensor], bits: list[torch.Tensor],

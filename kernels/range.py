@@ -13,7 +13,8 @@ import triton
 import triton.language as tl
 
 from . import tensor_table
-from .common import INTERPRET, next_pow2
+from .common import INTERPRET, load_block, next_pow2
+from .tensor_table import C_N, C_P_OFF, C_SPAN, C_W_PTR, program_piece
 
 # At most this many partial results. Every program of a consumer kernel loads them all
 # (8 bytes each), so fewer is cheaper there; 256 programs looping over their span still
@@ -36,30 +37,44 @@ def range_partial_kernel(
     i_p = tl.program_id(0).to(tl.int64)
     o_start = i_p * span
     o_b = tl.arange(0, BLOCK)
-    b_mn = tl.full([BLOCK], float("inf"), tl.float32)
-    b_mx = tl.full([BLOCK], float("-inf"), tl.float32)
-    b_imn = tl.zeros([BLOCK], tl.int64)
-    b_imx = tl.zeros([BLOCK], tl.int64)
+    b_mn, b_mx, b_imn, b_imx = _empty_extremes(BLOCK)
     for i_s in range(0, span, BLOCK):
         o_w = o_start + i_s + o_b
         m_w = o_w < n
         b_w = tl.load(p_w + o_w, mask=m_w, other=0.0).to(tl.float32)
-        # Strict comparisons keep the earliest index of a value within each lane.
-        m_lt = m_w & (b_w < b_mn)
-        m_gt = m_w & (b_w > b_mx)
-        b_mn = tl.where(m_lt, b_w, b_mn)
-        b_imn = tl.where(m_lt, o_w, b_imn)
-        b_mx = tl.where(m_gt, b_w, b_mx)
-        b_imx = tl.where(m_gt, o_w, b_imx)
+        b_mn, b_mx, b_imn, b_imx = _fold_extremes(b_w, m_w, o_w, b_mn, b_mx, b_imn, b_imx)
+    _store_extremes(p_part_v, p_part_i, i_p, P, b_mn, b_mx, b_imn, b_imx)
+
+
+@triton.jit
+def _empty_extremes(BLOCK: tl.constexpr):
+    """Lane-wise running (min, max, argmin, argmax) before the first entry."""
+    return (tl.full([BLOCK], float("inf"), tl.float32),
+            tl.full([BLOCK], float("-inf"), tl.float32),
+            tl.zeros([BLOCK], tl.int64), tl.zeros([BLOCK], tl.int64))
+
+
+@triton.jit
+def _fold_extremes(b_w, m_w, o_w, b_mn, b_mx, b_imn, b_imx):
+    """The running extremes after one block; strict comparisons keep, in each lane, the
+    earliest index of a value."""
+    m_lt = m_w & (b_w < b_mn)
+    m_gt = m_w & (b_w > b_mx)
+    return (tl.where(m_lt, b_w, b_mn), tl.where(m_gt, b_w, b_mx),
+            tl.where(m_lt, o_w, b_imn), tl.where(m_gt, o_w, b_imx))
+
+
+@triton.jit
+def _store_extremes(p_part_v, p_part_i, slot, stride, b_mn, b_mx, b_imn, b_imx):
+    """Reduce the lanes (first index on ties) and store the partial result at ``slot``: min
+    and argmin in the first row, max and argmax ``stride`` entries further."""
     mn = tl.min(b_mn, axis=0)
     mx = tl.max(b_mx, axis=0)
     big = 0x7FFFFFFFFFFFFFFF
-    imn = tl.min(tl.where(b_mn == mn, b_imn, big), axis=0)
-    imx = tl.min(tl.where(b_mx == mx, b_imx, big), axis=0)
-    tl.store(p_part_v + i_p, mn)
-    tl.store(p_part_v + P + i_p, mx)
-    tl.store(p_part_i + i_p, imn)
-    tl.store(p_part_i + P + i_p, imx)
+    tl.store(p_part_v + slot, mn)
+    tl.store(p_part_v + stride + slot, mx)
+    tl.store(p_part_i + slot, tl.min(tl.where(b_mn == mn, b_imn, big), axis=0))
+    tl.store(p_part_i + stride + slot, tl.min(tl.where(b_mx == mx, b_imx, big), axis=0))
 
 
 @triton.jit
@@ -108,12 +123,6 @@ def range_partials(w: torch.Tensor) -> tuple[torch.Tensor, torch.Tensor, int]:
 
 # ----------------------------------------------------------------------------- many tensors
 # Columns of the tensor table (kernels/tensor_table.py) read here.
-_W_PTR = tl.constexpr(tensor_table.W_PTR)
-_N = tl.constexpr(tensor_table.N)
-_P_OFF = tl.constexpr(tensor_table.P_OFF)
-_P_NUM = tl.constexpr(tensor_table.P_NUM)
-_SPAN = tl.constexpr(tensor_table.SPAN)
-_NCOLS = tl.constexpr(tensor_table.NCOLS)
 
 
 @triton.jit
@@ -127,42 +136,22 @@ def range_many_partial_kernel(
     (mins), ``part_v[1]`` (maxes) and ``part_i`` (their indices), rows ``total_p`` apart.
     Bytes per entry: reads the weight once (4 fp32, 2 bf16/fp16), writes none.
     """
-    code = tl.load(p_map + tl.program_id(0))
-    t = code >> 32
-    j = code & 0xFFFFFFFF
-    row = p_rows + t * _NCOLS
-    p_w = tl.load(row + _W_PTR).to(tl.pointer_type(W_DTYPE))
-    n = tl.load(row + _N)
-    slot = tl.load(row + _P_OFF) + j
-    span = tl.load(row + _SPAN)
+    t, j, row = program_piece(p_map, p_rows)
+    p_w = tl.load(row + C_W_PTR).to(tl.pointer_type(W_DTYPE))
+    n = tl.load(row + C_N)
+    slot = tl.load(row + C_P_OFF) + j
+    span = tl.load(row + C_SPAN)
     o_start = tl.multiple_of(j * span, BLOCK)  # spans are whole blocks
     if ALIGNED:
         p_w = tl.multiple_of(p_w, 16)
     o_b = tl.arange(0, BLOCK)
-    b_mn = tl.full([BLOCK], float("inf"), tl.float32)
-    b_mx = tl.full([BLOCK], float("-inf"), tl.float32)
-    b_imn = tl.zeros([BLOCK], tl.int64)
-    b_imx = tl.zeros([BLOCK], tl.int64)
+    b_mn, b_mx, b_imn, b_imx = _empty_extremes(BLOCK)
     for i_s in range(0, span, BLOCK):
         o_w = o_start + i_s + o_b
         m_w = o_w < n
-        if o_start + i_s + BLOCK <= n:  # no mask: 128-bit loads where aligned
-            b_w = tl.load(p_w + o_w).to(tl.float32)
-        else:
-            b_w = tl.load(p_w + o_w, mask=m_w, other=0.0).to(tl.float32)
-        m_lt = m_w & (b_w < b_mn)
-        m_gt = m_w & (b_w > b_mx)
-        b_mn = tl.where(m_lt, b_w, b_mn)
-        b_imn = tl.where(m_lt, o_w, b_imn)
-        b_mx = tl.where(m_gt, b_w, b_mx)
-        b_imx = tl.where(m_gt, o_w, b_imx)
-    mn = tl.min(b_mn, axis=0)
-    mx = tl.max(b_mx, axis=0)
-    big = 0x7FFFFFFFFFFFFFFF
-    tl.store(p_part_v + slot, mn)
-    tl.store(p_part_v + total_p + slot, mx)
-    tl.store(p_part_i + slot, tl.min(tl.where(b_mn == mn, b_imn, big), axis=0))
-    tl.store(p_part_i + total_p + slot, tl.min(tl.where(b_mx == mx, b_imx, big), axis=0))
+        b_w = load_block(p_w, o_w, m_w, o_start + i_s + BLOCK <= n)
+        b_mn, b_mx, b_imn, b_imx = _fold_extremes(b_w, m_w, o_w, b_mn, b_mx, b_imn, b_imx)
+    _store_extremes(p_part_v, p_part_i, slot, total_p, b_mn, b_mx, b_imn, b_imx)
 
 
 @triton.jit

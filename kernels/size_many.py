@@ -14,21 +14,24 @@ import torch
 import triton
 import triton.language as tl
 
-from . import tensor_table
 from .common import INTERPRET, RNE_MAGIC, log_units, tl_dtype
-from .tensor_table import TensorTable, cdiv
+from .tensor_table import (
+    C_GROUP_LEN,
+    C_L_OFF,
+    C_L_PTR,
+    C_N,
+    C_N_GROUPS,
+    C_NCOLS,
+    TensorTable,
+    cdiv,
+    program_piece,
+)
 
 # Groups per program; partial results per iteration of the finalize.
 BLOCK = 8192 if INTERPRET else 1024
 BLOCK_FIN = 1024
 LN2 = 0.6931471805599453
 
-_L_PTR = tl.constexpr(tensor_table.L_PTR)
-_N = tl.constexpr(tensor_table.N)
-_N_GROUPS = tl.constexpr(tensor_table.N_GROUPS)
-_L_OFF = tl.constexpr(tensor_table.L_OFF)
-_GROUP_LEN = tl.constexpr(tensor_table.GROUP_LEN)
-_NCOLS = tl.constexpr(tensor_table.NCOLS)
 
 
 @triton.jit
@@ -47,9 +50,18 @@ def _widths_and_slopes(b_l, min_bits, max_bits, log_u_lo, log_u_hi, PARAM_NOISE:
 
 
 @triton.jit
-def _group_lengths(o_s, n, n_groups, group_len):
-    # Every group holds group_len entries but the last, which holds what is left.
-    return tl.where(o_s == n_groups - 1, n - group_len * (n_groups - 1), group_len)
+def _groups_block(row, j, L_DTYPE: tl.constexpr, BLOCK: tl.constexpr):
+    """Groups ``[j·BLOCK, (j+1)·BLOCK)`` of a tensor: their indices, mask, logits (float32)
+    and lengths (every group holds GROUP_LEN entries but the last, which holds the rest)."""
+    p_l = tl.load(row + C_L_PTR).to(tl.pointer_type(L_DTYPE))
+    n_groups = tl.load(row + C_N_GROUPS)
+    group_len = tl.load(row + C_GROUP_LEN)
+    o_s = j * BLOCK + tl.arange(0, BLOCK)
+    m_s = o_s < n_groups
+    b_l = tl.load(p_l + o_s, mask=m_s, other=0.0).to(tl.float32)
+    b_len = tl.where(o_s == n_groups - 1, tl.load(row + C_N) - group_len * (n_groups - 1),
+                     group_len).to(tl.float32)
+    return o_s, m_s, b_l, b_len
 
 
 @triton.jit
@@ -61,23 +73,14 @@ def size_many_fwd_kernel(
     """Block ``j`` of tensor ``t``'s groups: ``part[p] = (Σ len·b, max round(b), min
     round(b))``; ``EXACT`` rounds the widths first (``round(b).clamp(1, 15)``)."""
     i_p = tl.program_id(0)
-    code = tl.load(p_map + i_p)
-    t = code >> 32
-    j = code & 0xFFFFFFFF
-    row = p_rows + t * _NCOLS
-    p_l = tl.load(row + _L_PTR).to(tl.pointer_type(L_DTYPE))
-    n_groups = tl.load(row + _N_GROUPS)
-    o_s = j * BLOCK + tl.arange(0, BLOCK)
-    m_s = o_s < n_groups
-    b_l = tl.load(p_l + o_s, mask=m_s, other=0.0).to(tl.float32)
+    t, j, row = program_piece(p_map, p_rows)
+    o_s, m_s, b_l, b_len = _groups_block(row, j, L_DTYPE, BLOCK)
     b_b, _ = _widths_and_slopes(b_l, min_bits, max_bits, log_u_lo, log_u_hi, PARAM_NOISE)
     b_b = extra_bits + b_b
     b_r = (b_b + RNE_MAGIC) - RNE_MAGIC  # round half to even, as torch.round
     if EXACT:
         b_r = tl.minimum(tl.maximum(b_r, 1.0), 15.0)
         b_b = b_r
-    b_len = _group_lengths(o_s, tl.load(row + _N), n_groups,
-                           tl.load(row + _GROUP_LEN)).to(tl.float32)
     tl.store(p_part + i_p * 3, tl.sum(tl.where(m_s, b_len * b_b, 0.0), axis=0))
     tl.store(p_part + i_p * 3 + 1, tl.max(tl.where(m_s, b_r, float("-inf")), axis=0))
     tl.store(p_part + i_p * 3 + 2, tl.min(tl.where(m_s, b_r, float("inf")), axis=0))
@@ -105,7 +108,7 @@ def size_many_finalize_kernel(
             b_mn = tl.minimum(b_mn, tl.load(p_part + o_p + 2, mask=m_c, other=float("inf")))
         span = tl.maximum(tl.max(b_mx, axis=0) - tl.minimum(tl.min(b_mn, axis=0), min_bits), 0.0)
         field = tl.ceil(tl.log2(1.0 + span))
-        n_groups = tl.load(p_rows + t * _NCOLS + _N_GROUPS).to(tl.float64)
+        n_groups = tl.load(p_rows + t * C_NCOLS + C_N_GROUPS).to(tl.float64)
         total += tl.sum(b_pay, axis=0) + 72.0 + field.to(tl.float64) * n_groups
     tl.store(p_out + tl.arange(0, 1), total.to(tl.float32))
 
@@ -117,20 +120,11 @@ def size_many_bwd_kernel(
 ):
     """``∂L/∂l_s = grad·len(s)·db_s/dl_s`` for block ``j`` of tensor ``t``'s groups, into the
     flat ``dl`` at the tensor's group offset."""
-    code = tl.load(p_map + tl.program_id(0))
-    t = code >> 32
-    j = code & 0xFFFFFFFF
-    row = p_rows + t * _NCOLS
-    p_l = tl.load(row + _L_PTR).to(tl.pointer_type(L_DTYPE))
-    n_groups = tl.load(row + _N_GROUPS)
-    o_s = j * BLOCK + tl.arange(0, BLOCK)
-    m_s = o_s < n_groups
-    b_l = tl.load(p_l + o_s, mask=m_s, other=0.0).to(tl.float32)
+    t, j, row = program_piece(p_map, p_rows)
+    o_s, m_s, b_l, b_len = _groups_block(row, j, L_DTYPE, BLOCK)
     _, b_db = _widths_and_slopes(b_l, min_bits, max_bits, log_u_lo, log_u_hi, PARAM_NOISE)
-    b_len = _group_lengths(o_s, tl.load(row + _N), n_groups,
-                           tl.load(row + _GROUP_LEN)).to(tl.float32)
     grad = tl.load(p_grad).to(tl.float32)
-    tl.store(p_dl + tl.load(row + _L_OFF) + o_s, (grad * b_len * b_db).to(p_dl.dtype.element_ty),
+    tl.store(p_dl + tl.load(row + C_L_OFF) + o_s, (grad * b_len * b_db).to(p_dl.dtype.element_ty),
              mask=m_s)
 
 

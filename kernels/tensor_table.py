@@ -21,11 +21,17 @@ from collections import OrderedDict
 from dataclasses import dataclass
 
 import torch
+import triton
+import triton.language as tl
 
 # Columns of ``rows``.
 (W_PTR, L_PTR, N, W_OFF, L_OFF, N_GROUPS, GROUP_LEN, P_OFF, P_NUM, SPAN, B_OFF, B_NUM,
  XI_ID) = range(13)
 NCOLS = 13
+# The same columns as constants the kernels read them by.
+(C_W_PTR, C_L_PTR, C_N, C_W_OFF, C_L_OFF, C_N_GROUPS, C_GROUP_LEN, C_P_OFF, C_P_NUM, C_SPAN,
+ C_B_OFF, C_B_NUM, C_XI_ID) = (tl.constexpr(c) for c in range(NCOLS))
+C_NCOLS = tl.constexpr(NCOLS)
 # Tensors of at most 2^32 blocks and a table of at most 2^31 tensors: a map entry is
 # ``t << 32 | j``.
 _LOCAL_BITS = 32
@@ -33,6 +39,15 @@ _LOCAL_BITS = 32
 ALIGNMENT = 16
 # Tables kept per process (a model's training and eval layouts, a few models).
 _CACHE_SIZE = 16
+
+
+@triton.jit
+def program_piece(p_map, p_rows):
+    """``(t, j, row)`` of this program: its tensor, the piece of it (map entry
+    ``t << 32 | j``) and the address of the tensor's row in ``rows``."""
+    code = tl.load(p_map + tl.program_id(0))
+    t = code >> 32
+    return t, code & 0xFFFFFFFF, p_rows + t * C_NCOLS
 
 
 def cdiv(a: int, b: int) -> int:
