@@ -34,6 +34,7 @@ KERNEL_TESTS = [
     "tests/test_bitpack_kernels.py",
     "tests/test_launches.py",
     "tests/test_custom_ops.py",
+    "tests/test_quantizer_many.py",
 ]
 # Seconds each stage may take: the whole check stays under 8 minutes with set-up.
 LIMITS = {"kernels": 150, "step": 180, "ops": 60, "host": 30, "demo": 90}
