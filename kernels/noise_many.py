@@ -272,6 +272,7 @@ def noise_forward_many(
     noise: str,
     stream_ids: list[int] | None = None,
     xi_out: torch.Tensor | None = None,
+    table: TensorTable | None = None,
 ) -> torch.Tensor:
     """Write ``ŵ`` of every weight into ``outputs`` (2 launches: range partials, noise).
 
@@ -285,11 +286,13 @@ def noise_forward_many(
         stream_ids: per weight, the index keying its noise (default: its position).
         xi_out: optional float32 ``[Σ d_t]`` receiving every ``ξ``, tensor after tensor
             (tests).
+        table: :func:`table_for` of these arguments, when the caller already has it.
 
     Returns:
         float64 ``[T, 4]``: ``(min, max, argmin, argmax)`` of each weight, for the backward.
     """
-    table = table_for(weights, logits, group_size, BLOCKS, stream_ids)
+    if table is None:
+        table = table_for(weights, logits, group_size, BLOCKS, stream_ids)
     device = weights[0].device
     w_dtype, l_dtype = tl_dtype(weights[0].dtype), tl_dtype(logits[0].dtype)
     part_v, part_i = range_many_partials(table, w_dtype)

@@ -31,8 +31,12 @@ class NoiseMany(torch.autograd.Function):
         # One allocation per output: each noisy weight is freed as soon as its layer
         # no longer needs it, as with one op per tensor.
         outputs = [torch.empty_like(w) for w in weights]
-        stats = _kernels().noise_forward_many(weights, logits, outputs, seed, group_size,
-                                              min_bits, max_bits, param, noise)
+        kernels = _kernels()
+        # The layout (cached by the tensors' pointers): the backward of a step in which
+        # every weight gets a gradient reuses it as it is.
+        ctx.table = kernels.table_for(weights, logits, group_size, kernels.BLOCKS)
+        stats = kernels.noise_forward_many(weights, logits, outputs, seed, group_size,
+                                           min_bits, max_bits, param, noise, table=ctx.table)
         ctx.save_for_backward(seed, stats)
         # The weights and logits themselves are parameters (no copy is kept): the backward
         # reads the logits and finds the cached table by the weights' pointers.
@@ -52,9 +56,9 @@ class NoiseMany(torch.autograd.Function):
         if present:
             every = len(present) == len(weights)
             kernels = _kernels()
-            table = kernels.table_for([weights[t] for t in present], [logits[t] for t in present],
-                                      group_size, kernels.BLOCKS,
-                                      None if every else present)
+            table = ctx.table if every else kernels.table_for(
+                [weights[t] for t in present], [logits[t] for t in present], group_size,
+                kernels.BLOCKS, present)
             some_grads = [grads[t].contiguous() for t in present]
             dws = [torch.empty_like(g) for g in some_grads]
             dls = [torch.empty_like(logits[t]) for t in present]
