@@ -24,6 +24,7 @@ from .. import validation
 from ..ops.reference import MEGABYTE_BITS
 from ..serialization.tensor_record import QuantizedTensor
 from .saved_state import QuantizerState
+from .swap_check import SwapCheck
 
 # Models that carry a quantizer: a second one on the same model is an error.
 _ATTACHED: weakref.WeakKeyDictionary[nn.Module, BaseQuantizer] = weakref.WeakKeyDictionary()
@@ -116,6 +117,10 @@ class BaseQuantizer(QuantizerState):
         self._quantized = False
         self._saved: list[torch.Tensor] = []
         self._find_params()
+        module_names = {id(m): n for n, m in model.named_modules()}
+        self._swap_check = SwapCheck(
+            [(module_names.get(id(r.module), ""), r.module, r.name) for r in self._qparams],
+            type(self).__name__)
         _ATTACHED[model] = self
         self._pre_handle = model.register_forward_pre_hook(self._forward_pre_hook)
         self._post_handle = model.register_forward_hook(self._forward_hook, always_call=True)
@@ -216,9 +221,12 @@ class BaseQuantizer(QuantizerState):
         else:
             derived = None if self._quantized else self._eval_weights()
         if derived is not None:
+            check = not _is_compiling() and self._swap_check.active
             for record, tensor in zip(self._first_uses(), derived, strict=True):
                 for use in record.uses:
                     use.module._parameters[use.name] = tensor
+                    if check:
+                        self._swap_check.expect(use.module, use.name, tensor)
             if not self.model.training:
                 # Eval shows the stored model: float16-stored parameters are rounded too.
                 for module, name, param in self._float16_uses:
@@ -227,6 +235,8 @@ class BaseQuantizer(QuantizerState):
             self._fix_rnns()
 
     def _forward_hook(self, module: nn.Module, inputs: object, output: object) -> None:
+        if not _is_compiling() and self._swapped and self.model.training:
+            self._swap_check.finish()  # checked once: later steps pay nothing
         self._restore_params()
 
     def _restore_params(self) -> None:
@@ -237,6 +247,8 @@ class BaseQuantizer(QuantizerState):
         for module, name, param in self._float16_uses:
             module._parameters[name] = param
         self._swapped = False
+        if not _is_compiling():
+            self._swap_check.clear()
         self._fix_rnns()
 
     def _fix_rnns(self) -> None:
@@ -334,6 +346,7 @@ class BaseQuantizer(QuantizerState):
         self.unquantize()
         self._pre_handle.remove()
         self._post_handle.remove()
+        self._swap_check.finish()
         self._unregister_params()
         if _ATTACHED.get(self.model) is self:
             del _ATTACHED[self.model]

@@ -1,0 +1,121 @@
+"""Never silently unquantized: a module that does not compute with the weight the quantizer
+set fails the first training forward (or an eval forward before it) with a clear error."""
+
+from __future__ import annotations
+
+import pytest
+import torch
+from torch import nn
+
+import diffq_triton
+from tests.models import TiedLM, mlp
+
+QUANTIZERS = [
+    (diffq_triton.DiffQuantizer, dict(group_size=8)),
+    (diffq_triton.UniformQuantizer, dict(bits=4, qat=True)),
+    (diffq_triton.LSQ, dict(bits=4)),
+]
+
+
+def _swap_back(module: nn.Module, param: nn.Parameter):
+    """A forward pre-hook on ``module`` that puts its float weight back (as FSDP's all-gather
+    or a careless wrapper would)."""
+    def hook(mod, inputs):
+        mod._parameters["weight"] = param
+    return module.register_forward_pre_hook(hook)
+
+
+@pytest.mark.parametrize("cls,kwargs", QUANTIZERS, ids=lambda v: getattr(v, "__name__", ""))
+def test_a_hook_that_puts_the_float_weight_back_fails_the_first_training_forward(cls, kwargs):
+    torch.manual_seed(0)
+    model = mlp()
+    q = cls(model, min_size=0, **kwargs)
+    if hasattr(q, "no_optimizer"):
+        q.no_optimizer()
+    handle = _swap_back(model[2], model[2].weight)
+    with pytest.raises(RuntimeError, match=r"module '2' did not compute with .*'2\.weight'"):
+        model(torch.randn(3, 32))
+    # The model is left as it was: float parameters in place.
+    assert model[0]._parameters["weight"] is q._qparams[0].param
+    handle.remove()
+    model(torch.randn(3, 32)).sum().backward()  # fine once the hook is gone
+
+
+def test_eval_before_training_is_checked_too():
+    model = mlp()
+    diffq_triton.DiffQuantizer(model, min_size=0, group_size=8).no_optimizer()
+    _swap_back(model[0], model[0].weight)
+    model.eval()
+    with torch.no_grad(), pytest.raises(RuntimeError, match="module '0'"):
+        model(torch.randn(3, 32))
+
+
+def test_checks_end_after_the_first_training_forward():
+    model = TiedLM()
+    hooks_before = {name: len(m._forward_hooks) for name, m in model.named_modules()}
+    q = diffq_triton.DiffQuantizer(model, min_size=0, group_size=8)
+    q.no_optimizer()
+    model(torch.randint(0, 300, (2, 5))).sum().backward()  # tied weights, an LSTM: no error
+    assert {name: len(m._forward_hooks) for name, m in model.named_modules()
+            if name} == {name: n for name, n in hooks_before.items() if name}
+    # Later steps are not checked (and cost nothing): a swap now goes unnoticed by design.
+    model.eval()
+    with torch.no_grad():
+        model(torch.randint(0, 300, (2, 5)))
+
+
+def test_detach_removes_the_checks():
+    model = mlp()
+    q = diffq_triton.DiffQuantizer(model, min_size=0, group_size=8)
+    q.detach()
+    assert all(not m._forward_hooks for m in model.modules())
+
+
+# ----------------------------------------------------------------------------- FSDP2
+def _fsdp_worker(rank: int, world: int, out_dir: str) -> None:
+    import datetime
+    import os
+
+    import torch.distributed as dist
+    from torch.distributed.device_mesh import init_device_mesh
+    from torch.distributed.fsdp import fully_shard
+
+    os.environ["GLOO_SOCKET_IFNAME"] = "lo"  # loopback only
+    dist.init_process_group("gloo", init_method=f"file://{out_dir}/store", rank=rank,
+                            world_size=world, timeout=datetime.timedelta(seconds=60))
+    try:
+        torch.manual_seed(0)
+        model = nn.Sequential(nn.Sequential(nn.Linear(16, 32), nn.ReLU()), nn.Linear(32, 4))
+        quantizer = diffq_triton.DiffQuantizer(model, min_size=0, group_size=8)
+        quantizer.no_optimizer()
+        mesh = init_device_mesh("cpu", (world,))
+        for block in (model[0], model[1], model):  # per block, then the root
+            fully_shard(block, mesh=mesh)
+        try:
+            model(torch.randn(5, 16)).sum().backward()
+            outcome = "trained"
+        except RuntimeError as exc:
+            outcome = str(exc)
+        with open(os.path.join(out_dir, f"rank{rank}.txt"), "w") as f:
+            f.write(outcome)
+    finally:
+        dist.destroy_process_group()
+
+
+def test_fsdp2_fails_loudly_instead_of_training_without_noise(tmp_path):
+    # FSDP2 puts its gathered parameter in place after the quantizer's swap: before this
+    # check, every module trained on its float weight with no error.
+    import torch.multiprocessing as mp
+
+    pytest.importorskip("torch.distributed.fsdp")
+    context = mp.spawn(_fsdp_worker, args=(2, str(tmp_path)), nprocs=2, join=False)
+    for _ in range(120):
+        if context.join(timeout=1):
+            break
+    else:
+        for process in context.processes:
+            process.kill()
+        pytest.fail("FSDP2 ranks did not finish in 120 s")
+    for rank in range(2):
+        outcome = (tmp_path / f"rank{rank}.txt").read_text()
+        assert "module '0.0' did not compute with the quantized weight" in outcome, outcome
