@@ -113,7 +113,17 @@ class DiffQuantizer(BaseQuantizer):
 
     def _int_bits(self, record: QuantizedParam) -> torch.Tensor:
         """Rounded widths ``[n_groups]`` uint8: ``round_bits(extra_bits + get_bits(logit))``."""
-        logit = record.logit.detach()
+        return self._rounded_widths(record.logit.detach())
+
+    def _int_bits_many(self, records: list[QuantizedParam]) -> list[torch.Tensor]:
+        """:meth:`_int_bits` of several records with one set of ops (elementwise widths)."""
+        logits = [r.logit.detach().reshape(-1) for r in records]
+        if len({(lg.device, lg.dtype) for lg in logits}) != 1:
+            return [self._int_bits(r) for r in records]
+        widths = self._rounded_widths(torch.cat(logits))
+        return list(widths.split([lg.numel() for lg in logits]))
+
+    def _rounded_widths(self, logit: torch.Tensor) -> torch.Tensor:
         if self.param != "bits" or type(self).get_bits is not DiffQuantizer.get_bits:
             return reference.round_bits(self.extra_bits + self.get_bits(logit))
         # The same float32 operations in the same order, in place: one temporary instead of
@@ -163,7 +173,7 @@ class DiffQuantizer(BaseQuantizer):
 
     def _quantized_weights(self, records: list[QuantizedParam]) -> list[torch.Tensor]:
         return ops.quantized_weight_many([r.param for r in records],
-                                         [self._int_bits(r) for r in records], self.group_size)
+                                         self._int_bits_many(records), self.group_size)
 
     def _export_bits(self, record: QuantizedParam) -> torch.Tensor:
         return self._int_bits(record)
