@@ -190,3 +190,18 @@ def test_compile_fullgraph_sees_one_op_for_all_weights(backend):
     assert not any(t.endswith("pseudo_quantize.default") for t in targets)
     for record in q._first_uses():
         assert record.logit.grad is not None and record.logit.grad.abs().sum() > 0
+
+
+@pytest.mark.parametrize("backend", BACKENDS)
+def test_fakes_match_channels_last_weights(backend):
+    # The ops return contiguous tensors whatever the weight's strides; so must the fakes.
+    gen = torch.Generator().manual_seed(0)
+    w = torch.randn(4, 3, 5, 5, generator=gen).to(DEVICE).to(memory_format=torch.channels_last)
+    logits = torch.randn(reference.num_groups(w.numel(), 8), generator=gen).to(DEVICE)
+    seed = torch.tensor([42], device=DEVICE)
+    torch.library.opcheck(custom_ops.pseudo_quantize_many,
+                          ([w], [logits], seed, 8, 2.0, 15.0, "bits", "gaussian", backend))
+    torch.library.opcheck(custom_ops.pseudo_quantize,
+                          (w, logits, seed, 8, 2.0, 15.0, "bits", "gaussian", backend))
+    bits = torch.full((logits.numel(),), 4, dtype=torch.uint8, device=DEVICE)
+    torch.library.opcheck(custom_ops.fake_quantize, (w, bits, 8, backend))

@@ -91,3 +91,45 @@ def test_triton_and_eager_agree_in_eval_after_training():
     with use_backend("eager"), torch.no_grad():
         assert torch.equal(model(x), out_triton)
         assert q.true_model_size() == size_triton
+
+
+def test_logits_of_two_dtypes_are_launched_apart():
+    # A layer cast to bf16 after the quantizer: its logits are bf16, the other bf16 layer's
+    # float32; one launch would read one kind as the other.
+    torch.manual_seed(0)
+    model = nn.Sequential(nn.Linear(16, 16, dtype=torch.bfloat16), nn.Linear(16, 16)).to(DEVICE)
+    q = diffq_triton.DiffQuantizer(model, min_size=0, group_size=4, init_bits=14)
+    q.no_optimizer()
+    model[1].to(torch.bfloat16)
+    assert {r.logit.dtype for r in q._first_uses()} == {torch.float32, torch.bfloat16}
+    seen = []
+    hook = model[1].register_forward_hook(lambda m, i, o: seen.append(m.weight.detach()))
+    with use_backend("triton"):
+        model(torch.randn(2, 16, dtype=torch.bfloat16, device=DEVICE)).float().sum().backward()
+    hook.remove()
+    w = model[1].weight.float()
+    span = float(w.max() - w.min())
+    # Gaussian noise of step r·u(14) / 2: beyond 6 of its steps is not noise of that width.
+    assert (seen[0].float() - w).abs().max() <= 6 * span / (2**14 - 1)
+    for record in q._first_uses():
+        assert record.logit.grad.dtype == record.logit.dtype
+        assert torch.isfinite(record.logit.grad).all()
+
+
+def test_half_logits_size_matches_the_stored_widths():
+    # Widths round in the logits' dtype: the size kernels (float32) step aside for fp16.
+    # param="noise" widths go through exp and log2, where fp16 and fp32 round apart.
+    torch.manual_seed(0)
+    model = nn.Sequential(nn.Linear(37, 29), nn.ReLU(), nn.Linear(29, 3), nn.Linear(3, 1),
+                          nn.Embedding(50, 40)).to(DEVICE)
+    q = diffq_triton.DiffQuantizer(model, min_size=0, group_size=1024, param="noise",
+                                   init_bits=5)
+    q.no_optimizer()
+    with torch.no_grad():
+        for record in q._first_uses():
+            record.logit.copy_(torch.randn(record.logit.shape) * 3)
+    model.half()
+    with use_backend("triton"):
+        on_triton = q.true_model_size()
+    with use_backend("eager"):
+        assert q.true_model_size() == on_triton

@@ -119,3 +119,12 @@ def test_fsdp2_fails_loudly_instead_of_training_without_noise(tmp_path):
     for rank in range(2):
         outcome = (tmp_path / f"rank{rank}.txt").read_text()
         assert "module '0.0' did not compute with the quantized weight" in outcome, outcome
+
+
+def test_a_retried_forward_is_checked_again():
+    model = mlp()
+    diffq_triton.DiffQuantizer(model, min_size=0, group_size=8).no_optimizer()
+    _swap_back(model[2], model[2].weight)
+    for _ in range(3):  # a loop that catches the error and goes on must keep failing
+        with pytest.raises(RuntimeError, match="module '2'"):
+            model(torch.randn(3, 32))

@@ -80,11 +80,14 @@ def quantized_weight(w: torch.Tensor, bits_int: torch.Tensor, group_size: int) -
     return custom_ops.fake_quantize(w.detach(), bits_int, int(group_size), _backend(w))
 
 
-def _launch_groups(weights: list[torch.Tensor]) -> dict[tuple, list[int]]:
-    """Positions of the weights by what one launch can share: device, dtype, non-empty."""
+def _launch_groups(weights: list[torch.Tensor], logits: list[torch.Tensor] | None = None
+                   ) -> dict[tuple, list[int]]:
+    """Positions of the weights by what one launch can share: device, dtype, non-empty,
+    and the logits' dtype (a kernel reads every tensor's logits as one type)."""
     groups: dict[tuple, list[int]] = {}
     for t, w in enumerate(weights):
-        groups.setdefault((w.device, w.dtype, w.numel() > 0), []).append(t)
+        logit_dtype = None if logits is None else logits[t].dtype
+        groups.setdefault((w.device, w.dtype, w.numel() > 0, logit_dtype), []).append(t)
     return groups
 
 
@@ -117,7 +120,7 @@ def pseudo_quantize_many(
     """
     out: list[torch.Tensor | None] = [None] * len(weights)
     config = (int(group_size), float(min_bits), float(max_bits), param, noise)
-    for (device, _, non_empty), members in _launch_groups(weights).items():
+    for (device, _, non_empty, _), members in _launch_groups(weights, logits).items():
         some_w = [weights[t] for t in members]
         some_l = [logits[t] for t in members]
         backend = _backend(some_w[0])
@@ -151,7 +154,7 @@ def quantized_weight_many(weights: list[torch.Tensor], bits_int: list[torch.Tens
         ``T`` tensors, each of its weight's shape and dtype, without gradient.
     """
     out: list[torch.Tensor | None] = [None] * len(weights)
-    for (_, _, non_empty), members in _launch_groups(weights).items():
+    for (_, _, non_empty, _), members in _launch_groups(weights).items():
         some_w = [weights[t].detach() for t in members]
         if (non_empty and not torch.compiler.is_compiling()
                 and _backend(some_w[0]) == "triton"):
@@ -185,10 +188,11 @@ def diffq_size_bits(weights: list[torch.Tensor], logits: list[torch.Tensor], *,
     Returns:
         One-entry float32 tensor on the logits' device, differentiable in the logits unless
         ``exact``; None where the kernels do not apply (eager backend, ``torch.compile``,
-        logits of several dtypes or devices): compute it with the reference then.
+        logits other than float32, whose widths round in their own dtype, or on several
+        devices): compute it with the reference then.
     """
     if (not weights or torch.compiler.is_compiling()
-            or len(_launch_groups(logits)) != 1 or logits[0].numel() == 0
+            or len(_launch_groups(logits)) != 1 or logits[0].dtype != torch.float32
             or any(w.numel() == 0 for w in weights) or _backend(weights[0]) != "triton"):
         return None
     config = (int(group_size), float(extra_bits), float(min_bits), float(max_bits), param,

@@ -30,6 +30,12 @@ def _kernels():
     return noise, quantize
 
 
+def _contiguous_like(t: Tensor) -> Tensor:
+    # What every implementation returns, whatever the input's strides (a channels_last
+    # weight included): the fakes must say the same to torch.compile.
+    return torch.empty_like(t, memory_format=torch.contiguous_format)
+
+
 def _many_kernels():
     from ..kernels import noise_many
 
@@ -59,7 +65,7 @@ def pseudo_quantize(
 @pseudo_quantize.register_fake
 def _(w, logits, seed, group_size, min_bits, max_bits, param, noise, backend):
     xi_len = 0 if backend == "triton" else w.numel()
-    return (torch.empty_like(w), w.new_empty(4, dtype=torch.float64),
+    return (_contiguous_like(w), w.new_empty(4, dtype=torch.float64),
             w.new_empty(xi_len, dtype=torch.float32))
 
 
@@ -79,7 +85,7 @@ def pseudo_quantize_backward(
 
 @pseudo_quantize_backward.register_fake
 def _(grad, logits, seed, stats, xi, group_size, min_bits, max_bits, param, noise, backend):
-    return torch.empty_like(grad), torch.empty_like(logits)
+    return _contiguous_like(grad), _contiguous_like(logits)
 
 
 def _setup_context(ctx, inputs, output):
@@ -116,7 +122,7 @@ def fake_quantize(w: Tensor, bits: Tensor, group_size: int, backend: str) -> Ten
 
 @fake_quantize.register_fake
 def _(w, bits, group_size, backend):
-    return torch.empty_like(w)
+    return _contiguous_like(w)
 
 
 # ----------------------------------------------------------------------------- many tensors
@@ -153,7 +159,7 @@ def _(weights, logits, seed, group_size, min_bits, max_bits, param, noise, backe
     stats = weights[0].new_empty((len(weights), 4), dtype=torch.float64)
     xis = [w.new_empty(w.numel() if backend == "eager" else 0, dtype=torch.float32)
            for w in weights]
-    return [torch.empty_like(w) for w in weights], stats, xis
+    return [_contiguous_like(w) for w in weights], stats, xis
 
 
 @torch.library.custom_op("diffq_triton::pseudo_quantize_many_backward", mutates_args=())
@@ -184,7 +190,7 @@ def pseudo_quantize_many_backward(
 @pseudo_quantize_many_backward.register_fake
 def _(grads, weights, logits, seed, stats, xis, group_size, min_bits, max_bits, param, noise,
       backend):
-    return [torch.empty_like(g) for g in grads], [torch.empty_like(lg) for lg in logits]
+    return [_contiguous_like(g) for g in grads], [_contiguous_like(lg) for lg in logits]
 
 
 def _setup_many_context(ctx, inputs, output):

@@ -10,6 +10,7 @@ of tensors: one autograd node, device tables cached while the parameters stay in
 from __future__ import annotations
 
 import torch
+from torch.autograd.function import once_differentiable
 
 
 def _kernels():
@@ -46,6 +47,7 @@ class NoiseMany(torch.autograd.Function):
         return tuple(outputs)
 
     @staticmethod
+    @once_differentiable  # the kernels' gradients are not differentiable again
     def backward(ctx, *grads: torch.Tensor | None):
         seed, stats = ctx.saved_tensors
         group_size, min_bits, max_bits, param, noise = ctx.config

@@ -9,6 +9,7 @@ torch ops and one gradient per logit tensor through a concatenation.
 from __future__ import annotations
 
 import torch
+from torch.autograd.function import once_differentiable
 
 
 def _kernels():
@@ -41,6 +42,7 @@ class SizeMany(torch.autograd.Function):
         return out
 
     @staticmethod
+    @once_differentiable  # the kernels' gradients are not differentiable again
     def backward(ctx, grad: torch.Tensor):
         group_size, extra_bits, min_bits, max_bits, param, exact = ctx.config
         count = len(ctx.numels)

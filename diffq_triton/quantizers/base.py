@@ -124,6 +124,7 @@ class BaseQuantizer(QuantizerState):
         _ATTACHED[model] = self
         self._pre_handle = model.register_forward_pre_hook(self._forward_pre_hook)
         self._post_handle = model.register_forward_hook(self._forward_hook, always_call=True)
+        self._done_handle = model.register_forward_hook(self._forward_done)
 
     # ----------------------------------------------------------------- discovery
     def _find_params(self) -> None:
@@ -235,9 +236,14 @@ class BaseQuantizer(QuantizerState):
             self._fix_rnns()
 
     def _forward_hook(self, module: nn.Module, inputs: object, output: object) -> None:
-        if not _is_compiling() and self._swapped and self.model.training:
-            self._swap_check.finish()  # checked once: later steps pay nothing
         self._restore_params()
+
+    def _forward_done(self, module: nn.Module, inputs: object, output: object) -> None:
+        # Called only when a forward returned (not always_call): a forward that raised
+        # leaves the check on, so that a retry is checked again.
+        if not _is_compiling() and self.model.training:
+            self._swap_check.finish()  # checked once: later steps pay nothing
+            self._done_handle.remove()
 
     def _restore_params(self) -> None:
         if not self._swapped:
@@ -346,6 +352,7 @@ class BaseQuantizer(QuantizerState):
         self.unquantize()
         self._pre_handle.remove()
         self._post_handle.remove()
+        self._done_handle.remove()
         self._swap_check.finish()
         self._unregister_params()
         if _ATTACHED.get(self.model) is self:
