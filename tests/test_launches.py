@@ -106,3 +106,15 @@ def test_eval_launches_once_then_cached(blocks):
     with use_backend("triton"), torch.no_grad(), count_launches() as counts:
         model(x)
     assert sum(counts.values()) == LAUNCHES_PER_EVAL, counts
+
+
+@pytest.mark.parametrize("blocks", [1, 10], ids=lambda b: f"{4 * b}tensors")
+def test_qat_training_step_launches(blocks):
+    # UniformQuantizer(qat=True): the quantized weights of every tensor, 2 launches.
+    model = _model(blocks)
+    q = diffq_triton.UniformQuantizer(model, min_size=0, bits=4, qat=True)
+    x = torch.randn(8, 48, device=DEVICE)
+    with use_backend("triton"), count_launches() as counts:
+        (model(x).pow(2).mean() + 1e-3 * q.model_size()).backward()
+    assert counts == {"range_many_partial_kernel": 1, "fake_quant_many_kernel": 1}, counts
+    assert all(p.grad is not None for p in model.parameters())
