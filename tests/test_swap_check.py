@@ -100,6 +100,10 @@ def _fsdp_worker(rank: int, world: int, out_dir: str) -> None:
             f.write(outcome)
     finally:
         dist.destroy_process_group()
+    # After a forward that raised inside FSDP, gloo's threads can abort the interpreter's
+    # teardown ("terminate called without an active exception"): the outcome is written,
+    # so leave without running destructors.
+    os._exit(0)
 
 
 def test_fsdp2_fails_loudly_instead_of_training_without_noise(tmp_path):
@@ -109,13 +113,12 @@ def test_fsdp2_fails_loudly_instead_of_training_without_noise(tmp_path):
 
     pytest.importorskip("torch.distributed.fsdp")
     context = mp.spawn(_fsdp_worker, args=(2, str(tmp_path)), nprocs=2, join=False)
-    for _ in range(120):
-        if context.join(timeout=1):
-            break
-    else:
-        for process in context.processes:
-            process.kill()
-        pytest.fail("FSDP2 ranks did not finish in 120 s")
+    for process in context.processes:  # the outcome files, not the exit codes, decide
+        process.join(timeout=120)
+    alive = [p for p in context.processes if p.is_alive()]
+    for process in alive:
+        process.kill()
+    assert not alive, "FSDP2 ranks did not finish in 120 s"
     for rank in range(2):
         outcome = (tmp_path / f"rank{rank}.txt").read_text()
         assert "module '0.0' did not compute with the quantized weight" in outcome, outcome
