@@ -23,7 +23,6 @@ from diffq_triton.ops.dispatch import use_backend
 from tests.conftest import DEVICE
 
 pytest.importorskip("triton")
-import triton  # noqa: E402
 from triton.runtime import interpreter  # noqa: E402
 
 LAUNCHES_PER_STEP = 7  # at most 8, the issue's bound
@@ -34,28 +33,32 @@ LAUNCHES_PER_EVAL = 2
 def count_launches() -> Iterator[Counter]:
     """Count Triton launches by kernel name, interpreted or compiled.
 
-    The interpreter does not call ``launch_enter_hook``, so its grid executor is wrapped
-    too; each path counts only its own launches.
+    Under the interpreter a launch goes through its grid executor; compiled, through
+    ``JITFunction.run`` (an autotuned kernel's chosen configuration too). Each path counts
+    only its own launches. (Triton's launch hooks are not used: their argument changed form
+    across versions.)
     """
+    from triton.runtime.jit import JITFunction
+
     counts: Counter = Counter()
-    call = interpreter.GridExecutor.__call__
+    call, run = interpreter.GridExecutor.__call__, JITFunction.run
 
     def counted_call(self, *args, **kwargs):
         counts[self.fn.__name__] += 1
         return call(self, *args, **kwargs)
 
-    def hook(metadata):
-        counts[metadata.name] += 1
+    def counted_run(self, *args, **kwargs):
+        if not kwargs.get("warmup", False):
+            counts[self.__name__] += 1
+        return run(self, *args, **kwargs)
 
-    knobs = triton.knobs.runtime
-    previous = knobs.launch_enter_hook
     interpreter.GridExecutor.__call__ = counted_call
-    knobs.launch_enter_hook = hook
+    JITFunction.run = counted_run
     try:
         yield counts
     finally:
         interpreter.GridExecutor.__call__ = call
-        knobs.launch_enter_hook = previous
+        JITFunction.run = run
 
 
 def _model(blocks: int = 1):
