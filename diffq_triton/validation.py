@@ -1,4 +1,9 @@
-"""Checks of user input, each raising ValueError/TypeError that names the culprit."""
+"""Checks of user input, each raising ValueError/TypeError that names the culprit.
+
+Where diffq 0.2.4 refuses the same misuse, the error is also of diffq's type, so that code
+written against diffq catches ours: :class:`ArgumentError` where diffq asserts,
+:class:`UsageError` where it raises RuntimeError.
+"""
 
 from __future__ import annotations
 
@@ -9,10 +14,21 @@ import numpy as np
 import torch
 
 
+class ArgumentError(ValueError, AssertionError):
+    """A quantizer argument out of range, or a call repeated: a ValueError, and an
+    AssertionError as diffq 0.2.4's asserts raise for the same misuse."""
+
+
+class UsageError(RuntimeError, ValueError):
+    """Calls out of order (an optimizer created after the quantizer, a second quantizer on
+    a model): a RuntimeError as diffq 0.2.4 raises, and a ValueError as earlier releases of
+    this library raised."""
+
+
 def check_choice(name: str, value: object, choices: tuple[str, ...]) -> None:
-    """Raise ValueError unless ``value`` is one of ``choices``."""
+    """Raise :class:`ArgumentError` unless ``value`` is one of ``choices``."""
     if value not in choices:
-        raise ValueError(f"{name} must be one of {choices}, got {value!r}")
+        raise ArgumentError(f"{name} must be one of {choices}, got {value!r}")
 
 
 def check_number(name: str, value: object, *, low: float, high: float) -> float:
@@ -21,7 +37,7 @@ def check_number(name: str, value: object, *, low: float, high: float) -> float:
         raise TypeError(f"{name} must be a number, got {type(value).__name__}")
     number = _as_float(value)
     if number is None or not (low <= number <= high):
-        raise ValueError(f"{name} must lie in [{low}, {high}], got {value!s:.40}")
+        raise ArgumentError(f"{name} must lie in [{low}, {high}], got {value!s:.40}")
     return number
 
 
@@ -37,7 +53,7 @@ def check_bit_width(name: str, value: object) -> int:
     """Return ``value`` as int after checking it is a whole number of bits in ``[1, 15]``."""
     number = check_number(name, value, low=1, high=15)
     if number != int(number):
-        raise ValueError(f"{name} must be a whole number of bits, got {value}")
+        raise ArgumentError(f"{name} must be a whole number of bits, got {value}")
     return int(number)
 
 
@@ -46,7 +62,7 @@ def check_group_size(value: object) -> int:
     if isinstance(value, bool) or not isinstance(value, numbers.Integral):
         raise TypeError(f"group_size must be an int, got {type(value).__name__}")
     if value < 0:
-        raise ValueError(f"group_size must be >= 0 (0: one group per tensor), got {value}")
+        raise ArgumentError(f"group_size must be >= 0 (0: one group per tensor), got {value}")
     return int(value)
 
 

@@ -87,14 +87,14 @@ class BaseQuantizer(QuantizerState):
         if not isinstance(model, nn.Module):
             raise TypeError(f"model must be a torch.nn.Module, got {type(model).__name__}")
         if model in _ATTACHED:
-            raise ValueError(
+            raise validation.UsageError(
                 f"model already has a {type(_ATTACHED[model]).__name__}; call detach() on it "
                 "before creating a second quantizer"
             )
         if self._param_suffix is not None:
             for name, _ in model.named_parameters():
                 if name.endswith(self._param_suffix):
-                    raise ValueError(
+                    raise validation.UsageError(
                         f"model already has a parameter {name!r} ending with suffix "
                         f"{self._param_suffix!r}: a second quantizer on the same model?"
                     )
@@ -185,11 +185,11 @@ class BaseQuantizer(QuantizerState):
 
     def _add_param_group(self, optimizer: torch.optim.Optimizer, group: dict) -> None:
         if self._optimizer_setup:
-            raise ValueError("setup_optimizer() was already called on this quantizer")
+            raise validation.ArgumentError("setup_optimizer() was already called on this quantizer")
         params = self._trained_params()
         held = {id(p) for g in optimizer.param_groups for p in g["params"]}
         if any(id(p) in held for p in params):
-            raise ValueError(
+            raise validation.UsageError(
                 f"the optimizer already holds the {self._trained_name}: create the optimizer "
                 "before the quantizer (or pass only the model's other parameters)"
             )

@@ -63,10 +63,11 @@ class DiffQuantizer(BaseQuantizer):
         self.min_bits = validation.check_number("min_bits", min_bits, low=1, high=15)
         self.max_bits = validation.check_number("max_bits", max_bits, low=1, high=15)
         if self.min_bits >= self.max_bits:
-            raise ValueError(f"min_bits ({min_bits}) must be < max_bits ({max_bits})")
+            raise validation.ArgumentError(
+                f"min_bits ({min_bits}) must be < max_bits ({max_bits})")
         self.init_bits = validation.check_number("init_bits", init_bits, low=1, high=15)
         if not self.min_bits < self.init_bits < self.max_bits:
-            raise ValueError(
+            raise validation.ArgumentError(
                 f"init_bits ({init_bits}) must lie strictly between min_bits ({min_bits}) "
                 f"and max_bits ({max_bits})"
             )
@@ -74,7 +75,7 @@ class DiffQuantizer(BaseQuantizer):
         validation.check_choice("param", param, reference.PARAMS)
         validation.check_choice("noise", noise, reference.NOISES)
         if not isinstance(suffix, str) or not suffix:
-            raise ValueError(f"suffix must be a non-empty string, got {suffix!r}")
+            raise validation.ArgumentError(f"suffix must be a non-empty string, got {suffix!r}")
         self.param = param
         self.noise = noise
         self.suffix = suffix

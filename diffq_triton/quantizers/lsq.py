@@ -44,9 +44,9 @@ class LSQ(BaseQuantizer):
     ):
         self.bits = validation.check_bit_width("bits", bits)
         if self.bits < 2:
-            raise ValueError(f"bits must be >= 2 for signed LSQ levels, got {bits}")
+            raise validation.ArgumentError(f"bits must be >= 2 for signed LSQ levels, got {bits}")
         if not isinstance(suffix, str) or not suffix:
-            raise ValueError(f"suffix must be a non-empty string, got {suffix!r}")
+            raise validation.ArgumentError(f"suffix must be a non-empty string, got {suffix!r}")
         self.suffix = suffix
         self._param_suffix = suffix
         self._kwargs = dict(

@@ -216,7 +216,8 @@ def restore_quantized_state(model: nn.Module, state: dict) -> None:
     """
     meta = state.get("meta") if isinstance(state, dict) else None
     if not isinstance(meta, dict) or "klass" not in meta:
-        raise ValueError("state has no 'meta' entry naming its quantizer")
+        # diffq 0.2.4 asserts here: the error is an AssertionError too.
+        raise validation.ArgumentError("state has no 'meta' entry naming its quantizer")
     klass = meta["klass"]
     name = klass if isinstance(klass, str) else getattr(klass, "__name__", klass)
     quantizer = rebuild_quantizer(model, name, meta.get("init_kwargs"))
