@@ -42,6 +42,7 @@ from .tensor_table import (
     C_B_NUM,
     C_B_OFF,
     C_GROUP_LEN,
+    C_L_OFF,
     C_L_PTR,
     C_N,
     C_N_GROUPS,
@@ -136,15 +137,17 @@ def noise_many_fwd_kernel(
 
 @triton.jit
 def noise_many_bwd_kernel(
-    p_rows, p_map, p_gptr, p_dwptr, p_dlptr, p_seed, p_stats, p_part,
+    p_rows, p_map, p_gptr, p_dwptr, p_dlptr, p_seed, p_stats, p_part, p_extra,
     min_bits, max_bits, log_u_lo, log_u_hi,
     G: tl.constexpr, G_PAD: tl.constexpr, TILE: tl.constexpr,
     PARAM_NOISE: tl.constexpr, GAUSSIAN: tl.constexpr,
     W_DTYPE: tl.constexpr, L_DTYPE: tl.constexpr, ALIGNED: tl.constexpr,
+    HAS_EXTRA: tl.constexpr,
 ):
     """Group sums of tile ``j`` of tensor ``t`` (``1 ≤ G ≤ MAX_TILE_G``): rows are groups.
 
-    ``S_s = Σ g·ξ``; writes ``∂L/∂l_s = r·S_s·du_s``, the tile's ``Σ_s u_s·S_s`` to
+    ``S_s = Σ g·ξ``; writes ``∂L/∂l_s = r·S_s·du_s`` (plus ``extra[l_off_t + s]``, the size
+    penalty's gradient, with ``HAS_EXTRA``), the tile's ``Σ_s u_s·S_s`` to
     ``part[b_off_t + j]`` and ``∂L/∂w = g`` (the finalize adds the range terms).
     Bytes per entry (fp32): reads ``g`` 4, writes ``∂L/∂w`` 4.
     """
@@ -171,7 +174,10 @@ def noise_many_bwd_kernel(
     b_sum = tl.sum(tl.where(m_w, b_g.to(tl.float32) * b_xi, 0.0), axis=1)
     b_l = tl.load(p_l + o_s, mask=m_s, other=0.0).to(tl.float32)
     b_u, b_du = unit_and_slope(b_l, min_bits, max_bits, log_u_lo, log_u_hi, PARAM_NOISE)
-    tl.store(p_dl + o_s, (r * b_sum * b_du).to(L_DTYPE), mask=m_s)
+    b_dl = r * b_sum * b_du
+    if HAS_EXTRA:
+        b_dl += tl.load(p_extra + tl.load(row + C_L_OFF) + o_s, mask=m_s, other=0.0)
+    tl.store(p_dl + o_s, b_dl.to(L_DTYPE), mask=m_s)
     tl.store(p_part + tl.load(row + C_B_OFF) + j, tl.sum(tl.where(m_s, b_u * b_sum, 0.0), axis=0))
 
 
@@ -213,10 +219,11 @@ def noise_many_chunk_bwd_kernel(
 
 @triton.jit
 def noise_many_finalize_kernel(
-    p_rows, p_stats, p_part, p_dwptr, p_dlptr, p_dr,
+    p_rows, p_stats, p_part, p_dwptr, p_dlptr, p_dr, p_extra,
     min_bits, max_bits, log_u_lo, log_u_hi,
     CHUNKED: tl.constexpr, PARAM_NOISE: tl.constexpr, IS_BF16: tl.constexpr,
     W_DTYPE: tl.constexpr, L_DTYPE: tl.constexpr, BLOCK: tl.constexpr,
+    HAS_EXTRA: tl.constexpr,
 ):
     """Program ``t``: tensor ``t``'s ``∂L/∂r`` in a fixed order (deterministic), then its
     range terms ``∂L/∂w[argmax] += ∂L/∂r``, ``∂L/∂w[argmin] -= ∂L/∂r`` (none when they
@@ -243,7 +250,10 @@ def noise_many_finalize_kernel(
             l_s = tl.load(p_l + i_s).to(tl.float32)
             u_s, du_s = unit_and_slope(l_s, min_bits, max_bits, log_u_lo, log_u_hi,
                                        PARAM_NOISE)
-            tl.store(p_dl + i_s, (r * s_sum * du_s).to(L_DTYPE))
+            dl_s = r * s_sum * du_s
+            if HAS_EXTRA:
+                dl_s += tl.load(p_extra + tl.load(row + C_L_OFF) + i_s)
+            tl.store(p_dl + i_s, dl_s.to(L_DTYPE))
             b_acc += tl.where(o_b == 0, u_s * s_sum, 0.0)
     else:
         for i_c in range(0, b_num, BLOCK):
@@ -324,6 +334,7 @@ def noise_backward_many(
     param: str,
     noise: str,
     dr_out: torch.Tensor | None = None,
+    extra: torch.Tensor | None = None,
 ) -> None:
     """Write ``∂L/∂w`` and ``∂L/∂l`` of every tensor of ``table`` (2 launches: group sums,
     finalize).
@@ -336,6 +347,8 @@ def noise_backward_many(
         seed, stats: the forward's seed and statistics.
         min_bits, max_bits, param, noise: as in the forward.
         dr_out: optional float32 ``[T]`` receiving each ``∂L/∂r`` (tests).
+        extra: optional float32 ``[Σ n_groups]`` added to ``∂L/∂l`` (the size penalty's
+            gradient, :func:`.size_many.sizes_backward`, in the table's group order).
     """
     device = grads[0].device
     w_dtype, l_dtype = tl_dtype(grads[0].dtype), tl_dtype(logits_dtype)
@@ -350,10 +363,11 @@ def noise_backward_many(
     if table.tiled:
         noise_many_bwd_kernel[grid](
             table.rows, table.bwd_map, gptr, dwptr, dlptr, seed, stats, part,
-            float(min_bits), float(max_bits), lo, hi,
+            extra if extra is not None else part, float(min_bits), float(max_bits), lo, hi,
             G=table.G, G_PAD=table.g_pad, TILE=max(BLOCKS.tile, table.g_pad),
             PARAM_NOISE=param_noise, GAUSSIAN=gaussian, W_DTYPE=w_dtype, L_DTYPE=l_dtype,
-            ALIGNED=aligned and table.G == table.g_pad, num_warps=_WARPS,
+            ALIGNED=aligned and table.G == table.g_pad, HAS_EXTRA=extra is not None,
+            num_warps=_WARPS,
         )
     else:
         noise_many_chunk_bwd_kernel[grid](
@@ -364,11 +378,11 @@ def noise_backward_many(
     dr = dr_out if dr_out is not None else torch.empty(len(table), dtype=torch.float32,
                                                        device=device)
     noise_many_finalize_kernel[(len(table),)](
-        table.rows, stats, part, dwptr, dlptr, dr,
+        table.rows, stats, part, dwptr, dlptr, dr, extra if extra is not None else part,
         float(min_bits), float(max_bits), lo, hi,
         CHUNKED=not table.tiled, PARAM_NOISE=param_noise,
         IS_BF16=grads[0].dtype == torch.bfloat16, W_DTYPE=w_dtype, L_DTYPE=l_dtype,
-        BLOCK=BLOCK_FIN,
+        BLOCK=BLOCK_FIN, HAS_EXTRA=extra is not None and not table.tiled,
     )
 
 

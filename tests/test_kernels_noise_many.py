@@ -172,7 +172,7 @@ def test_autograd_function_equals_custom_op(dtype):
     config = (8, MIN_BITS, MAX_BITS, "bits", "gaussian")
     seed = _seed(77)
     with use_backend("triton"):
-        by_function = ops.NoiseMany.apply(config, seed, *weights, *logits)
+        by_function = ops.NoiseMany.apply(config, None, seed, *weights, *logits)
         by_op = custom_ops.pseudo_quantize_many(weights, logits, seed, *config, "triton")[0]
     grads = [torch.randn_like(o) for o in by_op]
     first = torch.autograd.grad(by_function, weights + logits, grads)
@@ -187,14 +187,14 @@ def test_a_weight_without_gradient_gets_none_and_the_others_keep_their_noise():
     seed = _seed(9)
     config = (8, MIN_BITS, MAX_BITS, "bits", "gaussian")
     with use_backend("triton"):
-        outs = ops.NoiseMany.apply(config, seed, *weights, *logits)
+        outs = ops.NoiseMany.apply(config, None, seed, *weights, *logits)
         (outs[0].sum() + outs[2].pow(2).sum()).backward()
         partial = [w.grad.clone() for w in (weights[0], weights[2])]
         partial_l = [lg.grad.clone() for lg in (logits[0], logits[2])]
         assert weights[1].grad is None and logits[1].grad is None
         for p in weights + logits:
             p.grad = None
-        outs = ops.NoiseMany.apply(config, seed, *weights, *logits)
+        outs = ops.NoiseMany.apply(config, None, seed, *weights, *logits)
         (outs[0].sum() + outs[1].sum() * 0 + outs[2].pow(2).sum()).backward()
     # With every gradient present (the middle one zero), the same numbers for the others.
     assert torch.equal(weights[0].grad, partial[0]) and torch.equal(weights[2].grad, partial[1])

@@ -133,3 +133,77 @@ def test_half_logits_size_matches_the_stored_widths():
         on_triton = q.true_model_size()
     with use_backend("eager"):
         assert q.true_model_size() == on_triton
+
+
+# ----------------------------------------------------------------------------- fused size
+def _step_grads(model, q, x, size_first: bool, seed: int = 5):
+    """Gradients of loss + 1e-2·model_size(); the size taken after the forward (from the
+    noise's call, fused) or before it (its own kernels)."""
+    model.zero_grad(set_to_none=True)
+    size = q.model_size() if size_first else None
+    torch.manual_seed(seed)
+    out = model(x)
+    size = q.model_size() if size is None else size
+    (out.pow(2).mean() + 1e-2 * size).backward()
+    return {n: p.grad.clone() for n, p in model.named_parameters() if p.grad is not None}
+
+
+@pytest.mark.parametrize("group_size", [0, 8, 2000], ids=lambda g: f"g{g}")
+def test_size_from_the_noise_call_gives_the_same_gradients(group_size):
+    torch.manual_seed(0)
+    model = mlp().to(DEVICE)
+    q = diffq_triton.DiffQuantizer(model, min_size=0, group_size=group_size, extra_bits=-0.4)
+    q.no_optimizer()
+    x = torch.randn(4, 32, device=DEVICE)
+    with use_backend("triton"):
+        fused = _step_grads(model, q, x, size_first=False)
+        assert q._step_size is not None  # the size came from the noise's call
+        separate = _step_grads(model, q, x, size_first=True)
+    assert fused.keys() == separate.keys()
+    for name in fused:
+        # One float32 addition either way (a GPU may fuse it with the product: an ulp).
+        torch.testing.assert_close(fused[name], separate[name], rtol=1e-6, atol=1e-9)
+
+
+def test_step_size_is_reused_only_while_it_holds():
+    torch.manual_seed(0)
+    model = mlp().to(DEVICE)
+    opt = torch.optim.SGD(model.parameters(), lr=0.5)
+    q = diffq_triton.DiffQuantizer(model, min_size=0, group_size=8)
+    q.setup_optimizer(opt)
+    x = torch.randn(4, 32, device=DEVICE)
+    with use_backend("triton"):
+        out = model(x)
+        step_size = q._size_of_this_step()
+        assert step_size is not None and q._size_of_this_step() is step_size
+        first, second = q.model_size(), q.model_size()  # both from the noise call's output
+        (out.sum() + first + second).backward()
+        assert q._size_of_this_step() is None  # its graph was used: computed afresh
+        after = q.model_size()
+        torch.testing.assert_close(after, first.detach())
+        opt.step()  # logits changed in place: the forward's size no longer holds
+        model(x)
+        with torch.no_grad():
+            for record in q._first_uses():
+                record.logit.add_(1.0)
+        changed = q.model_size()
+    with use_backend("eager"):
+        torch.testing.assert_close(changed, q.model_size())
+
+
+def test_fused_size_reaches_the_logits_of_unused_weights():
+    # A weight whose output gets no gradient: its logits still get the size term, and the
+    # other weights the same gradients as with the size computed apart.
+    torch.manual_seed(0)
+    model = nn.ModuleDict({"used": nn.Linear(8, 8), "unused": nn.Linear(8, 8)}).to(DEVICE)
+    q = diffq_triton.DiffQuantizer(model, min_size=0, group_size=4)
+    q.no_optimizer()
+    model.forward = lambda x: model["used"](x)
+    x = torch.randn(3, 8, device=DEVICE)
+    with use_backend("triton"):
+        fused = _step_grads(model, q, x, size_first=False)
+        separate = _step_grads(model, q, x, size_first=True)
+    assert "unused.weight" not in fused and "unused.weight_diffq" in fused
+    assert fused.keys() == separate.keys()
+    for name in fused:
+        torch.testing.assert_close(fused[name], separate[name], rtol=1e-6, atol=1e-9)

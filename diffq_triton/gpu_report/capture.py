@@ -159,9 +159,11 @@ def _workloads(quick: bool) -> list[tuple[str, Callable[[], None]]]:
                                           kind)
             return
         table = noise_many.table_for(weights, logits, g, noise_many.BLOCKS)
+        # With the size penalty's gradient joined in (the fused step), as a training step.
+        extra = torch.zeros(table.total_groups)
         noise_many.noise_backward_many(table, weights, weights, logits, logits[0].dtype, seed,
                                        torch.zeros((3, 4), dtype=torch.float64), 2.0, 15.0,
-                                       param, kind)
+                                       param, kind, extra=extra)
 
     def pack(g: int, n: int) -> None:
         bits = torch.full((-(-n // g),), 4, dtype=torch.uint8)

@@ -20,7 +20,7 @@ from __future__ import annotations
 import torch
 
 from . import custom_ops, dispatch
-from .noise_many import NoiseMany
+from .noise_many import NoiseMany, SizeToken
 from .size_many import SizeMany
 
 # Largest seed drawn; Philox and torch.Generator both take it.
@@ -130,7 +130,7 @@ def pseudo_quantize_many(
                 noisy = custom_ops.pseudo_quantize_many(some_w, some_l, seed, *config,
                                                         backend)[0]
             else:
-                noisy = NoiseMany.apply(config, seed, *some_w, *some_l)
+                noisy = NoiseMany.apply(config, None, seed, *some_w, *some_l)
         else:
             noisy = [pseudo_quantize(w, lg, group_size=group_size, min_bits=min_bits,
                                      max_bits=max_bits, param=param, noise=noise)
@@ -198,3 +198,37 @@ def diffq_size_bits(weights: list[torch.Tensor], logits: list[torch.Tensor], *,
     config = (int(group_size), float(extra_bits), float(min_bits), float(max_bits), param,
               bool(exact))
     return SizeMany.apply(config, *weights, *logits)
+
+
+def pseudo_quantize_many_with_size(
+    weights: list[torch.Tensor],
+    logits: list[torch.Tensor],
+    *,
+    group_size: int,
+    min_bits: float,
+    max_bits: float,
+    param: str,
+    noise: str,
+    extra_bits: float,
+) -> tuple[list[torch.Tensor], torch.Tensor | None, SizeToken | None]:
+    """:func:`pseudo_quantize_many`, and the DiffQ size in bits of the same tensors from the
+    same call when the kernels can give it (Triton backend, eager mode, one dtype of weights
+    and float32 logits).
+
+    Returns:
+        ``(noisy weights, size, token)``: ``size`` a one-entry float32 tensor whose gradient
+        reaches the logits through the noise's backward (one gradient per logit per step),
+        ``token.used`` once that backward ran; ``(noisy weights, None, None)`` otherwise.
+    """
+    if (weights and not torch.compiler.is_compiling()
+            and len(_launch_groups(weights, logits)) == 1 and logits[0].dtype == torch.float32
+            and weights[0].numel() > 0 and _backend(weights[0]) == "triton"):
+        config = (int(group_size), float(min_bits), float(max_bits), param, noise)
+        token = SizeToken()
+        seed = torch.randint(0, _SEED_HIGH, (1,), dtype=torch.int64, device=weights[0].device)
+        *noisy, size = NoiseMany.apply(config, (float(extra_bits), token), seed, *weights,
+                                       *logits)
+        return noisy, size, token
+    noisy = pseudo_quantize_many(weights, logits, group_size=group_size, min_bits=min_bits,
+                                 max_bits=max_bits, param=param, noise=noise)
+    return noisy, None, None

@@ -20,11 +20,32 @@ def _kernels():
     return noise_many
 
 
+class SizeToken:
+    """Marks the size output of one :class:`NoiseMany` call: ``used`` once its backward ran
+    (its graph is then freed; a later size needs a fresh computation)."""
+
+    used = False
+
+
+def _kernels_size():
+    from ..kernels import size_many
+
+    return size_many
+
+
 class NoiseMany(torch.autograd.Function):
-    """Autograd of the Triton multi-tensor noise (eager mode: no custom-op dispatch)."""
+    """Autograd of the Triton multi-tensor noise (eager mode: no custom-op dispatch).
+
+    Outputs the noisy weights and, when ``size_config = (extra_bits, token)`` is given, the
+    model size in bits of the same tensors (one-entry float32, 2 more launches): its
+    gradient is then added to the logits' gradients inside the noise backward, so each
+    logit receives one gradient per step instead of one from the noise and one from the
+    size (a tensor addition each on the host).
+    """
 
     @staticmethod
-    def forward(ctx, config: tuple, seed: torch.Tensor, *tensors: torch.Tensor):
+    def forward(ctx, config: tuple, size_config: tuple | None, seed: torch.Tensor,
+                *tensors: torch.Tensor):
         group_size, min_bits, max_bits, param, noise = config
         count = len(tensors) // 2
         weights = [w.contiguous() for w in tensors[:count]]
@@ -41,10 +62,14 @@ class NoiseMany(torch.autograd.Function):
         ctx.save_for_backward(seed, stats)
         # The weights and logits themselves are parameters (no copy is kept): the backward
         # reads the logits and finds the cached table by the weights' pointers.
-        ctx.weights, ctx.logits, ctx.config = weights, logits, config
+        ctx.weights, ctx.logits, ctx.config, ctx.size_config = weights, logits, config, size_config
         # A weight no loss reached gets no gradient (None), as with one op per tensor.
         ctx.set_materialize_grads(False)
-        return tuple(outputs)
+        if size_config is None:
+            return tuple(outputs)
+        size = _kernels_size().sizes_forward(ctx.table, logits[0].dtype, size_config[0],
+                                             min_bits, max_bits, param, exact=False)
+        return (*outputs, size)
 
     @staticmethod
     @once_differentiable  # the kernels' gradients are not differentiable again
@@ -52,11 +77,23 @@ class NoiseMany(torch.autograd.Function):
         seed, stats = ctx.saved_tensors
         group_size, min_bits, max_bits, param, noise = ctx.config
         weights, logits = ctx.weights, ctx.logits
+        count = len(weights)
+        extra = None
+        if ctx.size_config is not None:
+            ctx.size_config[1].used = True
+            if grads[count] is not None:  # ∂L/∂l of the size term, every group of every tensor
+                extra = _kernels_size().sizes_backward(ctx.table, grads[count].contiguous(),
+                                                       logits[0].dtype, min_bits, max_bits,
+                                                       param)
+        grads = grads[:count]
         present = [t for t, g in enumerate(grads) if g is not None]
-        grad_w: list[torch.Tensor | None] = [None] * len(weights)
-        grad_l: list[torch.Tensor | None] = [None] * len(weights)
+        grad_w: list[torch.Tensor | None] = [None] * count
+        grad_l: list[torch.Tensor | None] = [None] * count
+        if extra is not None:  # the size term alone where no noise gradient comes
+            sizes = list(extra.split([lg.numel() for lg in logits]))
+            grad_l = [part.view(lg.shape) for part, lg in zip(sizes, logits, strict=True)]
         if present:
-            every = len(present) == len(weights)
+            every = len(present) == count
             kernels = _kernels()
             table = ctx.table if every else kernels.table_for(
                 [weights[t] for t in present], [logits[t] for t in present], group_size,
@@ -66,9 +103,13 @@ class NoiseMany(torch.autograd.Function):
             dls = [torch.empty_like(logits[t]) for t in present]
             kernels.noise_backward_many(table, some_grads, dws, dls, logits[0].dtype, seed,
                                         stats if every else stats[present], min_bits,
-                                        max_bits, param, noise)
+                                        max_bits, param, noise,
+                                        extra=extra if every else None)
             for t, dw, dl in zip(present, dws, dls, strict=True):
-                grad_w[t], grad_l[t] = dw, dl
+                grad_w[t] = dw
+                # The subset's table has its own group order: its size term is added here.
+                grad_l[t] = dl if every or extra is None else dl + grad_l[t]
         return (None,  # config: Python values
+                None,  # size_config: Python values
                 None,  # seed: integer
                 *grad_w, *grad_l)

@@ -11,7 +11,7 @@ from .. import ops, validation
 from ..ops import reference
 from ..serialization.restore import register_quantizer
 from ..serialization.tensor_record import QuantizedTensor, quantize_minmax
-from .base import MEGABYTE_BITS, BaseQuantizer, QuantizedParam
+from .base import MEGABYTE_BITS, BaseQuantizer, QuantizedParam, _is_compiling
 from .budget import SizeBudget
 
 
@@ -158,13 +158,35 @@ class DiffQuantizer(BaseQuantizer):
     def _train_weights(self) -> list[torch.Tensor]:
         self._require_optimizer()
         records = list(self._first_uses())
+        weights = [record.param for record in records]
+        logits = [record.logit for record in records]
+        kwargs = dict(group_size=self.group_size, min_bits=self.min_bits,
+                      max_bits=self.max_bits, param=self.param, noise=self.noise)
         # One call for all weights: on the Triton backend a constant number of launches
         # and one autograd node per step, whatever the number of tensors.
-        return ops.pseudo_quantize_many(
-            [record.param for record in records], [record.logit for record in records],
-            group_size=self.group_size, min_bits=self.min_bits, max_bits=self.max_bits,
-            param=self.param, noise=self.noise,
-        )
+        if type(self).get_bits is not DiffQuantizer.get_bits:
+            return ops.pseudo_quantize_many(weights, logits, **kwargs)
+        # The same call gives the model size, whose gradient then joins the logits' in the
+        # noise's backward: model_size() returns it while the logits are unchanged.
+        noisy, size, token = ops.pseudo_quantize_many_with_size(
+            weights, logits, extra_bits=self.extra_bits, **kwargs)
+        self._step_size = None if size is None else (size, token, self._logit_versions())
+        return noisy
+
+    def _logit_versions(self) -> tuple:
+        return tuple(record.logit._version for record in self._first_uses())
+
+    def _size_of_this_step(self) -> torch.Tensor | None:
+        """The size the last training forward computed, if it still holds: same logit
+        values (no in-place change since) and its graph not yet used by a backward."""
+        cached = getattr(self, "_step_size", None)
+        if cached is None or _is_compiling():
+            return None
+        size, token, versions = cached
+        if token.used or versions != self._logit_versions():
+            self._step_size = None
+            return None
+        return size if torch.is_grad_enabled() else size.detach()
 
     def _cache_key(self, record: QuantizedParam) -> tuple:
         return (*super()._cache_key(record), record.logit._version)
@@ -198,8 +220,9 @@ class DiffQuantizer(BaseQuantizer):
             return super().model_size()
         # All tensors at once: a fixed number of small ops whatever their number (host time
         # per step), on the logits' device (a Python float joins without a copy).
-        total = None
-        if type(self).get_bits is DiffQuantizer.get_bits:  # the kernels know these widths
+        total = None if exact else self._size_of_this_step()
+        if total is None and type(self).get_bits is DiffQuantizer.get_bits:
+            # The kernels know these widths.
             total = ops.diffq_size_bits(
                 [r.param for r in records], [r.logit for r in records],
                 group_size=self.group_size, extra_bits=self.extra_bits, min_bits=self.min_bits,
