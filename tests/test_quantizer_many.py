@@ -207,3 +207,17 @@ def test_fused_size_reaches_the_logits_of_unused_weights():
     assert fused.keys() == separate.keys()
     for name in fused:
         torch.testing.assert_close(fused[name], separate[name], rtol=1e-6, atol=1e-9)
+
+
+def test_a_forward_without_gradients_leaves_no_size_to_reuse():
+    torch.manual_seed(0)
+    model = mlp().to(DEVICE)
+    q = diffq_triton.DiffQuantizer(model, min_size=0, group_size=8)
+    q.no_optimizer()
+    with use_backend("triton"):
+        with torch.no_grad():
+            model(torch.randn(2, 32, device=DEVICE))  # training mode, no gradients
+        size = q.model_size()
+    assert size.requires_grad  # computed afresh: the penalty still trains the logits
+    size.backward()
+    assert all(r.logit.grad is not None for r in q._first_uses())

@@ -170,7 +170,10 @@ class DiffQuantizer(BaseQuantizer):
         # noise's backward: model_size() returns it while the logits are unchanged.
         noisy, size, token = ops.pseudo_quantize_many_with_size(
             weights, logits, extra_bits=self.extra_bits, **kwargs)
-        self._step_size = None if size is None else (size, token, self._logit_versions())
+        # A forward without gradients (torch.no_grad) leaves nothing to reuse: a size taken
+        # from it would not train the logits.
+        usable = size is not None and size.requires_grad
+        self._step_size = (size, token, self._logit_versions()) if usable else None
         return noisy
 
     def _logit_versions(self) -> tuple:
