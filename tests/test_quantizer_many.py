@@ -221,3 +221,27 @@ def test_a_forward_without_gradients_leaves_no_size_to_reuse():
     assert size.requires_grad  # computed afresh: the penalty still trains the logits
     size.backward()
     assert all(r.logit.grad is not None for r in q._first_uses())
+
+
+@pytest.mark.parametrize("loss_first", [True, False], ids=["loss-then-size", "size-then-loss"])
+def test_loss_and_size_backpropagated_apart(loss_first):
+    # Two backward calls, one for the loss, one for the penalty: the noise call's node runs
+    # once for each, and the gradients are those of the size computed apart.
+    torch.manual_seed(0)
+    model = mlp().to(DEVICE)
+    q = diffq_triton.DiffQuantizer(model, min_size=0, group_size=8)
+    q.no_optimizer()
+    x = torch.randn(4, 32, device=DEVICE)
+    results = []
+    with use_backend("triton"):
+        for size_first in (False, True):  # fused, then apart
+            model.zero_grad(set_to_none=True)
+            size = q.model_size() if size_first else None
+            torch.manual_seed(5)
+            loss = model(x).pow(2).mean()
+            penalty = 1e-2 * (q.model_size() if size is None else size)
+            for term in ((loss, penalty) if loss_first else (penalty, loss)):
+                term.backward()
+            results.append({n: p.grad.clone() for n, p in model.named_parameters()})
+    for name, grad in results[0].items():
+        torch.testing.assert_close(grad, results[1][name], rtol=1e-6, atol=1e-9)

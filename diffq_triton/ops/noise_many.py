@@ -59,7 +59,11 @@ class NoiseMany(torch.autograd.Function):
         ctx.table = kernels.table_for(weights, logits, group_size, kernels.BLOCKS)
         stats = kernels.noise_forward_many(weights, logits, outputs, seed, group_size,
                                            min_bits, max_bits, param, noise, table=ctx.table)
-        ctx.save_for_backward(seed, stats)
+        # Attributes, not saved tensors: a backward that reaches only the size (its own
+        # backward call, after or before the loss's) runs this node once more, which saved
+        # tensors, freed by the first backward, would refuse. Both are small; the seed is
+        # never written in place.
+        ctx.seed, ctx.stats = seed, stats
         # The weights and logits themselves are parameters (no copy is kept): the backward
         # reads the logits and finds the cached table by the weights' pointers.
         ctx.weights, ctx.logits, ctx.config, ctx.size_config = weights, logits, config, size_config
@@ -74,7 +78,7 @@ class NoiseMany(torch.autograd.Function):
     @staticmethod
     @once_differentiable  # the kernels' gradients are not differentiable again
     def backward(ctx, *grads: torch.Tensor | None):
-        seed, stats = ctx.saved_tensors
+        seed, stats = ctx.seed, ctx.stats
         group_size, min_bits, max_bits, param, noise = ctx.config
         weights, logits = ctx.weights, ctx.logits
         count = len(weights)
