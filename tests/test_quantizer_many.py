@@ -245,3 +245,32 @@ def test_loss_and_size_backpropagated_apart(loss_first):
             results.append({n: p.grad.clone() for n, p in model.named_parameters()})
     for name, grad in results[0].items():
         torch.testing.assert_close(grad, results[1][name], rtol=1e-6, atol=1e-9)
+
+
+@pytest.mark.parametrize("backend", ["triton", "eager"])
+def test_fused_adam_steps_refresh_what_was_derived_from_the_weights(backend):
+    # Adam(fused=True) writes parameters without bumping their version counters: every
+    # optimizer step tells the quantizer, so eval weights and the step's size follow.
+    if not hasattr(torch.optim.Adam([torch.zeros(1, requires_grad=True)], fused=True), "step"):
+        pytest.skip("no fused Adam")
+    torch.manual_seed(0)
+    model = mlp().to(DEVICE)
+    opt = torch.optim.Adam(model.parameters(), lr=0.5, fused=True)
+    q = diffq_triton.DiffQuantizer(model, min_size=0, group_size=8)
+    q.setup_optimizer(opt)
+    x = torch.randn(4, 32, device=DEVICE)
+    with use_backend(backend):
+        model.eval()
+        with torch.no_grad():
+            before = model(x)
+        model.train()
+        (model(x).pow(2).mean() + q.model_size()).backward()
+        model(x)  # a forward, then a step before its size is asked for
+        opt.step()
+        size = q.model_size()
+        model.eval()
+        with torch.no_grad():
+            after = model(x)
+    assert not torch.equal(before, after)
+    with use_backend("eager"):
+        torch.testing.assert_close(size, q.model_size())

@@ -3,6 +3,7 @@
 - :mod:`.base`: :class:`BaseQuantizer`: finding parameters, the weight swap, the optimizer.
 - :mod:`.saved_state`: exporting records, ``get_quantized_state`` / ``restore_quantized_state``.
 - :mod:`.swap_check`: a module computing with a replaced weight fails the first forward.
+- :mod:`.live`: one quantizer per model; optimizer steps refresh the quantizers' caches.
 - :mod:`.diffq`, :mod:`.uniform`, :mod:`.lsq`: the three quantizers of diffq 0.2.4.
 - :mod:`.budget`: :class:`SizeBudget`, the self-tuning size penalty of a DiffQuantizer.
 

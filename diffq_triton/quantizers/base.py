@@ -11,7 +11,6 @@ Exporting, saving and restoring are the methods of :class:`.saved_state.Quantize
 
 from __future__ import annotations
 
-import weakref
 from collections.abc import Iterator, Sequence
 from contextlib import contextmanager
 from dataclasses import dataclass, field
@@ -23,11 +22,9 @@ from torch import nn
 from .. import validation
 from ..ops.reference import MEGABYTE_BITS
 from ..serialization.tensor_record import QuantizedTensor
+from . import live
 from .saved_state import QuantizerState
 from .swap_check import SwapCheck
-
-# Models that carry a quantizer: a second one on the same model is an error.
-_ATTACHED: weakref.WeakKeyDictionary[nn.Module, BaseQuantizer] = weakref.WeakKeyDictionary()
 
 
 @dataclass(eq=False)
@@ -86,9 +83,9 @@ class BaseQuantizer(QuantizerState):
     ):
         if not isinstance(model, nn.Module):
             raise TypeError(f"model must be a torch.nn.Module, got {type(model).__name__}")
-        if model in _ATTACHED:
+        if model in live.ATTACHED:
             raise validation.UsageError(
-                f"model already has a {type(_ATTACHED[model]).__name__}; call detach() on it "
+                f"model already has a {type(live.ATTACHED[model]).__name__}; call detach() on it "
                 "before creating a second quantizer"
             )
         if self._param_suffix is not None:
@@ -121,7 +118,7 @@ class BaseQuantizer(QuantizerState):
         self._swap_check = SwapCheck(
             [(module_names.get(id(r.module), ""), r.module, r.name) for r in self._qparams],
             type(self).__name__)
-        _ATTACHED[model] = self
+        live.attach(model, self)
         self._pre_handle = model.register_forward_pre_hook(self._forward_pre_hook)
         self._post_handle = model.register_forward_hook(self._forward_hook, always_call=True)
         self._done_handle = model.register_forward_hook(self._forward_done)
@@ -295,6 +292,11 @@ class BaseQuantizer(QuantizerState):
         """:meth:`_quantized_weight` of several first uses (subclasses batch them)."""
         return [self._quantized_weight(record) for record in records]
 
+    def _params_changed(self) -> None:
+        """An optimizer stepped: drop what was derived from the parameters' values."""
+        for record in self._qparams:
+            record.__dict__.pop("eval_cache", None)
+
     def _cache_key(self, record: QuantizedParam) -> tuple:
         p = record.param
         return (p._version, p.data_ptr(), p.dtype, p.device)
@@ -355,8 +357,7 @@ class BaseQuantizer(QuantizerState):
         self._done_handle.remove()
         self._swap_check.finish()
         self._unregister_params()
-        if _ATTACHED.get(self.model) is self:
-            del _ATTACHED[self.model]
+        live.detach(self.model, self)
 
     def _unregister_params(self) -> None:
         """Remove the quantizer's own parameters (logits, steps) from the modules."""

@@ -177,11 +177,17 @@ class DiffQuantizer(BaseQuantizer):
         return noisy
 
     def _logit_versions(self) -> tuple:
-        return tuple(record.logit._version for record in self._first_uses())
+        return tuple((record.logit._version, record.logit.data_ptr())
+                     for record in self._first_uses())
+
+    def _params_changed(self) -> None:
+        super()._params_changed()
+        self._step_size = None
 
     def _size_of_this_step(self) -> torch.Tensor | None:
-        """The size the last training forward computed, if it still holds: same logit
-        values (no in-place change since) and its graph not yet used by a backward."""
+        """The size the last training forward computed, if it still holds: no optimizer step
+        and no in-place change of the logits since, and its graph not yet used by a
+        backward."""
         cached = getattr(self, "_step_size", None)
         if cached is None or _is_compiling():
             return None
