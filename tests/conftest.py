@@ -36,6 +36,19 @@ import torch  # noqa: E402
 
 DEVICE = torch.device(TEST_DEVICE)
 
+
+def pytest_configure(config: pytest.Config) -> None:
+    """With ``DIFFQ_TRITON_REQUIRE_TRITON=1`` (``make test``, hence CI, which installs Triton),
+    a missing or broken Triton fails the run at once instead of skipping every kernel file
+    through ``pytest.importorskip("triton")``."""
+    if os.environ.get("DIFFQ_TRITON_REQUIRE_TRITON") != "1":
+        return
+    try:
+        import triton  # noqa: F401
+    except ImportError as exc:
+        raise pytest.UsageError(
+            f"Triton is required for this run (DIFFQ_TRITON_REQUIRE_TRITON=1): {exc}") from exc
+
 # Integer buffers are filled with this, float buffers with NaN: a kernel that forgets to
 # write an entry leaves a value no correct result has.
 POISON_INT = -0x5A5A
