@@ -71,14 +71,13 @@ def test_detach_removes_the_checks():
     assert all(not m._forward_hooks for m in model.modules())
 
 
-# ----------------------------------------------------------------------------- FSDP2
-def _fsdp_worker(rank: int, world: int, out_dir: str) -> None:
+# ----------------------------------------------------------------------------- FSDP1
+def _fsdp1_worker(rank: int, world: int, out_dir: str) -> None:
     import datetime
     import os
 
     import torch.distributed as dist
-    from torch.distributed.device_mesh import init_device_mesh
-    from torch.distributed.fsdp import fully_shard
+    from torch.distributed.fsdp import FullyShardedDataParallel
 
     os.environ["GLOO_SOCKET_IFNAME"] = "lo"  # loopback only
     dist.init_process_group("gloo", init_method=f"file://{out_dir}/store", rank=rank,
@@ -88,11 +87,9 @@ def _fsdp_worker(rank: int, world: int, out_dir: str) -> None:
         model = nn.Sequential(nn.Sequential(nn.Linear(16, 32), nn.ReLU()), nn.Linear(32, 4))
         quantizer = diffq_triton.DiffQuantizer(model, min_size=0, group_size=8)
         quantizer.no_optimizer()
-        mesh = init_device_mesh("cpu", (world,))
-        for block in (model[0], model[1], model):  # per block, then the root
-            fully_shard(block, mesh=mesh)
         try:
-            model(torch.randn(5, 16)).sum().backward()
+            wrapped = FullyShardedDataParallel(model, device_id=torch.device("cpu"))
+            wrapped(torch.randn(5, 16)).sum().backward()
             outcome = "trained"
         except RuntimeError as exc:
             outcome = str(exc)
@@ -106,22 +103,24 @@ def _fsdp_worker(rank: int, world: int, out_dir: str) -> None:
     os._exit(0)
 
 
-def test_fsdp2_fails_loudly_instead_of_training_without_noise(tmp_path):
-    # FSDP2 puts its gathered parameter in place after the quantizer's swap: before this
-    # check, every module trained on its float weight with no error.
+def test_fsdp1_is_refused_loudly(tmp_path):
+    # FSDP1 replaces the parameters by views of one flat parameter: the quantizer cannot
+    # follow them (FSDP2's fully_shard is supported, tests/test_fsdp.py), and says so
+    # instead of training without noise.
     import torch.multiprocessing as mp
 
     pytest.importorskip("torch.distributed.fsdp")
-    context = mp.spawn(_fsdp_worker, args=(2, str(tmp_path)), nprocs=2, join=False)
+    context = mp.spawn(_fsdp1_worker, args=(2, str(tmp_path)), nprocs=2, join=False)
     for process in context.processes:  # the outcome files, not the exit codes, decide
         process.join(timeout=120)
     alive = [p for p in context.processes if p.is_alive()]
     for process in alive:
         process.kill()
-    assert not alive, "FSDP2 ranks did not finish in 120 s"
+    assert not alive, "FSDP1 ranks did not finish in 120 s"
     for rank in range(2):
         outcome = (tmp_path / f"rank{rank}.txt").read_text()
-        assert "module '0.0' did not compute with the quantized weight" in outcome, outcome
+        assert "parameter '0.0.weight' was replaced since the quantizer was created" in outcome
+        assert "FSDP1" in outcome
 
 
 def test_a_retried_forward_is_checked_again():

@@ -80,6 +80,12 @@ def quantized_weight(w: torch.Tensor, bits_int: torch.Tensor, group_size: int) -
     return custom_ops.fake_quantize(w.detach(), bits_int, int(group_size), _backend(w))
 
 
+def _stream_seed(seed: torch.Tensor, stream: int) -> torch.Tensor:
+    """The eager backend's seed of one weight: a function of the call's seed and the
+    weight's stream (a tensor op, no host sync)."""
+    return (seed.reshape(1) + stream * 1_000_000_007) % _SEED_HIGH
+
+
 def _launch_groups(weights: list[torch.Tensor], logits: list[torch.Tensor] | None = None
                    ) -> dict[tuple, list[int]]:
     """Positions of the weights by what one launch can share: device, dtype, non-empty,
@@ -100,6 +106,8 @@ def pseudo_quantize_many(
     max_bits: float,
     param: str,
     noise: str,
+    seed: torch.Tensor | None = None,
+    streams: list[int] | None = None,
 ) -> list[torch.Tensor]:
     """:func:`pseudo_quantize` of every weight of a model at once, one seed per call.
 
@@ -113,6 +121,13 @@ def pseudo_quantize_many(
             devices are launched group by group).
         logits: ``[n_groups_t]`` bit logits per weight.
         group_size, min_bits, max_bits, param, noise: as in :class:`DiffQuantizer`.
+        seed: ``[1]`` int64 seed of the noise (default: drawn from torch's generator on the
+            weights' device, one per dtype and device).
+        streams: per weight, the index that keys its noise stream (default: its position).
+            With ``seed``, a weight's noise depends only on ``(seed, stream)``: a model
+            quantized module by module (sharded or checkpointed models) draws the same noise
+            as in one call for all (on the eager backend the per-weight seed is derived from
+            both, where the kernels key Philox by them).
 
     Returns:
         ``T`` noisy weights, each of its weight's shape and dtype, differentiable in the
@@ -124,17 +139,22 @@ def pseudo_quantize_many(
         some_w = [weights[t] for t in members]
         some_l = [logits[t] for t in members]
         backend = _backend(some_w[0])
+        call_seed = seed if seed is not None else torch.randint(
+            0, _SEED_HIGH, (1,), dtype=torch.int64, device=device)
+        some_streams = None if streams is None else [int(streams[t]) for t in members]
         if non_empty and (backend == "triton" or torch.compiler.is_compiling()):
-            seed = torch.randint(0, _SEED_HIGH, (1,), dtype=torch.int64, device=device)
+            call_seed = call_seed.to(device)
             if torch.compiler.is_compiling():
-                noisy = custom_ops.pseudo_quantize_many(some_w, some_l, seed, *config,
+                noisy = custom_ops.pseudo_quantize_many(some_w, some_l, call_seed, *config,
                                                         backend)[0]
             else:
-                noisy = NoiseMany.apply(config, None, seed, *some_w, *some_l)
+                noisy = NoiseMany.apply((*config, some_streams), None, call_seed, *some_w,
+                                        *some_l)
         else:
-            noisy = [pseudo_quantize(w, lg, group_size=group_size, min_bits=min_bits,
-                                     max_bits=max_bits, param=param, noise=noise)
-                     for w, lg in zip(some_w, some_l, strict=True)]
+            ids = members if some_streams is None else some_streams
+            noisy = [custom_ops.pseudo_quantize(
+                w, lg, _stream_seed(call_seed, i).to(w.device), *config, _backend(w))[0]
+                for w, lg, i in zip(some_w, some_l, ids, strict=True)]
         for t, tensor in zip(members, noisy, strict=True):
             out[t] = tensor
     return out
@@ -210,10 +230,14 @@ def pseudo_quantize_many_with_size(
     param: str,
     noise: str,
     extra_bits: float,
+    seed: torch.Tensor | None = None,
+    streams: list[int] | None = None,
 ) -> tuple[list[torch.Tensor], torch.Tensor | None, SizeToken | None]:
     """:func:`pseudo_quantize_many`, and the DiffQ size in bits of the same tensors from the
     same call when the kernels can give it (Triton backend, eager mode, one dtype of weights
     and float32 logits).
+
+    ``seed`` and ``streams`` are those of :func:`pseudo_quantize_many`.
 
     Returns:
         ``(noisy weights, size, token)``: ``size`` a one-entry float32 tensor whose gradient
@@ -225,10 +249,14 @@ def pseudo_quantize_many_with_size(
             and weights[0].numel() > 0 and _backend(weights[0]) == "triton"):
         config = (int(group_size), float(min_bits), float(max_bits), param, noise)
         token = SizeToken()
-        seed = torch.randint(0, _SEED_HIGH, (1,), dtype=torch.int64, device=weights[0].device)
+        if seed is None:
+            seed = torch.randint(0, _SEED_HIGH, (1,), dtype=torch.int64,
+                                 device=weights[0].device)
+        config = (*config, None if streams is None else [int(i) for i in streams])
         *noisy, size = NoiseMany.apply(config, (float(extra_bits), token), seed, *weights,
                                        *logits)
         return noisy, size, token
     noisy = pseudo_quantize_many(weights, logits, group_size=group_size, min_bits=min_bits,
-                                 max_bits=max_bits, param=param, noise=noise)
+                                 max_bits=max_bits, param=param, noise=noise, seed=seed,
+                                 streams=streams)
     return noisy, None, None

@@ -46,7 +46,8 @@ class NoiseMany(torch.autograd.Function):
     @staticmethod
     def forward(ctx, config: tuple, size_config: tuple | None, seed: torch.Tensor,
                 *tensors: torch.Tensor):
-        group_size, min_bits, max_bits, param, noise = config
+        group_size, min_bits, max_bits, param, noise = config[:5]
+        streams = config[5] if len(config) > 5 else None
         count = len(tensors) // 2
         weights = [w.contiguous() for w in tensors[:count]]
         logits = [lg.contiguous() for lg in tensors[count:]]
@@ -56,7 +57,7 @@ class NoiseMany(torch.autograd.Function):
         kernels = _kernels()
         # The layout (cached by the tensors' pointers): the backward of a step in which
         # every weight gets a gradient reuses it as it is.
-        ctx.table = kernels.table_for(weights, logits, group_size, kernels.BLOCKS)
+        ctx.table = kernels.table_for(weights, logits, group_size, kernels.BLOCKS, streams)
         stats = kernels.noise_forward_many(weights, logits, outputs, seed, group_size,
                                            min_bits, max_bits, param, noise, table=ctx.table)
         # Attributes, not saved tensors: a backward that reaches only the size (its own
@@ -79,7 +80,8 @@ class NoiseMany(torch.autograd.Function):
     @once_differentiable  # the kernels' gradients are not differentiable again
     def backward(ctx, *grads: torch.Tensor | None):
         seed, stats = ctx.seed, ctx.stats
-        group_size, min_bits, max_bits, param, noise = ctx.config
+        group_size, min_bits, max_bits, param, noise = ctx.config[:5]
+        streams = ctx.config[5] if len(ctx.config) > 5 else None
         weights, logits = ctx.weights, ctx.logits
         count = len(weights)
         extra = None
@@ -101,7 +103,7 @@ class NoiseMany(torch.autograd.Function):
             kernels = _kernels()
             table = ctx.table if every else kernels.table_for(
                 [weights[t] for t in present], [logits[t] for t in present], group_size,
-                kernels.BLOCKS, present)
+                kernels.BLOCKS, present if streams is None else [streams[t] for t in present])
             some_grads = [grads[t].contiguous() for t in present]
             dws = [torch.empty_like(g) for g in some_grads]
             dls = [torch.empty_like(logits[t]) for t in present]

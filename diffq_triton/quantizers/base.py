@@ -22,8 +22,10 @@ from torch import nn
 from .. import validation
 from ..ops.reference import MEGABYTE_BITS
 from ..serialization.tensor_record import QuantizedTensor
-from . import live
+from . import live, sharding
+from .module_swap import ModuleSwaps
 from .saved_state import QuantizerState
+from .swap import WeightSwap, _is_compiling
 from .swap_check import SwapCheck
 
 
@@ -47,11 +49,7 @@ class QuantizedParam:
         return [self, *self.tied]
 
 
-def _is_compiling() -> bool:
-    return torch.compiler.is_compiling()
-
-
-class BaseQuantizer(QuantizerState):
+class BaseQuantizer(WeightSwap, QuantizerState):
     """Base of :class:`DiffQuantizer`, :class:`UniformQuantizer` and :class:`LSQ`.
 
     Args:
@@ -70,6 +68,8 @@ class BaseQuantizer(QuantizerState):
     _trained_name = "quantizer parameters"
     # Whether the quantizer trains per-group widths, the sizes a SizeBudget steers.
     _trains_widths = False
+    # The record attribute of the quantizer's own tensor per parameter ("logit", "step").
+    _own_attr: str | None = None
     # The constructor's arguments but the model (for __repr__ and saved states).
     _kwargs: dict
 
@@ -83,6 +83,7 @@ class BaseQuantizer(QuantizerState):
     ):
         if not isinstance(model, nn.Module):
             raise TypeError(f"model must be a torch.nn.Module, got {type(model).__name__}")
+        sharding.refuse_sharded_model(model, type(self).__name__)
         if model in live.ATTACHED:
             raise validation.UsageError(
                 f"model already has a {type(live.ATTACHED[model]).__name__}; call detach() on it "
@@ -113,11 +114,17 @@ class BaseQuantizer(QuantizerState):
         self._optimizer_setup = False
         self._quantized = False
         self._saved: list[torch.Tensor] = []
+        # Set when the model is sharded by fully_shard, or checkpointed: weights are then
+        # swapped module by module (module_swap.py).
+        self._module_swaps: ModuleSwaps | None = None
+        self._sharded = False
+        self._root_grad = True
+        self._seed: torch.Tensor | None = None
         self._find_params()
         module_names = {id(m): n for n, m in model.named_modules()}
         self._swap_check = SwapCheck(
             [(module_names.get(id(r.module), ""), r.module, r.name) for r in self._qparams],
-            type(self).__name__)
+            type(self).__name__, on_enter=self._entering_module)
         live.attach(model, self)
         self._pre_handle = model.register_forward_pre_hook(self._forward_pre_hook)
         self._post_handle = model.register_forward_hook(self._forward_hook, always_call=True)
@@ -183,6 +190,12 @@ class BaseQuantizer(QuantizerState):
     def _add_param_group(self, optimizer: torch.optim.Optimizer, group: dict) -> None:
         if self._optimizer_setup:
             raise validation.ArgumentError("setup_optimizer() was already called on this quantizer")
+        self._follow_sharding()
+        if self._sharded:
+            sharding.check_optimizer(self, optimizer)
+            # Created after fully_shard from model.parameters(), the optimizer holds them
+            # already: they move to their own group.
+            self.clear_optimizer(optimizer)
         params = self._trained_params()
         held = {id(p) for g in optimizer.param_groups for p in g["params"]}
         if any(id(p) in held for p in params):
@@ -209,58 +222,11 @@ class BaseQuantizer(QuantizerState):
                 "call setup_optimizer(optimizer) (or no_optimizer()) before training forwards"
             )
 
-    # ----------------------------------------------------------------- hooks
-    def _forward_pre_hook(self, module: nn.Module, inputs: object) -> None:
-        # A forward that raised leaves the swap in place: undo it first.
-        self._restore_params()
-        if self.model.training:
-            self.unquantize()
-            derived = self._train_weights()
-        else:
-            derived = None if self._quantized else self._eval_weights()
-        if derived is not None:
-            check = not _is_compiling() and self._swap_check.active
-            for record, tensor in zip(self._first_uses(), derived, strict=True):
-                for use in record.uses:
-                    use.module._parameters[use.name] = tensor
-                    if check:
-                        self._swap_check.expect(use.module, use.name, tensor)
-            if not self.model.training:
-                # Eval shows the stored model: float16-stored parameters are rounded too.
-                for module, name, param in self._float16_uses:
-                    module._parameters[name] = param.detach().half().to(param.dtype)
-            self._swapped = True
-            self._fix_rnns()
-
-    def _forward_hook(self, module: nn.Module, inputs: object, output: object) -> None:
-        self._restore_params()
-
-    def _forward_done(self, module: nn.Module, inputs: object, output: object) -> None:
-        # Called only when a forward returned (not always_call): a forward that raised
-        # leaves the check on, so that a retry is checked again.
-        if not _is_compiling() and self.model.training:
-            self._swap_check.finish()  # checked once: later steps pay nothing
-            self._done_handle.remove()
-
-    def _restore_params(self) -> None:
-        if not self._swapped:
-            return
-        for record in self._qparams:
-            record.module._parameters[record.name] = record.param
-        for module, name, param in self._float16_uses:
-            module._parameters[name] = param
-        self._swapped = False
-        if not _is_compiling():
-            self._swap_check.clear()
-        self._fix_rnns()
-
-    def _fix_rnns(self) -> None:
-        # RNNs keep their own list of weight tensors, refreshed only by __setattr__.
-        for rnn in self._rnns:
-            rnn._flat_weights = [getattr(rnn, wn, None) for wn in rnn._flat_weights_names]
-
-    def _train_weights(self) -> list[torch.Tensor] | None:
-        """Weights for a training forward, one per first use, or None to keep the floats."""
+    def _train_weights(self, records: list[QuantizedParam] | None = None,
+                       seed: torch.Tensor | None = None, streams: list[int] | None = None
+                       ) -> list[torch.Tensor] | None:
+        """Weights for a training forward, one per record (default: every first use), or
+        None to keep the floats; noise of record ``i`` keyed by ``(seed, streams[i])``."""
         return None
 
     def _eval_weights(self) -> list[torch.Tensor]:
@@ -314,6 +280,11 @@ class BaseQuantizer(QuantizerState):
         """
         if self._quantized:
             return False
+        if self._sharded:
+            raise validation.UsageError(
+                "quantize() writes whole weights, which a sharded (fully_shard) model does not "
+                "hold: eval forwards quantize on the fly; save_quantized and "
+                "get_quantized_state gather one tensor at a time")
         self._restore_params()
         with torch.no_grad():
             self._saved = [r.param.detach().clone() for r in self._first_uses()]
@@ -356,6 +327,9 @@ class BaseQuantizer(QuantizerState):
         self._post_handle.remove()
         self._done_handle.remove()
         self._swap_check.finish()
+        if self._module_swaps is not None:
+            self._module_swaps.remove()
+            self._module_swaps = None
         self._unregister_params()
         live.detach(self.model, self)
 

@@ -11,6 +11,7 @@ from .. import ops, validation
 from ..ops import reference
 from ..serialization.restore import register_quantizer
 from ..serialization.tensor_record import QuantizedTensor, quantize_minmax
+from . import sharding
 from .base import MEGABYTE_BITS, BaseQuantizer, QuantizedParam, _is_compiling
 from .budget import SizeBudget
 
@@ -99,6 +100,7 @@ class DiffQuantizer(BaseQuantizer):
 
     _trained_name = "bit logits"
     _trains_widths = True
+    _own_attr = "logit"
 
     def _own_param(self, record: QuantizedParam) -> nn.Parameter:
         return record.logit
@@ -155,16 +157,24 @@ class DiffQuantizer(BaseQuantizer):
                 record.logit.grad.zero_()
 
     # ----------------------------------------------------------------- forward
-    def _train_weights(self) -> list[torch.Tensor]:
+    def _train_weights(self, records: list[QuantizedParam] | None = None,
+                       seed: torch.Tensor | None = None, streams: list[int] | None = None
+                       ) -> list[torch.Tensor]:
+        """Noisy weights of ``records`` (default: every first use, with a fresh seed); the
+        noise of record ``i`` is keyed by ``(seed, streams[i])``."""
         self._require_optimizer()
-        records = list(self._first_uses())
+        whole_model = records is None
+        if whole_model:
+            records = list(self._first_uses())
+            seed, streams = self._draw_seed(), list(range(len(records)))
         weights = [record.param for record in records]
         logits = [record.logit for record in records]
         kwargs = dict(group_size=self.group_size, min_bits=self.min_bits,
-                      max_bits=self.max_bits, param=self.param, noise=self.noise)
+                      max_bits=self.max_bits, param=self.param, noise=self.noise,
+                      seed=seed, streams=streams)
         # One call for all weights: on the Triton backend a constant number of launches
         # and one autograd node per step, whatever the number of tensors.
-        if type(self).get_bits is not DiffQuantizer.get_bits:
+        if type(self).get_bits is not DiffQuantizer.get_bits or not whole_model:
             return ops.pseudo_quantize_many(weights, logits, **kwargs)
         # The same call gives the model size, whose gradient then joins the logits' in the
         # noise's backward: model_size() returns it while the logits are unchanged.
@@ -230,14 +240,19 @@ class DiffQuantizer(BaseQuantizer):
         # All tensors at once: a fixed number of small ops whatever their number (host time
         # per step), on the logits' device (a Python float joins without a copy).
         total = None if exact else self._size_of_this_step()
-        if total is None and type(self).get_bits is DiffQuantizer.get_bits:
+        logits = [r.logit for r in records]
+        if self._sharded:
+            # Whole logits, gathered one tensor at a time (differentiable: each rank's shard
+            # gets its part of the gradient); the same figure on every rank.
+            logits = [sharding.full(lg) for lg in logits]
+        elif total is None and type(self).get_bits is DiffQuantizer.get_bits:
             # The kernels know these widths.
             total = ops.diffq_size_bits(
-                [r.param for r in records], [r.logit for r in records],
+                [r.param for r in records], logits,
                 group_size=self.group_size, extra_bits=self.extra_bits, min_bits=self.min_bits,
                 max_bits=self.max_bits, param=self.param, exact=exact)
         if total is None:
-            logits = torch.cat([record.logit.reshape(-1) for record in records])
+            logits = torch.cat([lg.reshape(-1) for lg in logits])
             bits = self.extra_bits + self.get_bits(logits)
             if exact:
                 bits = bits.detach().round().clamp(1, 15)

@@ -75,11 +75,18 @@ class LSQ(BaseQuantizer):
         """
         self._add_param_group(optimizer, kwargs)
 
-    def _train_weights(self) -> list[torch.Tensor]:
+    _own_attr = "step"
+
+    def _train_weights(self, records: list[QuantizedParam] | None = None,
+                       seed: torch.Tensor | None = None, streams: list[int] | None = None
+                       ) -> list[torch.Tensor]:
+        """Fake-quantized weights of ``records`` (default: every first use; no noise, so
+        ``seed`` and ``streams`` are unused)."""
         self._require_optimizer()
+        records = list(self._first_uses()) if records is None else records
         return [
             reference.lsq_quantize(record.param, record.step, self.bits)[0].to(record.param.dtype)
-            for record in self._first_uses()
+            for record in records
         ]
 
     def _cache_key(self, record: QuantizedParam) -> tuple:

@@ -8,6 +8,7 @@ states, and back, using the file format's checks. It reads the quantizer's attri
 
 from __future__ import annotations
 
+import copy
 import zlib
 
 import torch
@@ -17,6 +18,7 @@ from ..codec.cpu_pool import cpu_threads, run_calls
 from ..serialization.restore import checked_record, converted_float, state_lists, write_weight
 from ..serialization.save_load import file_bytes
 from ..serialization.tensor_record import QuantizedTensor
+from . import sharding
 
 
 class QuantizerState:
@@ -53,6 +55,8 @@ class QuantizerState:
             ValueError: a weight holds NaN or Inf.
         """
         records = list(self._first_uses())
+        if getattr(self, "_sharded", False):
+            return [self._export_gathered(record) for record in records]
         # The widths of all tensors first: inside save_quantized (torch on one thread) their
         # small torch ops run several at once on the pool threads, as torch releases the GIL.
         widths = run_calls([(self._export_bits, (r,)) for r in records])
@@ -63,10 +67,23 @@ class QuantizerState:
             out.append(qt)
         return out
 
+    def _export_gathered(self, record) -> QuantizedTensor:
+        """The record of a sharded parameter, from its whole tensors gathered for it alone
+        (a collective: every rank calls it, in the same order)."""
+        whole = copy.copy(record)
+        with torch.no_grad():
+            whole.param = sharding.full(record.param.detach())
+            if self._own_attr is not None:
+                setattr(whole, self._own_attr, sharding.full(getattr(record, self._own_attr)))
+        qt = self._quantize_record(whole, self._export_bits(whole))
+        qt.tied_names = [use.full_name for use in record.tied]
+        return qt
+
     def export_float(self) -> list[tuple[str, torch.Tensor, bool]]:
-        """The parameters kept in floating point: ``(full name, tensor, stored as float16)``."""
-        half = [(n, p.detach(), True) for n, p in self._float16]
-        return half + [(n, p.detach(), False) for n, p in self._others]
+        """The parameters kept in floating point: ``(full name, tensor, stored as float16)``
+        (whole: gathered on a sharded model)."""
+        half = [(n, sharding.full(p.detach()), True) for n, p in self._float16]
+        return half + [(n, sharding.full(p.detach()), False) for n, p in self._others]
 
     def get_quantized_state(self, packed: bool = True, torch_pack: bool = False) -> dict:
         """The quantized weights and the other parameters, enough to rebuild the model.

@@ -2,8 +2,7 @@
 
 The quantizer puts a derived tensor (noisy in training, quantized in eval) in each quantized
 module's ``_parameters`` before the root model's forward. Anything that replaces it again
-before the module computes (FSDP's all-gather registering the unsharded parameter, a forward
-pre-hook, another wrapper) would make the model train on its float weights with no error.
+before the module computes (a forward pre-hook, FSDP1's flat parameters, another wrapper) would make the model train on its float weights with no error.
 :class:`SwapCheck` hooks every quantized module until the first training forward is over:
 after each module's forward, the tensor in its ``_parameters`` must still be the one the
 quantizer set, or the forward raises ``RuntimeError`` naming the module. The hooks are then
@@ -11,6 +10,8 @@ removed, so later steps pay nothing. Under ``torch.compile`` the check is skippe
 """
 
 from __future__ import annotations
+
+from collections.abc import Callable
 
 import torch
 from torch import nn
@@ -24,16 +25,22 @@ class SwapCheck:
     Args:
         uses: every use of every quantized parameter.
         owner: the quantizer's class name, for messages.
+        on_enter: called with each module before its forward while the checks last.
     """
 
-    def __init__(self, uses: list[tuple[str, nn.Module, str]], owner: str):
+    def __init__(self, uses: list[tuple[str, nn.Module, str]], owner: str,
+                 on_enter: Callable[[nn.Module], None] | None = None):
         self._owner = owner
+        self._on_enter = on_enter
         self._names: dict[int, tuple[str, list[str]]] = {}
         for module_name, module, name in uses:
             self._names.setdefault(id(module), (module_name, []))[1].append(name)
         modules = {id(m): m for _, m, _ in uses}
         self._handles: list[RemovableHandle] = [
             m.register_forward_hook(self._check) for m in modules.values()]
+        if on_enter is not None:
+            self._handles += [m.register_forward_pre_hook(self._enter)
+                              for m in modules.values()]
         self._expected: dict[tuple[int, str], torch.Tensor] = {}
 
     @property
@@ -56,6 +63,10 @@ class SwapCheck:
         self._handles = []
         self._expected.clear()
 
+    def _enter(self, module: nn.Module, inputs: object) -> None:
+        if not torch.compiler.is_compiling():
+            self._on_enter(module)
+
     def _check(self, module: nn.Module, inputs: object, output: object) -> None:
         if torch.compiler.is_compiling() or not self._expected:
             return
@@ -67,9 +78,9 @@ class SwapCheck:
                 raise RuntimeError(
                     f"{self._owner}: module {module_name or '(root)'!r} did not compute with "
                     f"the quantized weight set for {where!r}: something replaced the "
-                    "parameter after the quantizer set it (FSDP's fully_shard or FSDP1 "
-                    "gathering parameters, a forward pre-hook, or another wrapper), so the "
-                    "model would train without noise. Distributed training is supported "
-                    "with DistributedDataParallel wrapped after the quantizer is created; "
-                    "remove whatever swaps the parameter."
+                    "parameter after the quantizer set it (a forward pre-hook, FSDP1 "
+                    "gathering parameters, or another wrapper), so the model would train "
+                    "without noise. Distributed training is supported with "
+                    "DistributedDataParallel or FSDP2's fully_shard, applied after the "
+                    "quantizer is created; remove whatever swaps the parameter."
                 )

@@ -50,10 +50,14 @@ class UniformQuantizer(BaseQuantizer):
     def _int_bits(self, record: QuantizedParam) -> torch.Tensor:
         return torch.full((1,), int(self.bits), dtype=torch.uint8, device=record.param.device)
 
-    def _train_weights(self) -> list[torch.Tensor] | None:
+    def _train_weights(self, records: list[QuantizedParam] | None = None,
+                       seed: torch.Tensor | None = None, streams: list[int] | None = None
+                       ) -> list[torch.Tensor] | None:
+        """Straight-through quantized weights of ``records`` (default: every first use) with
+        ``qat``, else None (training sees the float weights)."""
         if not self.qat:
             return None
-        records = list(self._first_uses())
+        records = list(self._first_uses()) if records is None else records
         quantized = self._quantized_weights(records)
         return [reference.straight_through(record.param, q)
                 for record, q in zip(records, quantized, strict=True)]

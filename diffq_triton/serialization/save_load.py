@@ -49,7 +49,9 @@ def save_quantized(quantizer, path: str | os.PathLike | BinaryIO) -> None:
 
     Args:
         quantizer: a :class:`DiffQuantizer`, :class:`UniformQuantizer` or :class:`LSQ`
-            (anything with ``export_quantized()`` and ``export_float()``).
+            (anything with ``export_quantized()`` and ``export_float()``). On a model sharded
+            by ``fully_shard`` every rank must call it (each tensor is gathered in turn);
+            rank 0 writes the file.
         path: file name, or a writable binary file object.
     """
     # Torch on one thread inside, the codec on the cpu_pool threads: torch's OpenMP threads, still
@@ -57,8 +59,11 @@ def save_quantized(quantizer, path: str | os.PathLike | BinaryIO) -> None:
     # (measured: packing half as fast).
     model = getattr(quantizer, "model", None)
     with cpu_threads():
-        entries, meta = _encode(quantizer.export_quantized(), quantizer.export_float(),
-                                _other_names(model), _buffers_to_save(model))
+        quantized, floats = quantizer.export_quantized(), quantizer.export_float()
+        # A sharded model: every rank took part in gathering the tensors; rank 0 writes.
+        if not getattr(quantizer, "_writes_files", True):
+            return
+        entries, meta = _encode(quantized, floats, _other_names(model), _buffers_to_save(model))
     chunks = container.chunks(entries, {
         "format": FORMAT, META_KEY: meta, "crc32": str(zlib.crc32(meta.encode())),
     })

@@ -1,0 +1,127 @@
+"""Quantizers on FSDP2-sharded models (``torch.distributed.fsdp.fully_shard``).
+
+The documented order is: the quantizer first (it registers its own parameters, which FSDP
+then shards with the rest), ``fully_shard`` on the blocks and the root, then the optimizer
+and ``setup_optimizer``. ``fully_shard`` replaces every parameter by a sharded ``DTensor``
+parameter; the quantizer then finds its records' parameters again (:func:`rebind`) and
+swaps module by module (:mod:`.module_swap`), between FSDP's all-gather and reshard.
+Whatever needs whole tensors outside a forward (sizes, saving) gathers one tensor at a time
+(:func:`full`), so no rank ever holds the whole unsharded model.
+"""
+
+from __future__ import annotations
+
+from typing import Any
+
+import torch
+import torch.distributed as dist
+from torch import nn
+
+from .. import validation
+
+# A BaseQuantizer (base.py imports this module).
+BaseQuantizer = Any
+
+
+def _dtensor_type() -> type | None:
+    try:
+        from torch.distributed.tensor import DTensor
+    except ImportError:  # a build without distributed support
+        return None
+    return DTensor
+
+
+def is_sharded(tensor: torch.Tensor) -> bool:
+    """Whether ``tensor`` is a ``DTensor`` (a sharded parameter)."""
+    dtensor = _dtensor_type()
+    return dtensor is not None and isinstance(tensor, dtensor)
+
+
+def full(tensor: torch.Tensor) -> torch.Tensor:
+    """The whole tensor of a sharded parameter (a collective: every rank must call it);
+    other tensors as they are. Differentiable."""
+    return tensor.full_tensor() if is_sharded(tensor) else tensor
+
+
+def refuse_sharded_model(model: nn.Module, owner: str) -> None:
+    """A quantizer must be created before ``fully_shard``: refuse a model already sharded."""
+    for name, param in model.named_parameters():
+        if is_sharded(param):
+            raise validation.UsageError(
+                f"{owner}: parameter {name!r} is already sharded (a DTensor): create the "
+                "quantizer before fully_shard, then shard, then create the optimizer and "
+                "call setup_optimizer"
+            )
+
+
+def needs_rebind(quantizer: BaseQuantizer) -> bool:
+    """Whether parameters were replaced since the records were taken (cheap: one lookup)."""
+    for record in quantizer._qparams:
+        return record.module._parameters.get(record.name) is not record.param
+    return False
+
+
+def rebind(quantizer: BaseQuantizer) -> bool:
+    """Point the quantizer's records at the model's parameters after ``fully_shard``.
+
+    Returns True when the model is sharded (the quantizer must swap module by module).
+
+    Raises:
+        UsageError: a quantized parameter was replaced by something other than FSDP2's
+            sharded parameter (another wrapper, FSDP1), which the quantizer cannot follow.
+    """
+    owner = type(quantizer).__name__
+    sharded = False
+    for record in quantizer._qparams:
+        current = record.module._parameters.get(record.name)
+        if current is record.param:
+            continue
+        if current is None or not is_sharded(current):
+            raise validation.UsageError(
+                f"{owner}: parameter {record.full_name!r} was replaced since the quantizer "
+                "was created, by something other than FSDP2's fully_shard (FSDP1's flat "
+                "parameters, another wrapper): the quantizer cannot follow it. Use "
+                "fully_shard (FSDP2) or DistributedDataParallel, created after the quantizer"
+            )
+        sharded = True
+        if record.first is None:
+            record.param = current
+            own = quantizer._own_attr
+            if own is not None:
+                replaced = record.module._parameters.get(record.name + quantizer._param_suffix)
+                if replaced is not None:
+                    setattr(record, own, replaced)
+        else:
+            record.param = current
+    if not sharded:
+        return False
+    current = dict(quantizer.model.named_parameters(remove_duplicate=False))
+    quantizer._float16 = [(n, current.get(n, p)) for n, p in quantizer._float16]
+    quantizer._others = [(n, current.get(n, p)) for n, p in quantizer._others]
+    quantizer._float16_uses = [(m, n, m._parameters.get(n, p))
+                               for m, n, p in quantizer._float16_uses]
+    quantizer._rnns = []  # FSDP2 does not shard cuDNN's flat RNN weights: nothing to refresh
+    return True
+
+
+def check_optimizer(quantizer: BaseQuantizer, optimizer: torch.optim.Optimizer) -> None:
+    """The optimizer of a sharded model must hold the sharded parameters.
+
+    Raises:
+        UsageError: it holds parameters ``fully_shard`` replaced (created before sharding:
+            it would step tensors the model no longer uses).
+    """
+    current = {id(p) for p in quantizer.model.parameters()}
+    for group in optimizer.param_groups:
+        for p in group["params"]:
+            if id(p) not in current:
+                raise validation.UsageError(
+                    f"{type(quantizer).__name__}: the optimizer holds a parameter the model "
+                    "no longer has (created before fully_shard?): create the optimizer after "
+                    "sharding, then call setup_optimizer"
+                )
+
+
+def is_writer() -> bool:
+    """Whether this process writes files: rank 0, or the only process."""
+    return not (dist.is_available() and dist.is_initialized()) or dist.get_rank() == 0

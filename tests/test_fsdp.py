@@ -1,0 +1,341 @@
+"""FSDP2 (``fully_shard``) over 2 CPU ranks, gloo on loopback: quantized training that is
+what the same model trains to under DDP, sizes agreeing on every rank, saving from shards.
+
+One spawn runs every scenario (a spawn costs seconds): each rank writes what it saw, the
+tests read it. Order of use, as documented: quantizer, ``fully_shard`` per block then the
+root, optimizer over ``model.parameters()``, ``setup_optimizer``.
+"""
+
+from __future__ import annotations
+
+import datetime
+import os
+from pathlib import Path
+
+import pytest
+import torch
+import torch.multiprocessing as mp
+from torch import nn
+
+import diffq_triton
+
+WORLD = 2
+DEADLINE_S = 240
+STEPS = 3
+GROUP = 8
+VOCAB, DIM, HIDDEN = 51, 15, 37  # odd sizes: uneven shards, a short last group
+
+
+class Block(nn.Module):
+    def __init__(self) -> None:
+        super().__init__()
+        self.up = nn.Linear(DIM, HIDDEN)
+        self.down = nn.Linear(HIDDEN, DIM)
+
+    def forward(self, h: torch.Tensor) -> torch.Tensor:
+        return h + self.down(torch.relu(self.up(h)))
+
+
+class Net(nn.Module):
+    """Embedding tied to the head (both in the root's FSDP unit), two blocks."""
+
+    def __init__(self) -> None:
+        super().__init__()
+        self.emb = nn.Embedding(VOCAB, DIM)
+        self.blocks = nn.ModuleList([Block(), Block()])
+        self.head = nn.Linear(DIM, VOCAB, bias=False)
+        self.head.weight = self.emb.weight
+
+    def forward(self, idx: torch.Tensor) -> torch.Tensor:
+        h = self.emb(idx)
+        for block in self.blocks:
+            h = block(h)
+        return self.head(h)
+
+
+def _build(seed: int = 0) -> tuple[Net, diffq_triton.DiffQuantizer]:
+    torch.manual_seed(seed)
+    model = Net()
+    return model, diffq_triton.DiffQuantizer(model, min_size=0, group_size=GROUP)
+
+
+def _batch(step: int, rank: int) -> tuple[torch.Tensor, torch.Tensor]:
+    """This rank's half of the step's global batch."""
+    g = torch.Generator().manual_seed(1000 + step)
+    idx = torch.randint(0, VOCAB, (2 * WORLD, 7), generator=g)
+    return idx[2 * rank: 2 * rank + 2, :-1], idx[2 * rank: 2 * rank + 2, 1:]
+
+
+def _used_weights(model: nn.Module) -> tuple[dict, list]:
+    """Forward hooks recording the weight each Linear/Embedding computes with."""
+    seen: dict[str, torch.Tensor] = {}
+
+    def hook(name):
+        def record(module, inputs, output):
+            seen[name] = module.weight.detach().clone()
+        return record
+
+    # First among the forward hooks: before any hook puts the parameters back.
+    handles = [m.register_forward_hook(hook(n), prepend=True) for n, m in model.named_modules()
+               if isinstance(m, (nn.Linear, nn.Embedding))]
+    return seen, handles
+
+
+def _full_state(model: nn.Module) -> dict[str, torch.Tensor]:
+    from diffq_triton.quantizers.sharding import full
+
+    return {n: full(p.detach()).clone()
+            for n, p in model.named_parameters(remove_duplicate=False)}
+
+
+def _train(model, quantizer, opt, rank, forward, seen=None) -> list[dict]:
+    """STEPS steps of cross-entropy + the size budget's penalty; per step what the ranks
+    must agree on."""
+    torch.manual_seed(1234 + rank)  # each rank its own noise, the same in both runs
+    log = []
+    for step in range(STEPS):
+        x, y = _batch(step, rank)
+        logits = forward(x)
+        loss = nn.functional.cross_entropy(logits.reshape(-1, VOCAB), y.reshape(-1))
+        loss = loss + quantizer.size_penalty(0.004)
+        opt.zero_grad()
+        loss.backward()
+        opt.step()
+        log.append({"size": float(quantizer.model_size()),
+                    "lam": float(quantizer.budget.lam),
+                    "true_size": quantizer.true_model_size()})
+        if seen is not None and step == 0:
+            log[0]["used"] = {k: v.clone() for k, v in seen.items()}
+    return log
+
+
+def _scenarios(rank: int, out: Path) -> dict:
+    from torch.distributed.device_mesh import init_device_mesh
+    from torch.distributed.fsdp import MixedPrecisionPolicy, fully_shard
+
+    result: dict = {}
+    mesh = init_device_mesh("cpu", (WORLD,))
+
+    # --- DDP: the reference (its order: optimizer, quantizer, setup_optimizer, DDP).
+    torch.manual_seed(0)
+    model = Net()
+    opt = torch.optim.Adam(model.parameters(), lr=1e-2)
+    q = diffq_triton.DiffQuantizer(model, min_size=0, group_size=GROUP)
+    q.setup_optimizer(opt)
+    ddp = nn.parallel.DistributedDataParallel(model)
+    seen, handles = _used_weights(model)
+    result["ddp_log"] = _train(model, q, opt, rank, ddp, seen)
+    for h in handles:
+        h.remove()
+    result["ddp_state"] = _full_state(model)
+    model.eval()
+    x_eval = _batch(99, 0)[0]
+    with torch.no_grad():
+        result["ddp_eval"] = ddp(x_eval)
+    ddp = None
+
+    # --- FSDP2, the documented order.
+    model, q = _build()
+    initial = _full_state(model)
+    for block in model.blocks:
+        fully_shard(block, mesh=mesh)
+    fully_shard(model, mesh=mesh)
+    opt = torch.optim.Adam(model.parameters(), lr=1e-2)
+    q.setup_optimizer(opt)
+    seen, handles = _used_weights(model)
+    result["fsdp_log"] = _train(model, q, opt, rank, model, seen)
+    result["fsdp_initial"] = initial
+    # Between steps: what this rank holds (parameters, logits, the quantizer's state).
+    local = sum(p.to_local().numel() * p.element_size() for p in model.parameters())
+    whole = sum(p.numel() * p.element_size() for p in model.parameters())
+    result["held"] = (local, whole, [type(p).__name__ for p in model.parameters()],
+                      bool(q._module_swaps._this_pass) or bool(q._module_swaps._replaced))
+    # Eval: the quantized weights.
+    model.eval()
+    seen.clear()
+    with torch.no_grad():
+        result["fsdp_eval"] = model(x_eval)
+    result["eval_used"] = {k: v.clone() for k, v in seen.items()}
+    for h in handles:
+        h.remove()
+    result["fsdp_state"] = _full_state(model)
+    result["sizes"] = (float(q.model_size()), q.true_model_size())
+    diffq_triton.save_quantized(q, out / "sharded.safetensors")
+    result["state"] = q.get_quantized_state()
+    result["wrote"] = (out / "sharded.safetensors").exists()
+
+    # --- Mixed precision: bf16 parameters in the forward, float32 shards and logits.
+    model, q = _build()
+    policy = MixedPrecisionPolicy(param_dtype=torch.bfloat16, reduce_dtype=torch.float32)
+    for block in model.blocks:
+        fully_shard(block, mesh=mesh, mp_policy=policy)
+    fully_shard(model, mesh=mesh, mp_policy=policy)
+    opt = torch.optim.Adam(model.parameters(), lr=1e-2)
+    q.setup_optimizer(opt)
+    seen, handles = _used_weights(model)
+    result["mp_log"] = _train(model, q, opt, rank, model, seen)
+    result["mp_initial_up"] = initial["blocks.0.up.weight"]
+
+    # --- The wrong orders are refused with what to do.
+    errors = {}
+    model, _ = _build()
+    for block in model.blocks:
+        fully_shard(block, mesh=mesh)
+    fully_shard(model, mesh=mesh)
+    try:
+        diffq_triton.DiffQuantizer(model, min_size=0, group_size=GROUP)
+    except RuntimeError as exc:
+        errors["quantizer_after"] = str(exc)
+    model, q = _build()
+    early = torch.optim.Adam(model.parameters(), lr=1e-2)
+    fully_shard(model, mesh=mesh)
+    try:
+        q.setup_optimizer(early)
+    except RuntimeError as exc:
+        errors["optimizer_before"] = str(exc)
+    result["errors"] = errors
+    return result
+
+
+def _worker(rank: int, out_dir: str) -> None:
+    import torch.distributed as dist
+
+    os.environ["GLOO_SOCKET_IFNAME"] = "lo"  # loopback only
+    dist.init_process_group("gloo", init_method=f"file://{out_dir}/store", rank=rank,
+                            world_size=WORLD, timeout=datetime.timedelta(seconds=DEADLINE_S))
+    torch.set_num_threads(1)
+    try:
+        result = _scenarios(rank, Path(out_dir))
+    except BaseException as exc:  # the test reports it
+        import traceback
+
+        result = {"error": "".join(traceback.format_exception(exc))}
+    torch.save(result, os.path.join(out_dir, f"rank{rank}.pt"))
+    dist.barrier()
+    dist.destroy_process_group()
+    os._exit(0)  # gloo's threads can abort the interpreter's teardown: the result is saved
+
+
+@pytest.fixture(scope="module")
+def ranks(tmp_path_factory) -> tuple[list[dict], Path]:
+    pytest.importorskip("torch.distributed.fsdp")
+    out = tmp_path_factory.mktemp("fsdp")
+    context = mp.spawn(_worker, args=(str(out),), nprocs=WORLD, join=False)
+    for process in context.processes:
+        process.join(timeout=DEADLINE_S)
+    alive = [p for p in context.processes if p.is_alive()]
+    for process in alive:
+        process.kill()
+    assert not alive, f"FSDP2 ranks did not finish in {DEADLINE_S} s"
+    results = [torch.load(out / f"rank{r}.pt", weights_only=False) for r in range(WORLD)]
+    for result in results:
+        assert "error" not in result, result["error"]
+    return results, out
+
+
+QUANTIZED = ["blocks.0.up", "blocks.0.down", "blocks.1.up", "blocks.1.down", "head", "emb"]
+
+
+def test_training_forwards_see_noisy_weights(ranks):
+    results, _ = ranks
+    for result in results:
+        used = result["fsdp_log"][0]["used"]
+        initial = result["fsdp_initial"]
+        for name in QUANTIZED:
+            w = initial[f"{name}.weight"]
+            deviation = used[name] - w
+            assert deviation.abs().max() > 0, f"{name} computed with its float weight"
+            # Gaussian ξ = N(0,1)/2 times the step r/(2^b - 1), b = 8 at the start.
+            step = (w.max() - w.min()) / (2**8 - 1)
+            ratio = float((deviation / step).std())
+            assert 0.4 < ratio < 0.6, (name, ratio)
+
+
+def test_fsdp_matches_ddp(ranks):
+    # The same noise (one seed per forward, a stream per parameter) and the same global
+    # batch: the noisy weights of the first step are equal bit for bit; the gradients are
+    # then averaged by a reduce-scatter instead of an all-reduce, and the size penalty's
+    # gradient reaches the logits' shards directly instead of being averaged with the
+    # loss's: equal up to float32 rounding of those sums (about 1e-7 relative), which 3
+    # Adam steps keep within 1e-5.
+    results, _ = ranks
+    for result in results:
+        for name in QUANTIZED:
+            torch.testing.assert_close(result["fsdp_log"][0]["used"][name],
+                                       result["ddp_log"][0]["used"][name], rtol=0, atol=0)
+        for key, value in result["ddp_state"].items():
+            torch.testing.assert_close(result["fsdp_state"][key], value, rtol=1e-4,
+                                       atol=1e-5, msg=key)
+        for fsdp, ddp in zip(result["fsdp_log"], result["ddp_log"], strict=True):
+            assert fsdp["size"] == pytest.approx(ddp["size"], rel=1e-6)
+            assert fsdp["lam"] == pytest.approx(ddp["lam"], rel=1e-5, abs=1e-9)
+            assert fsdp["true_size"] == pytest.approx(ddp["true_size"], rel=1e-6)
+        torch.testing.assert_close(result["fsdp_eval"], result["ddp_eval"], rtol=1e-4,
+                                   atol=1e-4)
+
+
+def test_sizes_and_lambda_agree_on_every_rank(ranks):
+    results, _ = ranks
+    for a, b in zip(results[0]["fsdp_log"], results[1]["fsdp_log"], strict=True):
+        assert {k: a[k] for k in ("size", "lam", "true_size")} == {
+            k: b[k] for k in ("size", "lam", "true_size")}
+    assert results[0]["sizes"] == results[1]["sizes"]
+    # ... and equal an unsharded model's with the same parameters.
+    model, q = _build()
+    model.load_state_dict(results[0]["fsdp_state"])
+    assert q.model_size().item() == pytest.approx(results[0]["sizes"][0], rel=1e-6)
+    assert q.true_model_size() == results[0]["sizes"][1]
+
+
+def test_eval_uses_the_quantized_weights_and_the_file_reloads_them(ranks):
+    results, out = ranks
+    assert results[0]["wrote"]
+    model, q = _build()
+    model.load_state_dict(results[0]["fsdp_state"])
+    for name in QUANTIZED:
+        record = next(r for r in q._first_uses() if r.full_name == f"{name}.weight"
+                      or f"{name}.weight" in [u.full_name for u in r.tied])
+        expected = diffq_triton.ops.quantized_weight(record.param.detach(),
+                                                     q._int_bits(record), GROUP)
+        for result in results:
+            torch.testing.assert_close(result["eval_used"][name], expected, rtol=0, atol=0)
+    plain = Net()
+    diffq_triton.load_quantized(plain, out / "sharded.safetensors")
+    plain.eval()
+    with torch.no_grad():
+        outputs = plain(_batch(99, 0)[0])
+    torch.testing.assert_close(outputs, results[0]["fsdp_eval"], rtol=0, atol=0)
+    restored, rq = _build(seed=5)
+    rq.restore_quantized_state(results[1]["state"])
+    restored.eval()
+    with torch.no_grad():
+        torch.testing.assert_close(restored(_batch(99, 0)[0]), outputs, rtol=0, atol=0)
+
+
+def test_no_rank_holds_unsharded_weights_between_steps(ranks):
+    results, _ = ranks
+    for result in results:
+        local, whole, kinds, derived_alive = result["held"]
+        assert set(kinds) == {"DTensor"}
+        assert not derived_alive
+        # Half of each tensor per rank, but for the rounding of uneven dim-0 shards.
+        assert local <= whole / WORLD + 4 * (VOCAB + HIDDEN) * 4, (local, whole)
+
+
+def test_mixed_precision_trains_with_noise(ranks):
+    results, _ = ranks
+    for result in results:
+        used = result["mp_log"][0]["used"]["blocks.0.up"]
+        assert used.dtype == torch.bfloat16
+        deviation = used.float() - result["mp_initial_up"].bfloat16().float()
+        assert deviation.abs().max() > 0
+        assert all(torch.isfinite(torch.tensor(s["size"])) for s in result["mp_log"])
+    assert results[0]["mp_log"][-1]["size"] == results[1]["mp_log"][-1]["size"]
+
+
+def test_wrong_orders_are_refused(ranks):
+    results, _ = ranks
+    for result in results:
+        errors = result["errors"]
+        assert "create the quantizer before fully_shard" in errors["quantizer_after"]
+        assert "create the optimizer after sharding" in errors["optimizer_before"]
