@@ -2,11 +2,13 @@
 
 The quantizer puts a derived tensor (noisy in training, quantized in eval) in each quantized
 module's ``_parameters`` before the root model's forward. Anything that replaces it again
-before the module computes (a forward pre-hook, FSDP1's flat parameters, another wrapper) would make the model train on its float weights with no error.
-:class:`SwapCheck` hooks every quantized module until the first training forward is over:
-after each module's forward, the tensor in its ``_parameters`` must still be the one the
-quantizer set, or the forward raises ``RuntimeError`` naming the module. The hooks are then
-removed, so later steps pay nothing. Under ``torch.compile`` the check is skipped.
+before the module computes (a forward pre-hook, FSDP1's flat parameters, another wrapper)
+would make the model train on its float weights with no error. :class:`SwapCheck` hooks
+every quantized module until the first training forward is over: after each module's
+forward, the tensor in its ``_parameters`` must still be the one the quantizer set, or the
+forward raises ``RuntimeError`` naming the module. The hooks are then removed, so later
+steps pay nothing. Under ``torch.compile`` the check is skipped. Before each module's
+forward the same hooks tell the quantizer, which notices a checkpointed region there.
 """
 
 from __future__ import annotations
