@@ -96,8 +96,15 @@ class _DiffQWeight:
         return self._eval_cache[1]
 
     def size_bits(self, exact: bool = False) -> torch.Tensor:
-        """Size of the layer in bits: quantized weight (spec §3) plus 32 bits per float entry."""
-        bits = self.config.extra_bits + self.bits()
+        """Size of the layer in bits: quantized weight (spec §3) plus 32 bits per float entry.
+
+        On a layer sharded by ``fully_shard`` the logits are gathered first (a collective,
+        differentiable): every rank gets the whole layer's size."""
+        logits = self.weight_diffq
+        if hasattr(logits, "full_tensor"):  # a DTensor shard
+            logits = logits.full_tensor()
+        c = self.config
+        bits = c.extra_bits + reference.bits_from_logits(logits, c.min_bits, c.max_bits, c.param)
         if exact:
             bits = bits.detach().round().clamp(1, 15)
         size = reference.diffq_tensor_size_bits(

@@ -176,6 +176,60 @@ def _scenarios(rank: int, out: Path) -> dict:
     result["mp_log"] = _train(model, q, opt, rank, model, seen)
     result["mp_initial_up"] = initial["blocks.0.up.weight"]
 
+    # --- UniformQuantizer(qat=True), and DiffQ with each block compiled before sharding
+    # (as torchtitan does; aot_eager keeps the test fast, the graph is the same).
+    for name in ("uniform", "compiled"):
+        torch.manual_seed(0)
+        model = Net()
+        if name == "uniform":
+            q = diffq_triton.UniformQuantizer(model, bits=3, qat=True, min_size=0)
+        else:
+            q = diffq_triton.DiffQuantizer(model, min_size=0, group_size=GROUP)
+        for block in model.blocks:
+            if name == "compiled":
+                block.compile(backend="aot_eager")
+            fully_shard(block, mesh=mesh)
+        fully_shard(model, mesh=mesh)
+        opt = torch.optim.Adam(model.parameters(), lr=1e-2)
+        if name == "compiled":
+            q.setup_optimizer(opt)
+        seen, handles = _used_weights(model)
+        for step in range(2):
+            x, y = _batch(step, rank)
+            loss = nn.functional.cross_entropy(model(x).reshape(-1, VOCAB), y.reshape(-1))
+            opt.zero_grad()
+            loss.backward()
+            opt.step()
+            if step == 0:
+                result[f"{name}_used"] = {k: v.clone() for k, v in seen.items()}
+        for h in handles:
+            h.remove()
+        result[f"{name}_before"] = initial["blocks.0.up.weight"]
+        model.eval()
+        with torch.no_grad():
+            result[f"{name}_eval"] = model(x_eval)
+        diffq_triton.save_quantized(q, out / f"{name}.safetensors")
+
+    # --- diffq_triton.nn layers: their own noise, their sizes gathered.
+    from diffq_triton import nn as qnn
+
+    torch.manual_seed(0)
+    model = Net()
+    model.head.weight = nn.Parameter(model.head.weight.detach().clone())  # untie
+    model = qnn.quantize_model(model, qnn.DiffQConfig(group_size=GROUP))
+    for block in model.blocks:
+        fully_shard(block, mesh=mesh)
+    fully_shard(model, mesh=mesh)
+    opt = torch.optim.Adam(model.parameters(), lr=1e-2)
+    for step in range(2):
+        x, y = _batch(step, rank)
+        loss = nn.functional.cross_entropy(model(x).reshape(-1, VOCAB), y.reshape(-1))
+        loss = loss + 1e-3 * qnn.model_size(model)
+        opt.zero_grad()
+        loss.backward()
+        opt.step()
+    result["layers"] = (float(qnn.model_size(model)), _full_state(model))
+
     # --- The wrong orders are refused with what to do.
     errors = {}
     model, _ = _build()
@@ -339,3 +393,31 @@ def test_wrong_orders_are_refused(ranks):
         errors = result["errors"]
         assert "create the quantizer before fully_shard" in errors["quantizer_after"]
         assert "create the optimizer after sharding" in errors["optimizer_before"]
+
+
+def test_uniform_qat_and_compiled_blocks(ranks):
+    results, out = ranks
+    for name in ("uniform", "compiled"):
+        plain = Net()
+        diffq_triton.load_quantized(plain, out / f"{name}.safetensors")
+        plain.eval()
+        with torch.no_grad():
+            outputs = plain(_batch(99, 0)[0])
+        for result in results:
+            torch.testing.assert_close(result[f"{name}_eval"], outputs, rtol=0, atol=0,
+                                       msg=name)
+            # Training forwards: QAT's 3-bit levels, DiffQ's noise.
+            used = result[f"{name}_used"]["blocks.0.up"]
+            assert not torch.equal(used, result[f"{name}_before"]), name
+            if name == "uniform":
+                assert used.unique().numel() <= 2**3, "not on 8 levels"
+
+
+def test_quantized_layers_train_sharded(ranks):
+    from diffq_triton import nn as qnn
+
+    results, _ = ranks
+    assert results[0]["layers"][0] == results[1]["layers"][0]
+    model = qnn.quantize_model(Net(), qnn.DiffQConfig(group_size=GROUP))
+    model.load_state_dict(results[0]["layers"][1])
+    assert float(qnn.model_size(model)) == pytest.approx(results[0]["layers"][0], rel=1e-6)

@@ -61,6 +61,28 @@ def needs_rebind(quantizer: BaseQuantizer) -> bool:
     return False
 
 
+def _sharded_params(model: nn.Module) -> dict[tuple[int, str], torch.Tensor]:
+    """``(id(module), name) -> sharded parameter`` from the model's FSDP2 states: inside a
+    forward a module holds FSDP's unsharded copy instead. Reads FSDP2's own records of its
+    parameters (``FSDPParam``), kept by torch since 2.4."""
+    try:
+        from torch.distributed.fsdp import FSDPModule
+    except ImportError:
+        return {}
+    found: dict[tuple[int, str], torch.Tensor] = {}
+    for module in model.modules():
+        if not isinstance(module, FSDPModule):
+            continue
+        for group in getattr(module._get_fsdp_state(), "_fsdp_param_groups", []):
+            for fsdp_param in group.fsdp_params:
+                info = fsdp_param._module_info
+                owners = [(info.module, info.param_name),
+                          *zip(info.shared_modules, info.shared_param_names, strict=True)]
+                for owner, name in owners:
+                    found[(id(owner), name)] = fsdp_param.sharded_param
+    return found
+
+
 def rebind(quantizer: BaseQuantizer) -> bool:
     """Point the quantizer's records at the model's parameters after ``fully_shard``.
 
@@ -72,8 +94,10 @@ def rebind(quantizer: BaseQuantizer) -> bool:
     """
     owner = type(quantizer).__name__
     sharded = False
+    by_fsdp = _sharded_params(quantizer.model)
     for record in quantizer._qparams:
-        current = record.module._parameters.get(record.name)
+        current = by_fsdp.get((id(record.module), record.name),
+                              record.module._parameters.get(record.name))
         if current is record.param:
             continue
         if current is None or not is_sharded(current):
@@ -88,17 +112,27 @@ def rebind(quantizer: BaseQuantizer) -> bool:
             record.param = current
             own = quantizer._own_attr
             if own is not None:
-                replaced = record.module._parameters.get(record.name + quantizer._param_suffix)
+                own_name = record.name + quantizer._param_suffix
+                replaced = by_fsdp.get((id(record.module), own_name),
+                                       record.module._parameters.get(own_name))
                 if replaced is not None:
                     setattr(record, own, replaced)
         else:
             record.param = current
     if not sharded:
         return False
-    current = dict(quantizer.model.named_parameters(remove_duplicate=False))
-    quantizer._float16 = [(n, current.get(n, p)) for n, p in quantizer._float16]
-    quantizer._others = [(n, current.get(n, p)) for n, p in quantizer._others]
-    quantizer._float16_uses = [(m, n, m._parameters.get(n, p))
+    modules = dict(quantizer.model.named_modules())
+
+    def now(full_name: str, old: torch.Tensor) -> torch.Tensor:
+        module_name, _, name = full_name.rpartition(".")
+        module = modules.get(module_name)
+        if module is None:
+            return old
+        return by_fsdp.get((id(module), name), module._parameters.get(name, old))
+
+    quantizer._float16 = [(n, now(n, p)) for n, p in quantizer._float16]
+    quantizer._others = [(n, now(n, p)) for n, p in quantizer._others]
+    quantizer._float16_uses = [(m, n, by_fsdp.get((id(m), n), m._parameters.get(n, p)))
                                for m, n, p in quantizer._float16_uses]
     quantizer._rnns = []  # FSDP2 does not shard cuDNN's flat RNN weights: nothing to refresh
     return True
