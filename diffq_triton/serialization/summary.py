@@ -144,13 +144,16 @@ def summarize(path: str | os.PathLike, min_bits: int | None = None) -> FileSumma
         raise ValueError(f"min_bits must be an integer in [1, {bitpack.MAX_WIDTH}], "
                          f"got {min_bits!r}")
     with open(path, "rb") as f:
-        head = f.read(4)
+        head = f.read(9)
         size = os.fstat(f.fileno()).st_size
     if size == 0:
         raise ValueError("the file is empty")
     try:
-        if head == b"PK\x03\x04":  # a zip archive: what torch.save writes
+        if head[:4] == b"PK\x03\x04":  # a zip archive: what torch.save writes
             return _diffq_state(os.fspath(path), size)
+        if len(head) == 9 and head[8:] != b"{":  # a safetensors header is a JSON object
+            raise ValueError("neither a diffq-triton file (a safetensors header) nor a "
+                             "diffq 0.2.4 state (a zip archive)")
         return _our_file(os.fspath(path), size, min_bits)
     except _MALFORMED as e:
         raise ValueError(f"malformed file ({type(e).__name__}: {e})") from e
