@@ -30,12 +30,12 @@ def add_parser(commands) -> argparse.ArgumentParser:
     info.add_argument("file", type=Path, help="the file to inspect")
     info.add_argument("--json", action="store_true", help="print JSON instead of a table")
     info.add_argument("--plot", type=Path, default=None, metavar="OUT.png",
-                      help="draw the widths of each quantized tensor (needs matplotlib: "
-                           "pip install 'diffq-triton[plot]')")
-    info.add_argument("--min-bits", type=_width, default=None,
-                      help="the DiffQuantizer's min_bits, to count the width fields as its "
-                           "true_model_size() does (files do not record it; default: each "
-                           "tensor's smallest width)")
+                      help="draw the widths of each quantized tensor into a PNG (needs "
+                           "matplotlib, the 'plot' extra)")
+    info.add_argument("--min-bits", type=_width, default=2,
+                      help="the DiffQuantizer's min_bits, from which each group's width "
+                           "field is counted as its true_model_size() counts it (files do "
+                           "not record it; default 2, DiffQuantizer's default)")
     return info
 
 
@@ -51,6 +51,12 @@ def _width(text: str) -> int:
 
 def run(args: argparse.Namespace) -> int:
     """Run ``info`` on parsed arguments; returns the exit status (2 for a bad file)."""
+    if args.plot is not None:
+        try:  # before any output: a missing plotting library is a usage error
+            import matplotlib  # noqa: F401
+        except ImportError:
+            return _fail("--plot needs matplotlib (the package's 'plot' extra): "
+                         "pip install matplotlib")
     try:
         summary = summarize(args.file, min_bits=args.min_bits)
     except OSError as err:
@@ -61,8 +67,6 @@ def run(args: argparse.Namespace) -> int:
     if args.plot is not None:
         try:
             plot(summary, args.plot)
-        except ImportError:
-            return _fail("--plot needs matplotlib: pip install 'diffq-triton[plot]'")
         except (OSError, ValueError) as err:
             return _fail(f"cannot write the plot {args.plot}: {err}")
     return 0
@@ -125,7 +129,9 @@ def format_text(summary: FileSummary) -> str:
         f"{counts['buffer']} buffers; file {summary.file_mb:.6f} MB (2^20 bytes)",
     ]
     if summary.min_bits is not None:
-        lines.append(f"width fields counted from min_bits={summary.min_bits}")
+        lines.append(f"width fields counted from min_bits={summary.min_bits}"
+                     + (" (--min-bits; files do not record the quantizer's)"
+                        if summary.format.startswith("diffq-triton") else " (the state's)"))
     lines += [f"note: {note}" for note in summary.notes]
     return "\n".join(lines)
 

@@ -91,7 +91,7 @@ def _expected_bits(expected: dict, floats: int, min_bits: int, group: int = 8) -
 
 def test_diffq_file_table(diffq_file, capsys):
     path, q, expected, floats, weights = diffq_file
-    code, out, err = _info([path, "--min-bits", "2"], capsys)
+    code, out, err = _info([path], capsys)  # min_bits 2 by default, the quantizer's
     assert code == 0 and err == ""
     bits = _expected_bits(expected, floats, min_bits=2)
     assert bits == round(q.true_model_size() * MB_BITS)  # the test's formula is the library's
@@ -120,10 +120,11 @@ def test_diffq_file_table(diffq_file, capsys):
 
 def test_diffq_file_json(diffq_file, capsys):
     path, _, expected, floats, weights = diffq_file
-    code, out, _ = _info([path, "--json"], capsys)
+    code, out, _ = _info([path, "--json", "--min-bits", "12"], capsys)
     report = json.loads(out)
     assert code == 0 and report["exact"] and report["quantized"] == 2
-    # Without --min-bits the width fields count from each tensor's smallest width.
+    assert report["min_bits"] == 12
+    # Width fields count from min(min_bits, the tensor's smallest width): 3 and 10 here.
     total = 32 * floats
     for name, (widths, numel) in expected.items():
         row = next(t for t in report["tensors"] if t["name"] == name)
@@ -131,7 +132,7 @@ def test_diffq_file_json(diffq_file, capsys):
         assert row["numel"] == numel and row["group_size"] == 8
         assert row["min_width"] == int(widths.min()) and row["max_width"] == int(widths.max())
         total += row["size_bits"]
-        field = math.ceil(math.log2(1 + int(widths.max()) - int(widths.min())))
+        field = math.ceil(math.log2(1 + int(widths.max()) - min(12, int(widths.min()))))
         assert row["size_bits"] == int(_entries(widths, numel, 8).sum()) + 72 + (
             widths.numel() * field)
     assert report["size_bits"] == total and report["weights"] == weights
@@ -152,11 +153,12 @@ def test_uniform_file_float16(tmp_path, capsys):
     numels = [t["numel"] for t in quantized]
     assert code == 0 and sorted(numels) == [800, 1110]
     assert all(t["widths"] == {"3": t["numel"]} and t["group_size"] == 0 for t in quantized)
-    # 3 bits per entry, the range and the field size (UniformQuantizer's own figure leaves
-    # out those 8 bits); the float parameters as float16.
-    expected = sum(3 * n + 72 for n in numels) + 16 * (weights - sum(numels))
+    # 3 bits per entry, the range, and spec §3's width field (8 bits of field size, one
+    # group of ceil(log2(1 + 3 - 2)) = 1 bit), which UniformQuantizer's own figure leaves
+    # out; the float parameters as float16.
+    expected = sum(3 * n + 64 + 8 + 1 for n in numels) + 16 * (weights - sum(numels))
     assert report["size_bits"] == expected
-    assert expected == round(q.true_model_size() * MB_BITS) + 8 * len(numels)
+    assert expected == round(q.true_model_size() * MB_BITS) + 9 * len(numels)
     assert {t["dtype"] for t in report["tensors"] if t["kind"] == "float"} == {"float16"}
 
 
@@ -170,8 +172,8 @@ def test_plot_writes_a_png(diffq_file, tmp_path, capsys):
 
 def test_plot_without_matplotlib(diffq_file, tmp_path, capsys, monkeypatch):
     monkeypatch.setitem(sys.modules, "matplotlib", None)  # import matplotlib now fails
-    code, _, err = _info([diffq_file[0], "--plot", tmp_path / "w.png"], capsys)
-    assert code == 2 and "--plot needs matplotlib" in err and "diffq-triton[plot]" in err
+    code, out, err = _info([diffq_file[0], "--plot", tmp_path / "w.png"], capsys)
+    assert code == 2 and out == "" and "--plot needs matplotlib" in err and "'plot' extra" in err
     assert not (tmp_path / "w.png").exists()
 
 
@@ -265,6 +267,22 @@ def test_bad_file(case, diffq_file, tmp_path, capsys):
     assert code == 2 and out == ""
     assert err.startswith(f"diffq-triton info: error: {path}: ") and err.count("\n") == 1
     assert BAD[case] in err and "Traceback" not in err
+
+
+def test_model_free_reading_checks_as_loading(diffq_file, tmp_path):
+    from diffq_triton import load_quantized
+    from diffq_triton.serialization.file_records import read_records
+
+    files = _bad_files(tmp_path, diffq_file[0].read_bytes())
+    for case in ("truncated", "corrupt_header", "flipped_bit"):
+        with pytest.raises(ValueError) as without_model:
+            read_records(files[case])
+        with pytest.raises(ValueError) as with_model:
+            load_quantized(Net(), files[case])
+        assert str(without_model.value) == str(with_model.value)
+    plans = {plan.name: plan for plan in read_records(diffq_file[0])}
+    assert plans["emb.weight"].params == ["emb.weight", "out.weight"]
+    assert plans["norm.running_var"].buffer and not plans["norm.weight"].buffer
 
 
 def test_inconsistent_diffq_streams(tmp_path, capsys):
