@@ -12,6 +12,7 @@ import re
 import subprocess
 import sys
 import zipfile
+import zlib
 
 import pytest
 import torch
@@ -283,6 +284,29 @@ def test_model_free_reading_checks_as_loading(diffq_file, tmp_path):
     plans = {plan.name: plan for plan in read_records(diffq_file[0])}
     assert plans["emb.weight"].params == ["emb.weight", "out.weight"]
     assert plans["norm.running_var"].buffer and not plans["norm.weight"].buffer
+
+
+def _with_metadata(data: bytes, edit) -> bytes:
+    """``data`` (a file of ours) with its metadata edited by ``edit`` and checksummed again."""
+    length = int.from_bytes(data[:8], "little")
+    header = json.loads(data[8 : 8 + length])
+    body = json.loads(header["__metadata__"]["diffq_triton"])
+    edit(body)
+    text = json.dumps(body)
+    header["__metadata__"].update(diffq_triton=text, crc32=str(zlib.crc32(text.encode())))
+    raw = json.dumps(header).encode()
+    raw += b" " * (-len(raw) % 8)
+    return len(raw).to_bytes(8, "little") + raw + data[8 + length :]
+
+
+def test_forged_shape_is_refused_before_allocating(diffq_file, tmp_path, capsys):
+    def forge(body):
+        body["quantized"][0].update(shape=[1 << 40], field_bits=0, group_size=1)
+
+    path = tmp_path / "forged.safetensors"
+    path.write_bytes(_with_metadata(diffq_file[0].read_bytes(), forge))
+    code, _, err = _info([path], capsys)
+    assert code == 2 and f"{1 << 40} entries of at least" in err
 
 
 def test_inconsistent_diffq_streams(tmp_path, capsys):

@@ -164,6 +164,11 @@ def _check_quantized(record: object, params: dict | None, file: container.Contai
         raise ValueError(f"tensor {name!r}: widths base {base} / field {field} out of range")
     numel = math.prod(shape)
     n_groups = reference.num_groups(numel, group_size)
+    left = streams.data.numel() - streams.position
+    if params is None and numel * base > 8 * left:
+        # No model bounds the shape: the widths below would be allocated at its size.
+        raise ValueError(f"tensor {name!r}: {numel} entries of at least {base} bits do not "
+                         f"fit the {left} bytes left in the streams payload")
     if field:
         widths = streams.take((n_groups * field + 7) // 8, name, "widths")
         # Checked now: the levels' length, hence every later record's place, follows from
