@@ -1,4 +1,4 @@
-"""``python -m diffq_triton demo``: the same commands as the ``diffq-triton`` script."""
+"""``python -m diffq_triton demo|info``: the same commands as the ``diffq-triton`` script."""
 
 import sys
 

@@ -1,4 +1,4 @@
-"""Command line: ``diffq-triton demo`` (also ``python -m diffq_triton demo``)."""
+"""Command line: ``diffq-triton demo`` and ``info`` (also ``python -m diffq_triton ...``)."""
 
 from __future__ import annotations
 
@@ -78,6 +78,9 @@ def build_parser() -> argparse.ArgumentParser:
                       help=f"validation windows of 64 characters (default {train.eval_windows})")
     demo.add_argument("--max-chars", type=_positive_int, default=2_000_000,
                       help="training characters to read (default 2,000,000)")
+    from .info import add_parser as add_info_parser
+
+    add_info_parser(commands)
     return parser
 
 
@@ -105,6 +108,10 @@ def main(argv: Sequence[str] | None = None) -> int:
     """Entry point of the ``diffq-triton`` console script; returns the exit status."""
     parser = build_parser()
     args = parser.parse_args(argv)
+    if args.command == "info":
+        from .info import run as run_info
+
+        return run_info(args)
     if args.command == "demo":
         from .demo import run_demo
 

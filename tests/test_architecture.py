@@ -21,7 +21,7 @@ MAX_ROOT_MODULES = 8
 # Layer of each part, top to bottom: a module may import its own part and the parts of
 # lower layers only. "" is the package's root __init__ (the public API).
 LAYERS: dict[str, int] = {
-    "cli": 0, "__main__": 0, "demo": 0, "gpu_report": 0,
+    "cli": 0, "__main__": 0, "info": 0, "demo": 0, "gpu_report": 0,
     "": 1,
     "quantizers": 2, "nn": 2,
     "serialization": 3,

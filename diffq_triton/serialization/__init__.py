@@ -6,6 +6,8 @@
 - :mod:`.tensor_record`: :class:`QuantizedTensor`, one quantized tensor, and its checks.
 - :mod:`.restore`: checking an in-memory state and rebuilding the quantizer it names.
 - :mod:`.diffq_compat`: reading diffq 0.2.4 states (no pickle code runs).
+- :mod:`.summary`: what a file or a diffq state holds, read and checked without a model
+  (``diffq-triton info``).
 
 Bit streams are packed by :mod:`diffq_triton.ops.bitpack` and the CPU codec
 (:mod:`diffq_triton.codec`). Nothing here imports a quantizer: quantizers register

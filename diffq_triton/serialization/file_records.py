@@ -53,10 +53,12 @@ class Plan:
     """One checked record of the file, ready to decode into its parameters."""
 
     name: str
-    params: list[torch.Tensor]  # parameters, or one buffer
+    # Parameters, or one buffer; their names when the file is read without a model.
+    params: list[torch.Tensor] | list[str]
     qt: QuantizedTensor | None = None  # levels still packed: ``packed`` holds the stream
     packed: torch.Tensor | None = None
     floats: torch.Tensor | None = None
+    buffer: bool = False
 
 
 def _model_params(model: nn.Module) -> dict[str, nn.Parameter]:
@@ -98,17 +100,19 @@ def _names(value: object, name: str) -> list[str]:
     return value
 
 
-def _claim(covered: dict[int, str], name: str, targets: list[nn.Parameter]) -> None:
+def _claim(covered: dict[int | str, str], name: str, targets: list) -> None:
     """Record that ``name`` gives the value of ``targets``; each parameter gets one."""
     for p in targets:
-        if covered.get(id(p)) == name:
+        # Without a model the targets are names: a name stored twice is caught the same way.
+        key = p if isinstance(p, str) else id(p)
+        if covered.get(key) == name:
             raise ValueError(f"tensor {name!r} is stored twice in the file")
-        if id(p) in covered:
+        if key in covered:
             raise ValueError(f"tensor {name!r}: its parameter is also stored as "
-                             f"{covered[id(p)]!r}, and one tied parameter cannot take two "
+                             f"{covered[key]!r}, and one tied parameter cannot take two "
                              "values (saved with detect_bound=False? load into an "
                              "untied model)")
-        covered[id(p)] = name
+        covered[key] = name
 
 
 class _Streams:
@@ -137,7 +141,7 @@ class _Streams:
                              f"use {self.position}")
 
 
-def _check_quantized(record: object, params: dict, file: container.Container,
+def _check_quantized(record: object, params: dict | None, file: container.Container,
                      covered: dict[int, str], streams: _Streams) -> Plan:
     if not isinstance(record, dict) or not isinstance(record.get("name"), str):
         raise ValueError("a quantized record has no name")
@@ -160,6 +164,11 @@ def _check_quantized(record: object, params: dict, file: container.Container,
         raise ValueError(f"tensor {name!r}: widths base {base} / field {field} out of range")
     numel = math.prod(shape)
     n_groups = reference.num_groups(numel, group_size)
+    left = streams.data.numel() - streams.position
+    if params is None and numel * base > 8 * left:
+        # No model bounds the shape: the widths below would be allocated at its size.
+        raise ValueError(f"tensor {name!r}: {numel} entries of at least {base} bits do not "
+                         f"fit the {left} bytes left in the streams payload")
     if field:
         widths = streams.take((n_groups * field + 7) // 8, name, "widths")
         # Checked now: the levels' length, hence every later record's place, follows from
@@ -177,7 +186,7 @@ def _check_quantized(record: object, params: dict, file: container.Container,
     return Plan(name, targets, qt, packed=packed)
 
 
-def _check_floats(floats: object, params: dict, file: container.Container,
+def _check_floats(floats: object, params: dict | None, file: container.Container,
                   covered: dict[int, str], buffers: dict) -> list[Plan]:
     """Plans for the float payloads (every payload but the streams and the buffers), in
     file order."""
@@ -208,18 +217,23 @@ def _check_floats(floats: object, params: dict, file: container.Container,
     return plans
 
 
-def _check_buffers(buffers: object, model: nn.Module, file: container.Container
+def _check_buffers(buffers: object, model: nn.Module | None, file: container.Container
                    ) -> list[Plan]:
-    """Plans for the buffer payloads: one for each persistent buffer of ``model``."""
+    """Plans for the buffer payloads: one for each persistent buffer of ``model`` (without
+    a model: one for each buffer the metadata lists, its payload checked)."""
     targets = persistent_buffers(model)
     plans = []
     for name, crc in buffers.items():
         target = targets.get(name)
         p = file.payloads.get(name)
-        if target is None:
+        if target is None and model is not None:
             raise ValueError(f"buffer {name!r}: the model has no persistent buffer of that name")
         if p is None or name == STREAMS:
             raise ValueError(f"buffer {name!r}: its payload is missing")
+        if target is None:
+            plans.append(Plan(name, [name], floats=_payload_tensor(file, name, crc),
+                              buffer=True))
+            continue
         if tuple(target.shape) != p.shape:
             raise ValueError(f"buffer {name!r}: file shape {p.shape} does not match the "
                              f"model's {tuple(target.shape)}")
@@ -230,7 +244,8 @@ def _check_buffers(buffers: object, model: nn.Module, file: container.Container
                                            and target.dtype.is_floating_point):
             raise ValueError(f"buffer {name!r}: file dtype {p.dtype} does not fit the model's "
                              f"{target.dtype}")
-        plans.append(Plan(name, [target], floats=_payload_tensor(file, name, crc)))
+        plans.append(Plan(name, [target], floats=_payload_tensor(file, name, crc),
+                          buffer=True))
     missing = [name for name in targets if name not in buffers]
     if missing:
         raise ValueError(f"the file holds no value for the model's buffer {missing[0]!r}"
@@ -248,9 +263,11 @@ def _payload_tensor(file: container.Container, name: str, crc: object) -> torch.
     return data.view(container.STORED[p.dtype]).view(p.shape)
 
 
-def _targets(name: str, names: list[str], shape: tuple, params: dict) -> list:
+def _targets(name: str, names: list[str], shape: tuple, params: dict | None) -> list:
     if len(set(names)) != len(names):
         raise ValueError(f"tensor {name!r}: its tied names repeat a name")
+    if params is None:  # read without a model: the names stand for the parameters
+        return list(names)
     out, ids = [], set()
     for n in names:
         param = params.get(n)
@@ -278,6 +295,22 @@ def read_checked(model: nn.Module, source) -> list[Plan]:
     """
     if not isinstance(model, nn.Module):
         raise TypeError(f"model must be an nn.Module, got {type(model).__name__}")
+    return _checked(model, source)
+
+
+def read_records(source) -> list[Plan]:
+    """Parse and check a file without a model (for inspecting it): every check that needs
+    none runs, as :func:`read_checked` runs it: container, format and version, checksums
+    of the metadata and of every payload, ranges, widths, stream lengths, names stored
+    twice. A plan's ``params`` are then the names its value goes to.
+
+    Raises:
+        ValueError: naming the tensor and the problem, for any malformed or foreign file.
+    """
+    return _checked(None, source)
+
+
+def _checked(model: nn.Module | None, source) -> list[Plan]:
     data = container.read_source(source)
     try:
         return _check_file(model, data)
@@ -285,7 +318,7 @@ def read_checked(model: nn.Module, source) -> list[Plan]:
         raise ValueError(f"malformed file ({type(e).__name__}: {e})") from e
 
 
-def _check_file(model: nn.Module, data: bytearray | np.ndarray) -> list[Plan]:
+def _check_file(model: nn.Module | None, data: bytearray | np.ndarray) -> list[Plan]:
     file = container.Container(data)
     meta = file.meta
     if not isinstance(meta, dict) or meta.get("format") != FORMAT:
@@ -307,8 +340,8 @@ def _check_file(model: nn.Module, data: bytearray | np.ndarray) -> list[Plan]:
     quantized = body.get("quantized")
     if not isinstance(quantized, list):
         raise ValueError("metadata lacks the 'quantized' list")
-    params = _model_params(model)
-    covered: dict[int, str] = {}
+    params = _model_params(model) if model is not None else None
+    covered: dict[int | str, str] = {}
     streams = _Streams(file)
     plans = [_check_quantized(r, params, file, covered, streams) for r in quantized]
     streams.finish()
@@ -320,7 +353,7 @@ def _check_file(model: nn.Module, data: bytearray | np.ndarray) -> list[Plan]:
     # they are.
     if buffers is not None:
         plans += _check_buffers(buffers, model, file)
-    missing = [n for n, p in params.items() if id(p) not in covered]
+    missing = [n for n, p in (params or {}).items() if id(p) not in covered]
     if missing:
         raise ValueError(f"the file holds no value for the model's parameter {missing[0]!r}"
                          + (f" and {len(missing) - 1} more" if len(missing) > 1 else ""))
