@@ -168,6 +168,9 @@ class BaseQuantizer(WeightSwap, QuantizerState):
         """Create the quantizer's state for a first use (logits, step...)."""
 
     def _first_uses(self) -> Iterator[QuantizedParam]:
+        # Sizes, saving or an optimizer asked for after fully_shard, before any forward:
+        # the records follow the sharded parameters first.
+        self._follow_sharding()
         return (qp for qp in self._qparams if qp.first is None)
 
     def __repr__(self) -> str:

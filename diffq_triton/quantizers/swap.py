@@ -70,7 +70,9 @@ class WeightSwap:
 
     def _follow_sharding(self) -> None:
         """After fully_shard: follow the sharded parameters, swap module by module."""
-        if self._sharded or not sharding.needs_rebind(self):
+        # Skipped while the root's swap is in place (the modules hold derived weights then)
+        # and when tracing (sharding happens outside compiled code).
+        if self._sharded or self._swapped or _is_compiling() or not sharding.needs_rebind(self):
             return
         self._sharded = sharding.rebind(self)
         self._params_changed()
