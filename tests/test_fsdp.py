@@ -230,6 +230,39 @@ def _scenarios(rank: int, out: Path) -> dict:
         opt.step()
     result["layers"] = (float(qnn.model_size(model)), _full_state(model))
 
+    # --- Activation checkpointing of each block (checkpoint_wrapper, both kinds) under
+    # FSDP2: the gradients of training without it.
+    from torch.distributed.algorithms._checkpoint.checkpoint_wrapper import (
+        CheckpointImpl,
+        checkpoint_wrapper,
+    )
+
+    from diffq_triton.quantizers.sharding import full
+
+    checkpointed = {}
+    for kind in (None, CheckpointImpl.NO_REENTRANT, CheckpointImpl.REENTRANT):
+        model, q = _build()
+        if kind is not None:
+            model.blocks = nn.ModuleList(checkpoint_wrapper(b, checkpoint_impl=kind)
+                                         for b in model.blocks)
+        for block in model.blocks:
+            fully_shard(block, mesh=mesh)
+        fully_shard(model, mesh=mesh)
+        opt = torch.optim.SGD(model.parameters(), lr=0.1)
+        q.setup_optimizer(opt, lr=0.1)
+        torch.manual_seed(5 + rank)
+        grads = []
+        for step in range(2):
+            x, y = _batch(step, rank)
+            loss = nn.functional.cross_entropy(model(x).reshape(-1, VOCAB), y.reshape(-1))
+            (loss + 1e-3 * q.model_size()).backward()
+            grads.append({n.replace("._checkpoint_wrapped_module", ""): full(p.grad).clone()
+                          for n, p in model.named_parameters()})
+            opt.step()
+            opt.zero_grad()
+        checkpointed[str(kind)] = grads
+    result["checkpointed"] = checkpointed
+
     # --- The wrong orders are refused with what to do.
     errors = {}
     model, _ = _build()
@@ -421,3 +454,17 @@ def test_quantized_layers_train_sharded(ranks):
     model = qnn.quantize_model(Net(), qnn.DiffQConfig(group_size=GROUP))
     model.load_state_dict(results[0]["layers"][1])
     assert float(qnn.model_size(model)) == pytest.approx(results[0]["layers"][0], rel=1e-6)
+
+
+def test_checkpointed_blocks_keep_the_gradients(ranks):
+    results, _ = ranks
+    for result in results:
+        runs = result["checkpointed"]
+        plain = runs.pop("None")
+        assert len(runs) == 2
+        for kind, grads in runs.items():
+            for step, (a, b) in enumerate(zip(plain, grads, strict=True)):
+                assert a.keys() == b.keys()
+                for name in a:
+                    torch.testing.assert_close(b[name], a[name], rtol=1e-6, atol=1e-7,
+                                               msg=f"{kind}, step {step}: {name}")
