@@ -263,6 +263,29 @@ def _scenarios(rank: int, out: Path) -> dict:
         checkpointed[str(kind)] = grads
     result["checkpointed"] = checkpointed
 
+    # --- The Triton kernels (under the interpreter): FSDP2 against DDP again, where the
+    # backward finds the logits FSDP gathered again, wherever they are.
+    from diffq_triton.ops.dispatch import use_backend
+
+    with use_backend("triton"):
+        torch.manual_seed(0)
+        model = Net()
+        opt = torch.optim.Adam(model.parameters(), lr=1e-2)
+        q = diffq_triton.DiffQuantizer(model, min_size=0, group_size=GROUP)
+        q.setup_optimizer(opt)
+        ddp = nn.parallel.DistributedDataParallel(model)
+        _train(model, q, opt, rank, ddp)
+        result["triton_ddp"] = _full_state(model)
+        ddp = None
+        model, q = _build()
+        for block in model.blocks:
+            fully_shard(block, mesh=mesh)
+        fully_shard(model, mesh=mesh)
+        opt = torch.optim.Adam(model.parameters(), lr=1e-2)
+        q.setup_optimizer(opt)
+        _train(model, q, opt, rank, model)
+        result["triton_fsdp"] = _full_state(model)
+
     # --- The wrong orders are refused with what to do.
     errors = {}
     model, _ = _build()
@@ -468,3 +491,11 @@ def test_checkpointed_blocks_keep_the_gradients(ranks):
                 for name in a:
                     torch.testing.assert_close(b[name], a[name], rtol=1e-6, atol=1e-7,
                                                msg=f"{kind}, step {step}: {name}")
+
+
+def test_triton_path_matches_ddp(ranks):
+    results, _ = ranks
+    for result in results:
+        for key, value in result["triton_ddp"].items():
+            torch.testing.assert_close(result["triton_fsdp"][key], value, rtol=1e-4,
+                                       atol=1e-5, msg=key)

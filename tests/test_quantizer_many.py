@@ -274,3 +274,32 @@ def test_fused_adam_steps_refresh_what_was_derived_from_the_weights(backend):
     assert not torch.equal(before, after)
     with use_backend("eager"):
         torch.testing.assert_close(size, q.model_size())
+
+
+def test_backward_after_the_logits_moved():
+    # FSDP2 frees a block's unsharded weights and logits after its forward and gathers them
+    # again before its backward, maybe at another address: the backward must read them where
+    # they are then, not where the forward's table pointed (there: poison).
+    from diffq_triton import ops
+
+    torch.manual_seed(0)
+    weights = [torch.randn(37, 11, device=DEVICE, requires_grad=True) for _ in range(3)]
+    logits = [nn.Parameter(torch.randn((37 * 11 + 7) // 8, device=DEVICE)) for _ in range(3)]
+    seed = torch.tensor([123], device=DEVICE)
+    kwargs = dict(group_size=8, min_bits=2, max_bits=8, param="bits", noise="gaussian",
+                  seed=seed, streams=[0, 1, 2])
+    with use_backend("triton"):
+        expected = ops.pseudo_quantize_many(weights, logits, **kwargs)
+        sum(n.sum() for n in expected).backward()
+        want = [lg.grad.clone() for lg in logits] + [w.grad.clone() for w in weights]
+        for p in weights + logits:
+            p.grad = None
+        noisy = ops.pseudo_quantize_many(weights, logits, **kwargs)
+        for lg in logits:  # a new address, the old storage poisoned
+            old = lg.data
+            lg.data = old.clone()
+            old.fill_(float("nan"))
+        sum(n.sum() for n in noisy).backward()
+    got = [lg.grad for lg in logits] + [w.grad for w in weights]
+    for a, b in zip(got, want, strict=True):
+        assert torch.equal(a, b)

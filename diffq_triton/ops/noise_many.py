@@ -84,11 +84,17 @@ class NoiseMany(torch.autograd.Function):
         streams = ctx.config[5] if len(ctx.config) > 5 else None
         weights, logits = ctx.weights, ctx.logits
         count = len(weights)
+        kernels = _kernels()
+        # The backward reads the logits through the table's pointers. FSDP2 frees a block's
+        # unsharded weights and logits after its forward and gathers them again before its
+        # backward, maybe elsewhere: the table is found again by the pointers they have now
+        # (the forward's, from the cache, when nothing moved).
+        table = kernels.table_for(weights, logits, group_size, kernels.BLOCKS, streams)
         extra = None
         if ctx.size_config is not None:
             ctx.size_config[1].used = True
             if grads[count] is not None:  # ∂L/∂l of the size term, every group of every tensor
-                extra = _kernels_size().sizes_backward(ctx.table, grads[count].contiguous(),
+                extra = _kernels_size().sizes_backward(table, grads[count].contiguous(),
                                                        logits[0].dtype, min_bits, max_bits,
                                                        param)
         grads = grads[:count]
@@ -100,8 +106,7 @@ class NoiseMany(torch.autograd.Function):
             grad_l = [part.view(lg.shape) for part, lg in zip(sizes, logits, strict=True)]
         if present:
             every = len(present) == count
-            kernels = _kernels()
-            table = ctx.table if every else kernels.table_for(
+            table = table if every else kernels.table_for(
                 [weights[t] for t in present], [logits[t] for t in present], group_size,
                 kernels.BLOCKS, present if streams is None else [streams[t] for t in present])
             some_grads = [grads[t].contiguous() for t in present]
