@@ -94,32 +94,6 @@ def poisoned_empty() -> Iterator[None]:
         torch.empty, torch.empty_like, np.empty = empty, empty_like, np_empty
 
 
-@pytest.fixture
-def poisoned():
-    """Fixture form of :func:`poisoned_empty` for a whole test."""
-    with poisoned_empty():
-        yield
-
-
-@pytest.fixture
-def triton_backend():
-    """Run the test with the Triton kernels (under the interpreter on a CPU machine)."""
-    pytest.importorskip("triton")
-    from diffq_triton.ops.dispatch import use_backend
-
-    with use_backend("triton"):
-        yield
-
-
-@pytest.fixture
-def eager_backend():
-    """Run the test with the eager path."""
-    from diffq_triton.ops.dispatch import use_backend
-
-    with use_backend("eager"):
-        yield
-
-
 @pytest.fixture(params=["native", "torch"])
 def cpu_codec(request, monkeypatch):
     """Run the test on the native C codec, then on the torch path (``DIFFQ_TRITON_NATIVE``).

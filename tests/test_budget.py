@@ -60,11 +60,15 @@ def test_training_lands_within_2pct_of_target(fraction):
     target = _fraction_of_range(q, fraction)
     budget = SizeBudget(q, target)
     _train(model, opt, budget, 300, _task())
-    # The controller alone brings the differentiable size near the target...
+    # The controller alone brings the differentiable size near the target (measured: 0.8%
+    # and 1.1% above), to the README's 2%...
     soft = float(q.model_size().detach())
-    assert abs(soft - target) <= 0.05 * target, (soft, target)
-    # ...and rounding to the budget lands the stored size on it, never above.
-    final = budget.finalize()
+    assert abs(soft - target) <= 0.02 * target, (soft, target)
+    # ...and rounding to the budget lands the stored size on it, never above, within the 2%
+    # the README promises (measured: 0.03% under).
+    with warnings.catch_warnings():
+        warnings.simplefilter("error")  # finalize warns when it misses the 2%
+        final = budget.finalize()
     assert final == q.true_model_size()
     assert 0.98 * target <= final <= target
     model.eval()

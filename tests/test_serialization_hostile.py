@@ -25,19 +25,45 @@ def make_model():
     return TiedLM(vocab=40, dim=16)
 
 
+def eval_state(model, quantizer) -> dict[str, torch.Tensor]:
+    """Every parameter (each use of a tied one) and buffer as the quantized model has them in
+    eval: what loading the file must reproduce bit for bit."""
+    quantizer.quantize()
+    state = snapshot(model)
+    quantizer.unquantize()
+    return state
+
+
+def snapshot(model) -> dict[str, torch.Tensor]:
+    tensors = {**dict(model.named_parameters(remove_duplicate=False)),
+               **dict(model.named_buffers(remove_duplicate=False))}
+    return {n: t.detach().clone() for n, t in tensors.items()
+            if not n.endswith(("_diffq", "_lsq"))}
+
+
+def assert_equal_state(model, expected: dict[str, torch.Tensor]):
+    state = snapshot(model)
+    assert state.keys() == expected.keys()
+    for name, t in state.items():
+        assert t.dtype == expected[name].dtype and torch.equal(t, expected[name]), name
+
+
 @pytest.fixture(scope="module")
-def good_file() -> bytes:
+def saved() -> tuple[bytes, dict[str, torch.Tensor]]:
+    """The good file's bytes, and the eval state of the model it was saved from."""
     model = make_model()
     quantizer = dq.DiffQuantizer(model, min_size=0.0005, group_size=8)
     with torch.no_grad():
         model.emb.weight_diffq.copy_(torch.linspace(-4, 4, model.emb.weight_diffq.numel()))
     data = serialization.file_bytes(quantizer)
+    expected = eval_state(model, quantizer)
     quantizer.detach()
-    return data
+    return data, expected
 
 
-def snapshot(model):
-    return {n: p.detach().clone() for n, p in model.named_parameters()}
+@pytest.fixture(scope="module")
+def good_file(saved) -> bytes:
+    return saved[0]
 
 
 def assert_rejected(data: bytes, match: str | None = None):
@@ -46,8 +72,7 @@ def assert_rejected(data: bytes, match: str | None = None):
     before = snapshot(model)
     with pytest.raises(ValueError, match=match):
         serialization.load_quantized(model, data)
-    after = snapshot(model)
-    assert all(torch.equal(before[n], after[n]) for n in before)
+    assert_equal_state(model, before)
 
 
 def split(data: bytes):
@@ -82,9 +107,14 @@ def forge(data: bytes, edit) -> bytes:
     return join(header, body)
 
 
-def test_good_file_loads(good_file):
+def test_good_file_loads_the_saved_model(saved):
+    data, expected = saved
     model = make_model()
-    serialization.load_quantized(model, good_file)
+    serialization.load_quantized(model, data)
+    assert_equal_state(model, expected)
+    # Not vacuous: loading changed the fresh model's weights (mixed widths, 2 to 15 bits).
+    assert not torch.equal(make_model().lstm.weight_ih_l0, model.lstm.weight_ih_l0)
+    assert model.out.weight is model.emb.weight
 
 
 @pytest.mark.parametrize("cut", [0, 4, 8, 20, -1, -100, 0.5])
@@ -313,7 +343,10 @@ MUTATIONS = st.lists(
 @settings(max_examples=150, deadline=None, suppress_health_check=[HealthCheck.too_slow,
                                                                     HealthCheck.function_scoped_fixture])
 @given(mutations=MUTATIONS)
-def test_fuzz_mutated_files(good_file, mutations):
+def test_fuzz_mutated_files(saved, mutations):
+    """Every mutated file is refused (one ValueError, model kept bit for bit), or is the good
+    file itself (a cut past its end, an insert undone by a delete) and loads it exactly."""
+    good_file, expected = saved
     data = bytearray(good_file)
     for kind, position, value in mutations:
         position %= max(1, len(data))
@@ -331,23 +364,31 @@ def test_fuzz_mutated_files(good_file, mutations):
     before = snapshot(model)
     try:
         serialization.load_quantized(model, bytes(data))
-    except ValueError:
-        after = snapshot(model)
-        assert all(torch.equal(before[n], after[n]) for n in before)
+    except ValueError as e:
+        assert str(e), "a refusal names its reason"
+        assert_equal_state(model, before)
         return
-    # Only a mutation that changed nothing may load.
+    # Only a mutation that changed nothing may load, and it loads the saved model.
     assert bytes(data) == good_file
+    assert_equal_state(model, expected)
 
 
 @pytest.fixture(scope="module")
-def bn_file() -> bytes:
+def bn_saved() -> tuple[bytes, dict[str, torch.Tensor]]:
+    """A file with BatchNorm statistics (trained by one forward), and the saved eval state."""
     torch.manual_seed(0)
     model = bn_model()
     model(torch.randn(4, 3, 6, 6))
     quantizer = dq.UniformQuantizer(model, bits=4, min_size=0)
     data = serialization.file_bytes(quantizer)
+    expected = eval_state(model, quantizer)
     quantizer.detach()
-    return data
+    return data, expected
+
+
+@pytest.fixture(scope="module")
+def bn_file(bn_saved) -> bytes:
+    return bn_saved[0]
 
 
 def bn_model():
@@ -357,14 +398,21 @@ def bn_model():
 
 def assert_bn_rejected(data: bytes, match: str):
     model = bn_model()
-    before = {n: t.clone() for n, t in model.state_dict().items()}
+    before = snapshot(model)
     with pytest.raises(ValueError, match=match):
         serialization.load_quantized(model, data)
-    assert all(torch.equal(before[n], t) for n, t in model.state_dict().items())
+    assert_equal_state(model, before)
 
 
-def test_bn_file_loads(bn_file):
-    serialization.load_quantized(bn_model(), bn_file)
+def test_bn_file_loads_the_saved_model(bn_saved):
+    data, expected = bn_saved
+    model = bn_model()
+    serialization.load_quantized(model, data)
+    assert_equal_state(model, expected)
+    # Not vacuous: the statistics are the trained ones, the weights 4-bit ones.
+    assert int(model[1].num_batches_tracked) == 1
+    assert not torch.equal(model[1].running_var, torch.ones(4))
+    assert model[0].weight.unique().numel() <= 16
 
 
 def test_buffer_checks(bn_file):

@@ -39,6 +39,8 @@ _CYTHON_BLOCK = 64 * 32
 _TORCH_PACK_BITS = {torch.uint8: 8, torch.int16: 16, torch.int32: 32, torch.int64: 64}
 # Bound the temporaries of the bit-plane unpacking to ~64 MB.
 _PLANE_CHUNK = 1 << 20
+# Bytes read at a time when checking the CRC-32 of an archive's entries.
+_CRC_CHUNK = 1 << 20
 
 
 def load_diffq_state(model: nn.Module, path: str | os.PathLike | BinaryIO) -> None:
@@ -128,7 +130,9 @@ def _check_archive(path) -> None:
     bound what loading allocates. A compressed entry could inflate a thousandfold (a zip
     bomb), overlapping entries could repeat the same bytes. Legacy (pre-1.6, non-zip) files
     are refused: torch allocates each of their storages at the size the pickle declares,
-    before comparing it with the data that follows.
+    before comparing it with the data that follows. Each entry's CRC-32 is checked too
+    (torch.load does not), so that a corrupted file is refused instead of loading wrong
+    weights.
     """
     opened = isinstance(path, (str, os.PathLike))
     try:
@@ -152,13 +156,34 @@ def _zip_problem(f: BinaryIO, start: int) -> str | None:
     f.seek(start)
     with zipfile.ZipFile(f) as archive:
         entries = archive.infolist()
-    for info in entries:
-        if info.compress_type != zipfile.ZIP_STORED:
-            return (f"zip entry {info.filename!r:.80} is compressed (torch.save stores its "
-                    "entries uncompressed)")
-    total = sum(info.file_size for info in entries)
-    if total > size:
-        return f"its zip entries hold {total} bytes, more than the file's {size}"
+        for info in entries:
+            if info.compress_type != zipfile.ZIP_STORED:
+                return (f"zip entry {info.filename!r:.80} is compressed (torch.save stores "
+                        "its entries uncompressed)")
+        total = sum(info.file_size for info in entries)
+        if total > size:
+            return f"its zip entries hold {total} bytes, more than the file's {size}"
+        # torch.load does not check the CRC-32 torch.save stores for every entry, and a diffq
+        # state has no checksum of its own: without this, a flipped bit in a storage would
+        # load as a wrong weight. Archives written with torch's CRC-32 turned off
+        # (torch.serialization.set_crc32_options(False)) store 0 for every entry.
+        if any(info.CRC for info in entries):
+            for info in entries:
+                problem = _entry_problem(archive, info)
+                if problem is not None:
+                    return problem
+    return None
+
+
+def _entry_problem(archive: zipfile.ZipFile, info: zipfile.ZipInfo) -> str | None:
+    """Why entry ``info`` cannot be read back intact (its CRC-32, its local header), or None."""
+    try:
+        with archive.open(info) as entry:
+            while entry.read(_CRC_CHUNK):  # zipfile checks the CRC-32 at the end
+                pass
+    except Exception as e:  # noqa: BLE001 - a corrupted entry, whatever zipfile says of it
+        reason = str(e)[:200] or type(e).__name__
+        return f"zip entry {info.filename!r:.80} is corrupted ({reason})"
     return None
 
 
