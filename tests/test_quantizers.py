@@ -382,3 +382,28 @@ def test_export_refuses_a_range_that_overflows_float32():
     q = diffq_triton.UniformQuantizer(model, bits=8, min_size=0)
     with pytest.raises(ValueError, match="not finite in float32"):
         q.export_quantized()
+
+
+def test_lsq_state_dicts_of_diffq_shape_load():
+    # Steps are one-entry tensors (FSDP2 refuses scalar parameters); diffq 0.2.4's are 0-dim.
+    torch.manual_seed(0)
+    model = mlp()
+    diffq_triton.LSQ(model, bits=4, min_size=0)
+    state = {k: (v.reshape(()) if k.endswith("_lsq") else v)
+             for k, v in model.state_dict().items()}
+    assert any(k.endswith("_lsq") and v.dim() == 0 for k, v in state.items())
+    fresh = mlp()
+    diffq_triton.LSQ(fresh, bits=4, min_size=0)
+    fresh.load_state_dict(state)
+    for (name, a), b in zip(model.state_dict().items(), fresh.state_dict().values(),
+                            strict=True):
+        assert torch.equal(a, b), name
+    diffq = pytest.importorskip("diffq")
+    theirs = mlp()
+    diffq.LSQ(theirs, bits=4, min_size=0)
+    ours = mlp()
+    diffq_triton.LSQ(ours, bits=4, min_size=0)
+    ours.load_state_dict(theirs.state_dict())
+    for (name, a), b in zip(theirs.state_dict().items(), ours.state_dict().values(),
+                            strict=True):
+        assert torch.equal(a.reshape(b.shape), b), name

@@ -53,13 +53,33 @@ class LSQ(BaseQuantizer):
             bits=bits, min_size=min_size, float16=float16, suffix=suffix,
             exclude=list(exclude or []), detect_bound=detect_bound,
         )
+        self._step_hooks: dict[int, object] = {}
         super().__init__(model, min_size, float16, exclude, detect_bound)
 
     def _register_param(self, record: QuantizedParam) -> None:
         w = record.param.detach()
         step = 2 * w.abs().mean() / (2 ** (self.bits - 1)) ** 0.5
-        record.step = nn.Parameter(step.float())
-        record.module.register_parameter(record.name + self.suffix, record.step)
+        # One entry, not diffq's 0-dim tensor: FSDP2's fully_shard refuses scalar
+        # parameters. State dicts of diffq's shape still load (the pre-hook reshapes them).
+        record.step = nn.Parameter(step.float().reshape(1))
+        name = record.name + self.suffix
+        record.module.register_parameter(name, record.step)
+        if id(record.module) not in self._step_hooks:
+            self._step_hooks[id(record.module)] = \
+                record.module._register_load_state_dict_pre_hook(self._load_scalar_steps)
+
+    def _unregister_params(self) -> None:
+        super()._unregister_params()
+        for handle in self._step_hooks.values():
+            handle.remove()
+        self._step_hooks.clear()
+
+    def _load_scalar_steps(self, state_dict: dict, prefix: str, *args: object) -> None:
+        for key, value in list(state_dict.items()):
+            if (key.startswith(prefix) and key.endswith(self.suffix)
+                    and "." not in key[len(prefix):] and isinstance(value, torch.Tensor)
+                    and value.dim() == 0):
+                state_dict[key] = value.reshape(1)
 
     _trained_name = "LSQ steps"
 
