@@ -41,4 +41,4 @@ lint: setup
 GPU_PY ?= python3
 gpu-check:
 	$(GPU_PY) -m pip install --quiet --disable-pip-version-check --no-deps --no-build-isolation -e .
-	$(GPU_PY) bench/gpu_check.py
+	$(GPU_PY) bench/gpu_check.py $(if $(GPU_CHECK_ONLY),--only $(GPU_CHECK_ONLY))

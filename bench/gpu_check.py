@@ -8,7 +8,8 @@ Stages, each timed, each failing the run loudly (exit status 1) when its own che
    bf16 and compiled, step time and peak memory (``bench/bench_gpt_step.py``);
 3. op throughput against a device copy (``bench/bench_kernels.py``);
 4. the quantizer's host time per step (``bench/bench_host.py``);
-5. the demo on CUDA (a short run: train, compress, save, reload, report).
+5. FSDP2 against DDP on one GPU, quantized and plain (``bench/bench_fsdp.py``);
+6. the demo on CUDA (a short run: train, compress, save, reload, report).
 
 Rows go to ``bench/RESULTS.md``. Without a CUDA GPU it says so and exits with status 2.
 
@@ -36,8 +37,8 @@ KERNEL_TESTS = [
     "tests/test_custom_ops.py",
     "tests/test_quantizer_many.py",
 ]
-# Seconds each stage may take: the whole check stays under 8 minutes with set-up.
-LIMITS = {"kernels": 150, "step": 240, "ops": 60, "host": 30, "demo": 90}
+# Seconds each stage may take: the whole check stays under 10 minutes with set-up.
+LIMITS = {"kernels": 150, "step": 240, "ops": 60, "host": 30, "fsdp": 60, "demo": 90}
 
 
 def _pytest(paths: list[str], extra: list[str]) -> list[str]:
@@ -59,6 +60,7 @@ def _stages() -> dict[str, list[str]]:
         "step": _pytest(["bench/bench_gpt_step.py"], bench),
         "ops": _pytest(["bench/bench_kernels.py"], bench),
         "host": _pytest(["bench/bench_host.py"], bench),
+        "fsdp": _pytest(["bench/bench_fsdp.py"], bench),
         "demo": [sys.executable, "-m", "diffq_triton", "demo", "--device", "cuda",
                  "--steps", "150", "--out", str(ROOT / "diffq_demo_out" / "gpu-check")],
     }
@@ -77,7 +79,7 @@ def main(argv: list[str] | None = None) -> int:
         return 2
     print(f"gpu-check on {torch.cuda.get_device_name()}, torch {torch.__version__}", flush=True)
     env = dict(os.environ, DIFFQ_TRITON_TEST_DEVICE="cuda", TRITON_INTERPRET="0",
-               PYTHONUNBUFFERED="1")
+               PYTHONUNBUFFERED="1", DIFFQ_TRITON_BENCH_FSDP_DEVICE="cuda")
     env.pop("DIFFQ_TRITON_BACKEND", None)  # the benchmarks and the demo pick Triton on CUDA
     results = []
     for name, command in _stages().items():
