@@ -501,3 +501,52 @@ def test_triton_path_matches_ddp(ranks):
         for key, value in result["triton_ddp"].items():
             torch.testing.assert_close(result["triton_fsdp"][key], value, rtol=1e-4,
                                        atol=1e-5, msg=key)
+
+
+def _inductor_worker(rank: int, out_dir: str) -> None:
+    import torch.distributed as dist
+    from torch.distributed.device_mesh import init_device_mesh
+    from torch.distributed.fsdp import fully_shard
+
+    os.environ["GLOO_SOCKET_IFNAME"] = "lo"
+    dist.init_process_group("gloo", init_method=f"file://{out_dir}/store", rank=rank,
+                            world_size=WORLD, timeout=datetime.timedelta(seconds=600))
+    try:
+        mesh = init_device_mesh("cpu", (WORLD,))
+        model, q = _build()
+        for block in model.blocks:
+            block.compile()  # inductor, as torchtitan compiles each block
+            fully_shard(block, mesh=mesh)
+        fully_shard(model, mesh=mesh)
+        opt = torch.optim.Adam(model.parameters(), lr=1e-2)
+        q.setup_optimizer(opt)
+        log = _train(model, q, opt, rank, model)
+        model.eval()
+        with torch.no_grad():
+            outputs = model(_batch(99, 0)[0])
+        diffq_triton.save_quantized(q, Path(out_dir) / "inductor.safetensors")
+        result = {"log": log, "eval": outputs}
+    except BaseException as exc:
+        import traceback
+
+        result = {"error": "".join(traceback.format_exception(exc))}
+    torch.save(result, os.path.join(out_dir, f"inductor{rank}.pt"))
+    dist.barrier()
+    dist.destroy_process_group()
+    os._exit(0)
+
+
+@pytest.mark.slow
+def test_blocks_compiled_by_inductor(tmp_path):
+    mp.spawn(_inductor_worker, args=(str(tmp_path),), nprocs=WORLD)
+    results = [torch.load(tmp_path / f"inductor{r}.pt", weights_only=False)
+               for r in range(WORLD)]
+    for result in results:
+        assert "error" not in result, result["error"]
+    plain = Net()
+    diffq_triton.load_quantized(plain, tmp_path / "inductor.safetensors")
+    plain.eval()
+    with torch.no_grad():
+        torch.testing.assert_close(plain(_batch(99, 0)[0]), results[0]["eval"], rtol=0,
+                                   atol=0)
+    assert results[0]["log"] == results[1]["log"]
