@@ -189,7 +189,7 @@ def _scenarios(rank: int, out: Path) -> dict:
             q = diffq_triton.DiffQuantizer(model, min_size=0, group_size=GROUP)
         for block in model.blocks:
             if name == "compiled":
-                block.compile(backend="aot_eager")
+                block.compile(backend="aot_eager", fullgraph=True)
             fully_shard(block, mesh=mesh)
         fully_shard(model, mesh=mesh)
         opt = torch.optim.Adam(model.parameters(), lr=1e-2)
@@ -469,6 +469,16 @@ def test_uniform_qat_lsq_and_compiled_blocks(ranks):
             assert not torch.equal(used, result[f"{name}_before"]), name
             if name != "compiled":
                 assert used.unique().numel() <= 2**3, f"{name}: not on 8 levels"
+                continue
+            # The noise of each block's weights is its own (the traced call keys it by the
+            # parameter's stream too), at the scale of the quantization step.
+            xi = []
+            for block in ("blocks.0.up", "blocks.1.up"):
+                w = result["fsdp_initial"][f"{block}.weight"]
+                step = (w.max() - w.min()) / (2**8 - 1)
+                xi.append((result["compiled_used"][block] - w) / step)
+                assert 0.4 < float(xi[-1].std()) < 0.6, (block, float(xi[-1].std()))
+            assert (xi[0] - xi[1]).abs().max() > 0.1, "the same noise in both blocks"
 
 
 def test_quantized_layers_train_sharded(ranks):

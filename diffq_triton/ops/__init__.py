@@ -145,6 +145,8 @@ def pseudo_quantize_many(
         if non_empty and (backend == "triton" or torch.compiler.is_compiling()):
             call_seed = call_seed.to(device)
             if torch.compiler.is_compiling():
+                if some_streams:  # the op keys by position: the first stream joins the seed
+                    call_seed = _stream_seed(call_seed, some_streams[0])
                 noisy = custom_ops.pseudo_quantize_many(some_w, some_l, call_seed, *config,
                                                         backend)[0]
             else:

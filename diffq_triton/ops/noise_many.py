@@ -85,11 +85,14 @@ class NoiseMany(torch.autograd.Function):
         weights, logits = ctx.weights, ctx.logits
         count = len(weights)
         kernels = _kernels()
-        # The backward reads the logits through the table's pointers. FSDP2 frees a block's
-        # unsharded weights and logits after its forward and gathers them again before its
-        # backward, maybe elsewhere: the table is found again by the pointers they have now
-        # (the forward's, from the cache, when nothing moved).
-        table = kernels.table_for(weights, logits, group_size, kernels.BLOCKS, streams)
+        table = ctx.table
+        if streams is not None:
+            # A module-wise call (FSDP2, checkpointing): the backward reads the logits through
+            # the table's pointers, and FSDP2 frees a block's unsharded logits after its
+            # forward and gathers them again before its backward, maybe elsewhere. The table
+            # is found again by the pointers they have now (a whole-model call keeps its
+            # own: its parameters do not move).
+            table = kernels.table_for(weights, logits, group_size, kernels.BLOCKS, streams)
         extra = None
         if ctx.size_config is not None:
             ctx.size_config[1].used = True

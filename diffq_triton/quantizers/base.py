@@ -193,7 +193,7 @@ class BaseQuantizer(WeightSwap, QuantizerState):
     def _add_param_group(self, optimizer: torch.optim.Optimizer, group: dict) -> None:
         if self._optimizer_setup:
             raise validation.ArgumentError("setup_optimizer() was already called on this quantizer")
-        self._follow_sharding()
+        self._follow_sharding(every=True)
         if self._sharded:
             sharding.check_optimizer(self, optimizer)
             # Created after fully_shard from model.parameters(), the optimizer holds them

@@ -165,8 +165,8 @@ class DiffQuantizer(BaseQuantizer):
         self._require_optimizer()
         whole_model = records is None
         if whole_model:
-            records = list(self._first_uses())
-            seed, streams = self._draw_seed(), list(range(len(records)))
+            # Streams by position: parameter i's, as the module-wise swap keys them.
+            records, seed = list(self._first_uses()), self._draw_seed()
         weights = [record.param for record in records]
         logits = [record.logit for record in records]
         kwargs = dict(group_size=self.group_size, min_bits=self.min_bits,

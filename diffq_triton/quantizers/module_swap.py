@@ -15,18 +15,27 @@ each module instead:
 the tensors the module holds now (FSDP's unsharded weight and logits, or the parameters),
 derives the module's weights in one call of the quantizer, and sets them; its post-hook
 puts back what it replaced. The noise of a forward pass is keyed by one seed drawn by the
-root's pre-hook and each parameter's index (the same noise as the one-call swap draws),
-so a recomputation inside the backward rebuilds the very same weights.
+root's pre-hook and each parameter's index (the same noise as the one-call swap draws).
+
+A recomputation inside the backward must use the seed of the forward it recomputes, which
+need not be the last one (``loss = model(a) + model(b)``). Checkpointing replays torch's
+random state from the region's start (as it does for dropout), so each module of a
+checkpointed region files its pass's seed under the random state it sees, and its
+recomputation finds the seed again under the same state.
 """
 
 from __future__ import annotations
 
 import copy
+import sys
+from collections import OrderedDict
 from typing import Any
 
 import torch
 from torch import nn
 from torch.utils.hooks import RemovableHandle
+
+from .sharding import full as sharding_full
 
 # A BaseQuantizer and its QuantizedParam records (base.py imports this module).
 BaseQuantizer = Any
@@ -35,12 +44,35 @@ QuantizedParam = Any
 
 def in_checkpoint_region(root_grad_enabled: bool) -> bool:
     """Whether a module runs inside ``torch.utils.checkpoint`` (its first forward): a
-    reentrant checkpoint runs it without gradients inside a forward with gradients, a
-    non-reentrant one under the checkpoint's saved-tensor hooks."""
-    if root_grad_enabled and not torch.is_grad_enabled():
-        return True
+    non-reentrant checkpoint runs it under the checkpoint's saved-tensor hooks, a reentrant
+    one without gradients inside a forward with gradients, from ``CheckpointFunction``
+    (not any ``torch.no_grad()`` block: a frozen part of a model is not a region)."""
     top = torch._C._autograd._top_saved_tensors_default_hooks(False)
-    return top is not None and getattr(top[0], "__module__", "") == "torch.utils.checkpoint"
+    if top is not None and getattr(top[0], "__module__", "") == "torch.utils.checkpoint":
+        return True
+    if not root_grad_enabled or torch.is_grad_enabled():
+        return False
+    frame = sys._getframe(1)
+    while frame is not None:
+        if (frame.f_code.co_name == "forward"
+                and frame.f_globals.get("__name__") == "torch.utils.checkpoint"):
+            return True
+        frame = frame.f_back
+    return False
+
+
+def _rng_state(device: torch.device) -> object:
+    """A key of the random state of ``device``'s default generator, which checkpointing
+    restores before a recomputation."""
+    if device.type == "cuda":
+        generator = torch.cuda.default_generators[device.index or 0]
+        return ("cuda", generator.initial_seed(), generator.get_offset())
+    return bytes(torch.get_rng_state().numpy())
+
+
+# Passes whose regions a backward may still recompute (a forward of several passes before
+# one backward: micro-batches summed, two views): far more than any training loop keeps.
+_REGION_SEEDS = 256
 
 
 def _keep(tensor: torch.Tensor) -> torch.Tensor:
@@ -70,11 +102,19 @@ class ModuleSwaps:
             first = record.first or record
             self._uses.setdefault(id(record.module), []).append((record, index[id(first)]))
             modules[id(record.module)] = record.module
+        # Eval shows float16-stored parameters rounded, module by module too.
+        self._half: dict[int, list[str]] = {}
+        for module, name, _ in quantizer._float16_uses:
+            self._half.setdefault(id(module), []).append(name)
+            modules[id(module)] = module
         self._handles: list[RemovableHandle] = []
         for module in modules.values():
             self._handles.append(module.register_forward_pre_hook(self._pre))
             self._handles.append(module.register_forward_hook(self._post, always_call=True))
         self.seed: torch.Tensor | None = None
+        # Seeds of the passes whose checkpointed regions may be recomputed, by the random
+        # state at each of their modules (a bounded memory of recent passes).
+        self._region_seeds: OrderedDict[object, torch.Tensor] = OrderedDict()
         # Within one forward pass a parameter's derived weight is shared by all its uses.
         self._this_pass: dict[int, torch.Tensor] = {}
         self._replaced: dict[int, list[tuple[str, torch.Tensor, torch.Tensor]]] = {}
@@ -88,6 +128,29 @@ class ModuleSwaps:
     def end_pass(self) -> None:
         """The root forward is over: drop the derived weights it shared."""
         self._this_pass.clear()
+
+    def note_region(self) -> None:
+        """A module of a checkpointed region runs its first forward: file this pass's seed
+        under the random state its recomputation will replay."""
+        if self.seed is None:
+            return
+        key = _rng_state(self.seed.device)
+        self._region_seeds[key] = self.seed
+        self._region_seeds.move_to_end(key)
+        while len(self._region_seeds) > _REGION_SEEDS:
+            self._region_seeds.popitem(last=False)
+
+    def _recomputed_seed(self) -> torch.Tensor | None:
+        if self.seed is None:  # a quantizer without noise
+            return None
+        seed = self._region_seeds.get(_rng_state(self.seed.device))
+        if seed is None:
+            raise RuntimeError(
+                "a checkpointed region is recomputed whose forward the quantizer did not see "
+                "run: checkpointing must be on from the first training forward, with "
+                "preserve_rng_state=True (the default), so that the recomputation uses the "
+                "same noisy weights")
+        return seed
 
     def remove(self) -> None:
         for handle in self._handles:
@@ -119,10 +182,19 @@ class ModuleSwaps:
         if q._quantized:
             return
         training = q.model.training
-        recompute = training and _in_backward()
+        # Traced (a block compiled with fullgraph=True): the compiled graph keeps its own
+        # recomputation, so only the swap itself is traced.
+        compiling = torch.compiler.is_compiling()
+        recompute = training and not compiling and _in_backward()
         grad = torch.is_grad_enabled()
+        seed = self.seed
+        if recompute:
+            seed = self._recomputed_seed()
+        elif training and not compiling and in_checkpoint_region(q._root_grad):
+            self.note_region()
+        uses = self._uses.get(id(module), [])
         todo: list[tuple[QuantizedParam, int]] = []
-        for record, i in self._uses[id(module)]:
+        for record, i in uses:
             held = self._this_pass.get(i)
             # A recomputation, or a first use without gradients (inside a reentrant
             # checkpoint) followed by one with: derive again, from the same seed.
@@ -133,27 +205,36 @@ class ModuleSwaps:
             if training:
                 # Outside any checkpoint's saved-tensor hooks: the derivation's own saved
                 # tensors are not the region's, which a recomputation must match one for one.
-                with torch.autograd.graph.saved_tensors_hooks(_keep, _keep):
-                    derived = q._train_weights(views, seed=self.seed,
-                                               streams=[i for _, i in todo])
+                streams = [i for _, i in todo]
+                if compiling:
+                    derived = q._train_weights(views, seed=seed, streams=streams)
+                else:
+                    with torch.autograd.graph.saved_tensors_hooks(_keep, _keep):
+                        derived = q._train_weights(views, seed=seed, streams=streams)
             else:
                 with torch.no_grad():
                     derived = q._quantized_weights(views)
             if derived is None:  # the quantizer trains on the float weights
-                return
-            fresh = {i: t for (_, i), t in zip(todo, derived, strict=True)}
+                derived = [None] * len(todo)
+            fresh = {i: t for (_, i), t in zip(todo, derived, strict=True) if t is not None}
             if not recompute:  # a recomputation's weights serve its own modules only
                 self._this_pass.update(fresh)
         else:
             fresh = {}
         replaced = []
-        for record, i in self._uses[id(module)]:
+        if not training:
+            for name in self._half.get(id(module), []):
+                held = module._parameters[name]
+                rounded = sharding_full(held.detach()).half().to(held.dtype)
+                replaced.append((name, held, rounded))
+                module._parameters[name] = rounded
+        for record, i in uses:
             tensor = fresh.get(i, self._this_pass.get(i))
             if tensor is None:
                 continue
             replaced.append((record.name, module._parameters[record.name], tensor))
             module._parameters[record.name] = tensor
-            if not torch.compiler.is_compiling() and q._swap_check.active:
+            if not compiling and q._swap_check.active:
                 q._swap_check.expect(module, record.name, tensor)
         self._replaced[id(module)] = replaced
         q._fix_rnns()

@@ -54,10 +54,15 @@ def refuse_sharded_model(model: nn.Module, owner: str) -> None:
             )
 
 
-def needs_rebind(quantizer: BaseQuantizer) -> bool:
-    """Whether parameters were replaced since the records were taken (cheap: one lookup)."""
+def needs_rebind(quantizer: BaseQuantizer, every: bool = False) -> bool:
+    """Whether parameters were replaced since the records were taken: by the first record
+    (one lookup, every step), or by ``every`` record (the first forwards and
+    ``setup_optimizer``: ``fully_shard`` may have left the first record's module alone)."""
     for record in quantizer._qparams:
-        return record.module._parameters.get(record.name) is not record.param
+        if record.module._parameters.get(record.name) is not record.param:
+            return True
+        if not every:
+            return False
     return False
 
 

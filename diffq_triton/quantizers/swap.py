@@ -60,19 +60,23 @@ class WeightSwap:
 
     def _draw_seed(self) -> torch.Tensor | None:
         """The seed of a training forward's noise (one draw from torch's generator on the
-        weights' device, no host sync), kept for the module-wise swap's recomputations."""
-        records = list(self._first_uses())
-        if not records:
+        weights' device, no host sync), kept for the module-wise swap's recomputations;
+        None for quantizers without noise (their runs draw nothing, as a plain model's)."""
+        if not self._trains_widths or not self._qparams:
             return None
+        # The first record is a first use: its device is the weights'.
         self._seed = torch.randint(0, 2**31 - 1, (1,), dtype=torch.int64,
-                                   device=records[0].param.device)
+                                   device=self._qparams[0].param.device)
         return self._seed
 
-    def _follow_sharding(self) -> None:
+    def _follow_sharding(self, every: bool = False) -> None:
         """After fully_shard: follow the sharded parameters, swap module by module."""
         # Skipped while the root's swap is in place (the modules hold derived weights then)
         # and when tracing (sharding happens outside compiled code).
-        if self._sharded or self._swapped or _is_compiling() or not sharding.needs_rebind(self):
+        if self._sharded or self._swapped or _is_compiling():
+            return
+        check = getattr(self, "_swap_check", None)
+        if not sharding.needs_rebind(self, every or (check is not None and check.active)):
             return
         self._sharded = sharding.rebind(self)
         self._params_changed()
@@ -87,9 +91,9 @@ class WeightSwap:
         # Called before each quantized module of the first forwards (the swap check): a
         # checkpointed region recomputes its modules in the backward, after the root's
         # swap is undone; from now on they swap their own weights (the same noise).
-        if (self._module_swaps is None and self.model.training
-                and in_checkpoint_region(self._root_grad)):
+        if self.model.training and in_checkpoint_region(self._root_grad):
             self._use_module_swaps()
+            self._module_swaps.note_region()
 
     def _own_for_compute(self, tensor: torch.Tensor) -> torch.Tensor:
         """The quantizer's own tensor of a parameter (logits, step) as a module-wise swap
@@ -105,7 +109,9 @@ class WeightSwap:
     def _forward_done(self, module: nn.Module, inputs: object, output: object) -> None:
         # Called only when a forward returned (not always_call): a forward that raised
         # leaves the check on, so that a retry is checked again.
-        if not _is_compiling() and self.model.training:
+        # A forward without gradients (a dry run, a no_grad evaluation in train mode) is
+        # not a training forward: what it ran (checkpointed regions) may differ.
+        if not _is_compiling() and self.model.training and torch.is_grad_enabled():
             self._swap_check.finish()  # checked once: later steps pay nothing
             self._done_handle.remove()
 
