@@ -3,6 +3,7 @@
 A drop-in for diffq 0.2.4: ``import diffq_triton as diffq``.
 """
 
+from .packed import PackReport, load_quantized, pack_model, resident_bytes
 from .quantizers import (
     LSQ,
     BaseQuantizer,
@@ -13,7 +14,6 @@ from .quantizers import (
 )
 from .serialization import (
     load_diffq_state,
-    load_quantized,
     restore_quantized_state,
     save_quantized,
 )
@@ -24,10 +24,13 @@ __all__ = [
     "BaseQuantizer",
     "DiffQuantizer",
     "LSQ",
+    "PackReport",
     "SizeBudget",
     "UniformQuantizer",
     "load_diffq_state",
     "load_quantized",
+    "pack_model",
+    "resident_bytes",
     "restore_quantized_state",
     "save_quantized",
     "size_range",

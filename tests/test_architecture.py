@@ -23,7 +23,7 @@ MAX_ROOT_MODULES = 8
 LAYERS: dict[str, int] = {
     "cli": 0, "__main__": 0, "info": 0, "demo": 0, "gpu_report": 0,
     "": 1,
-    "quantizers": 2, "nn": 2,
+    "quantizers": 2, "nn": 2, "packed": 2,
     "serialization": 3,
     "ops": 4,
     "codec": 5, "kernels": 5,
@@ -31,7 +31,8 @@ LAYERS: dict[str, int] = {
 }
 # Parts that must not import each other although both are allowed by their layers.
 FORBIDDEN = {("quantizers", "nn"), ("nn", "quantizers"), ("codec", "kernels"),
-             ("kernels", "codec")}
+             ("kernels", "codec"), ("packed", "quantizers"), ("quantizers", "packed"),
+             ("packed", "nn"), ("nn", "packed")}
 
 
 def _modules() -> dict[str, Path]:

@@ -261,6 +261,16 @@ def test_demo_reload_matches_quantized(tiny_demo):
     assert text.count("(equal)") == 3
 
 
+def test_demo_packed_models_match_the_reloaded_ones(tiny_demo):
+    _, outcome, text = tiny_demo
+    packed = outcome["packed"]
+    assert [p.method for p in packed] == [c.method for c in outcome["reload"]]
+    for check in packed:
+        assert check.packed_ppl == check.reloaded_ppl
+        assert 0 < check.resident_mb <= 1.1 * check.file_mb + 64 / 1024
+    assert text.count("packed in memory") == 3 and text.count("(identical)") == 3
+
+
 def test_demo_writes_results(tiny_demo):
     out, outcome, _ = tiny_demo
     record = json.loads((out / "results.json").read_text())

@@ -11,7 +11,7 @@ from typing import TextIO
 
 import torch
 
-from . import checkpoint, report
+from . import checkpoint, packed_check, report
 from .data import VOCAB_SIZE, load_corpus
 from .methods import Method, QuantSettings, default_methods, resolve_budget
 from .model import ModelConfig
@@ -67,7 +67,8 @@ def run_demo(config: DemoConfig, stream: TextIO | None = None) -> dict:
     """Run the demo, printing to ``stream`` (stdout by default; progress bars go to stderr).
 
     Returns:
-        ``{"results": [RunResult...], "reload": [ReloadCheck...], "plot": Path | None}``.
+        ``{"results": [RunResult...], "reload": [ReloadCheck...], "packed": [PackedCheck...],
+        "plot": Path | None}``.
     """
     out = stream if stream is not None else sys.stdout
     if not config.methods or config.methods[0].kind != "float":
@@ -113,6 +114,12 @@ def run_demo(config: DemoConfig, stream: TextIO | None = None) -> dict:
             f"({verdict})",
             file=out,
         )
+    packed = packed_check.packed_checks(
+        checks, config.model,
+        eval_windows(corpus.val, config.model.context, config.train.eval_windows),
+        config.train.device)
+    for line in map(packed_check.describe, packed):
+        print(line, file=out)
     plot_path = config.out / "size_vs_ppl.png"
     problem = report.plot_size_vs_ppl(results, plot_path)
     print(problem if problem else f"plot: {plot_path}", file=out)
@@ -128,6 +135,7 @@ def run_demo(config: DemoConfig, stream: TextIO | None = None) -> dict:
              "quantized_ppl": c.quantized_ppl, "reloaded_ppl": c.reloaded_ppl}
             for c in checks
         ],
+        "packed": [asdict(p) for p in packed],
     }
     report.write_json(config.out / "results.json", results, extra)
     (config.out / "results.md").write_text(report.format_table(results, markdown=True) + "\n")
@@ -136,7 +144,8 @@ def run_demo(config: DemoConfig, stream: TextIO | None = None) -> dict:
         f"({time.perf_counter() - started:.0f} s in all)",
         file=out,
     )
-    return {"results": results, "reload": checks, "plot": None if problem else plot_path}
+    return {"results": results, "reload": checks, "packed": packed,
+            "plot": None if problem else plot_path}
 
 
 def _save_and_reload(

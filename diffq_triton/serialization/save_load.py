@@ -209,8 +209,10 @@ def _on_host(plan: Plan, device: torch.device) -> bool:
     return device.type == "cpu" and not dispatch.bitpack_on_triton(plan.packed)
 
 
-def _decode(plan: Plan, device: torch.device, out: torch.Tensor | None = None) -> torch.Tensor:
-    """The weight of a checked record, on ``device``.
+def decode_plan(plan: Plan, device: torch.device, out: torch.Tensor | None = None
+                ) -> torch.Tensor:
+    """The weight of a checked record, on ``device`` (the float value ``load_quantized``
+    gives its parameters; the packed loader decodes the layers it keeps float with it).
 
     Args:
         out: a contiguous float32 CPU tensor of the weight's size, written in place when
@@ -264,7 +266,7 @@ def load_quantized(model: nn.Module, path: str | os.PathLike | BinaryIO | bytes)
             direct = (plan.qt is not None and plan.qt.dtype == torch.float32
                       and _on_host(plan, first.device) and first.dtype == torch.float32
                       and first.is_contiguous())
-            value = _decode(plan, first.device, first.data if direct else None)
+            value = decode_plan(plan, first.device, first.data if direct else None)
             for p in plan.params[0 if not direct else 1 :]:
                 p.copy_(value.to(p.device))
 

@@ -1,0 +1,203 @@
+"""Packed layers: Linear, Embedding, Conv1d, Conv2d and GPT-2's Conv1D with packed weights.
+
+Each holds its weight as a :class:`~.layout.PackedTensor` submodule (``weight_packed``,
+shared by tied uses) and its bias as the float parameter it was. The forward decodes the
+weight just in time and calls the same ``torch.nn.functional`` op as the float layer, so the
+output is the float-loaded model's, bit for bit. On the CPU the decode goes into a scratch
+buffer per thread, reused by every packed layer (its size is the largest layer's), when
+autograd records nothing (``torch.no_grad()`` / ``torch.inference_mode()``, or nothing in
+the call requiring grad); otherwise each call decodes into a fresh tensor that autograd may
+keep.
+"""
+
+from __future__ import annotations
+
+import threading
+
+import torch
+import torch.nn.functional as F
+from torch import nn
+
+from .layout import PackedTensor
+
+_SCRATCH = threading.local()
+
+
+def _scratch(slot: str, numel: int, dtype: torch.dtype, device: torch.device) -> torch.Tensor:
+    """``[numel]`` of this thread's scratch buffer ``(slot, dtype, device)``, grown on need.
+
+    Made outside inference mode: an inference tensor could not be written to later in
+    plain no-grad mode.
+    """
+    pool = getattr(_SCRATCH, "buffers", None)
+    if pool is None:
+        pool = _SCRATCH.buffers = {}
+    key = (slot, dtype, device)
+    buf = pool.get(key)
+    if buf is None or buf.numel() < numel:
+        pool.pop(key, None)  # freed before the larger one is made
+        with torch.inference_mode(False):
+            buf = pool[key] = torch.empty(numel, dtype=dtype, device=device)
+    return buf[:numel]
+
+
+def release_scratch() -> None:
+    """Free this thread's scratch buffers (the next packed forward makes them again)."""
+    _SCRATCH.buffers = {}
+
+
+def _records_grad(*tensors: torch.Tensor | None) -> bool:
+    return torch.is_grad_enabled() and any(t is not None and t.requires_grad for t in tensors)
+
+
+class PackedModule(nn.Module):
+    """Base of the packed layers: the packed weight and its just-in-time decode."""
+
+    weight_packed: PackedTensor
+
+    def _set_weight(self, packed: PackedTensor) -> None:
+        self.weight_packed = packed
+
+    @property
+    def weight(self) -> torch.Tensor:
+        """The dequantized weight, a fresh tensor (for code that reads ``layer.weight``)."""
+        return self.weight_packed.dequantize()
+
+    def _decoded(self, *inputs: torch.Tensor | None) -> torch.Tensor:
+        """The weight of this call, in the scratch buffers when autograd records nothing."""
+        pt = self.weight_packed
+        if pt.device.type != "cpu" or _records_grad(*inputs, *self.parameters()):
+            return pt.dequantize()
+        w = pt.decode_into(_scratch("float32", pt.numel, torch.float32, pt.device))
+        if pt.dtype == torch.float32 and pt.record_dtype == torch.float32:
+            return w
+        out = _scratch("cast", pt.numel, pt.dtype, pt.device).view(pt.shape)
+        return pt.cast(w, out)
+
+
+class PackedLinear(PackedModule):
+    """``nn.Linear`` with a packed weight: ``y = x Ŵᵀ + b`` (``F.linear``).
+
+    Input ``[..., in_features]``, output ``[..., out_features]``, of the input's dtype.
+    """
+
+    def __init__(self, linear: nn.Linear, packed: PackedTensor):
+        super().__init__()
+        self.in_features, self.out_features = linear.in_features, linear.out_features
+        self._set_weight(packed)
+        self.bias = linear.bias
+
+    def forward(self, x: torch.Tensor) -> torch.Tensor:
+        return F.linear(x, self._decoded(x), self.bias)
+
+    def extra_repr(self) -> str:
+        return (f"in_features={self.in_features}, out_features={self.out_features}, "
+                f"bias={self.bias is not None}")
+
+
+class PackedEmbedding(PackedModule):
+    """``nn.Embedding`` with a packed weight (``F.embedding``; ``max_norm`` is not
+    supported: it rewrites the weight's rows, such layers load as float)."""
+
+    def __init__(self, embedding: nn.Embedding, packed: PackedTensor):
+        super().__init__()
+        self.num_embeddings, self.embedding_dim = embedding.num_embeddings, embedding.embedding_dim
+        self.padding_idx = embedding.padding_idx
+        self.scale_grad_by_freq, self.sparse = embedding.scale_grad_by_freq, embedding.sparse
+        self._set_weight(packed)
+
+    def forward(self, ids: torch.Tensor) -> torch.Tensor:
+        return F.embedding(ids, self._decoded(), self.padding_idx, None, 2.0,
+                           self.scale_grad_by_freq, self.sparse)
+
+    def extra_repr(self) -> str:
+        return f"{self.num_embeddings}, {self.embedding_dim}, padding_idx={self.padding_idx}"
+
+
+class _PackedConv(PackedModule):
+    """Shared by the packed convolutions: the float layer's own ``_conv_forward`` runs with
+    this module's copy of its hyper-parameters (padding modes included)."""
+
+    _float_class: type[nn.Module]
+    _ATTRS = ("in_channels", "out_channels", "kernel_size", "stride", "padding", "dilation",
+              "groups", "padding_mode", "_reversed_padding_repeated_twice")
+
+    def __init__(self, conv: nn.Module, packed: PackedTensor):
+        super().__init__()
+        for name in self._ATTRS:
+            setattr(self, name, getattr(conv, name))
+        self._set_weight(packed)
+        self.bias = conv.bias
+
+    def forward(self, x: torch.Tensor) -> torch.Tensor:
+        return self._float_class._conv_forward(self, x, self._decoded(x), self.bias)
+
+    def extra_repr(self) -> str:
+        return (f"{self.in_channels}, {self.out_channels}, kernel_size={self.kernel_size}, "
+                f"stride={self.stride}, padding={self.padding}, groups={self.groups}")
+
+
+class PackedConv1d(_PackedConv):
+    """``nn.Conv1d`` with a packed weight (``F.conv1d``)."""
+
+    _float_class = nn.Conv1d
+
+
+class PackedConv2d(_PackedConv):
+    """``nn.Conv2d`` with a packed weight (``F.conv2d``)."""
+
+    _float_class = nn.Conv2d
+
+
+class PackedConv1D(PackedModule):
+    """transformers' GPT-2 ``Conv1D`` (a Linear whose weight is stored ``[in, out]``) with a
+    packed weight: ``y = addmm(b, x, W)`` as that layer computes it.
+
+    Input ``[..., nx]``, output ``[..., nf]``.
+    """
+
+    def __init__(self, conv: nn.Module, packed: PackedTensor):
+        super().__init__()
+        self.nf, self.nx = conv.nf, packed.shape[0]
+        self._set_weight(packed)
+        self.bias = conv.bias
+
+    def forward(self, x: torch.Tensor) -> torch.Tensor:
+        size_out = x.size()[:-1] + (self.nf,)
+        x = torch.addmm(self.bias, x.view(-1, x.size(-1)), self._decoded(x))
+        return x.view(size_out)
+
+    def extra_repr(self) -> str:
+        return f"nf={self.nf}, nx={self.nx}"
+
+
+def is_gpt2_conv1d(module: nn.Module) -> bool:
+    """Whether ``module`` looks like transformers' ``Conv1D`` (duck typing: no import of
+    transformers): class name ``Conv1D``, an int ``nf``, a ``[nx, nf]`` weight and an
+    ``[nf]`` bias, and no forward hooks of its own that a replacement would drop."""
+    weight, bias = getattr(module, "weight", None), getattr(module, "bias", None)
+    nf = getattr(module, "nf", None)
+    return (type(module).__name__ == "Conv1D" and isinstance(nf, int)
+            and isinstance(weight, torch.Tensor) and weight.dim() == 2
+            and weight.shape[1] == nf and isinstance(bias, torch.Tensor)
+            and tuple(bias.shape) == (nf,))
+
+
+def packed_class(module: nn.Module) -> type[PackedModule] | None:
+    """The packed layer replacing ``module`` (whose ``weight`` is quantized), or None.
+
+    Exact classes only: a subclass may compute something else with its weight (e.g.
+    ``MultiheadAttention``'s ``out_proj`` reads it directly), so it stays float.
+    """
+    kind = type(module)
+    if kind is nn.Linear:
+        return PackedLinear
+    if kind is nn.Embedding:
+        return PackedEmbedding if module.max_norm is None else None
+    if kind is nn.Conv1d:
+        return PackedConv1d
+    if kind is nn.Conv2d:
+        return PackedConv2d
+    if is_gpt2_conv1d(module):
+        return PackedConv1D
+    return None
