@@ -150,6 +150,27 @@ def _scenarios(rank: int, out: Path) -> dict:
     whole = sum(p.numel() * p.element_size() for p in model.parameters())
     result["held"] = (local, whole, [type(p).__name__ for p in model.parameters()],
                       bool(q._module_swaps._this_pass) or bool(q._module_swaps._replaced))
+    # During a step: no derived (whole, noisy) weight stays alive from a block's forward to
+    # its backward; the backward derives it again, with the same noise (DDP's, above).
+    import gc
+    import weakref
+
+    derived = []
+    train_weights = q._train_weights
+
+    def recording(*args, **kwargs):
+        out = train_weights(*args, **kwargs)
+        derived.extend(weakref.ref(t) for t in out)
+        return out
+
+    q._train_weights = recording
+    x, y = _batch(0, rank)
+    loss = nn.functional.cross_entropy(model(x).reshape(-1, VOCAB), y.reshape(-1))
+    gc.collect()
+    result["alive_after_forward"] = (sum(r() is not None for r in derived), len(derived))
+    loss.backward()
+    opt.zero_grad()
+    q._train_weights = train_weights
     # Eval: the quantized weights.
     model.eval()
     seen.clear()
@@ -432,6 +453,14 @@ def test_no_rank_holds_unsharded_weights_between_steps(ranks):
         assert not derived_alive
         # Half of each tensor per rank, but for the rounding of uneven dim-0 shards.
         assert local <= whole / WORLD + 4 * (VOCAB + HIDDEN) * 4, (local, whole)
+
+
+def test_no_derived_weight_is_kept_from_forward_to_backward(ranks):
+    results, _ = ranks
+    for result in results:
+        alive, derived = result["alive_after_forward"]
+        assert derived >= len(QUANTIZED)
+        assert alive == 0, f"{alive} of {derived} derived weights kept for the backward"
 
 
 def test_mixed_precision_trains_with_noise(ranks):

@@ -17,6 +17,11 @@ derives the module's weights in one call of the quantizer, and sets them; its po
 puts back what it replaced. The noise of a forward pass is keyed by one seed drawn by the
 root's pre-hook and each parameter's index (the same noise as the one-call swap draws).
 
+On a sharded model a module's derived weight is not kept for its backward (the layer would
+save it: the whole unsharded weight of every block, from its forward to its backward,
+which FSDP exists to avoid): the module's saved-tensor hooks keep how to derive it again,
+and the backward derives it from the weight FSDP gathers again for it, with the same seed.
+
 A recomputation inside the backward must use the seed of the forward it recomputes, which
 need not be the last one (``loss = model(a) + model(b)``). Checkpointing replays torch's
 random state from the region's start (as it does for dropout), so each module of a
@@ -27,6 +32,7 @@ recomputation finds the seed again under the same state.
 from __future__ import annotations
 
 import copy
+import functools
 import sys
 from collections import OrderedDict
 from typing import Any
@@ -79,6 +85,33 @@ def _keep(tensor: torch.Tensor) -> torch.Tensor:
     return tensor
 
 
+class _Rederivable:
+    """A derived weight saved for a backward as the means to derive it again."""
+
+    __slots__ = ("swaps", "record", "weight", "own", "seed", "stream", "size", "stride",
+                 "offset")
+
+    def __init__(self, swaps, record, weight, own, seed, stream, size, stride, offset):
+        self.swaps, self.record, self.weight, self.own = swaps, record, weight, own
+        self.seed, self.stream = seed, stream
+        self.size, self.stride, self.offset = size, stride, offset
+
+    def tensor(self) -> torch.Tensor:
+        derived = self.swaps._rederive(self.record, self.weight, self.own, self.seed,
+                                       self.stream)
+        return derived.as_strided(self.size, self.stride,
+                                  derived.storage_offset() + self.offset)
+
+
+def _where(tensor: torch.Tensor) -> tuple:
+    return (tensor.untyped_storage().data_ptr(), tensor.dtype, tensor.device,
+            tensor.storage_offset())
+
+
+def _unpack(saved: object) -> torch.Tensor:
+    return saved.tensor() if isinstance(saved, _Rederivable) else saved
+
+
 def _in_backward() -> bool:
     return torch._C._current_graph_task_id() != -1
 
@@ -118,6 +151,8 @@ class ModuleSwaps:
         # Within one forward pass a parameter's derived weight is shared by all its uses.
         self._this_pass: dict[int, torch.Tensor] = {}
         self._replaced: dict[int, list[tuple[str, torch.Tensor, torch.Tensor]]] = {}
+        # The saved-tensor hooks of the module calls in progress (sharded models).
+        self._saving: dict[int, list] = {}
 
     def begin_pass(self, seed: torch.Tensor | None) -> None:
         """A root forward starts: ``seed`` keys its noise (None in eval)."""
@@ -157,25 +192,42 @@ class ModuleSwaps:
             handle.remove()
         self._handles = []
 
-    def _current(self, record: QuantizedParam, module: nn.Module) -> QuantizedParam:
-        """A copy of ``record`` holding the tensors the modules hold now (under FSDP, the
-        unsharded weight and the unsharded quantizer parameter)."""
+    def _sources(self, record: QuantizedParam, module: nn.Module
+                 ) -> tuple[torch.Tensor, torch.Tensor | None]:
+        """The weight and the quantizer's own tensor as the modules hold them now (under
+        FSDP, the unsharded weight and the unsharded logits)."""
         q = self._quantizer
         first = record.first or record
-        view = copy.copy(first)
-        # The weight the module holds now: under FSDP the unsharded one. After a switch in
-        # the middle of a forward the module holds the root's derived weight: use the
-        # parameter.
-        view.param = record.param if q._swapped else module._parameters[record.name]
-        own = q._own_attr
-        if own is not None:
-            current = first.module._parameters.get(first.name + q._param_suffix)
-            if current is None or not q.model.training:
+        # After a switch in the middle of a forward the module holds the root's derived
+        # weight: use the parameter.
+        weight = record.param if q._swapped else module._parameters[record.name]
+        own = None
+        if q._own_attr is not None:
+            own = first.module._parameters.get(first.name + q._param_suffix)
+            if own is None or not q.model.training:
                 # Eval rounds widths: from the float32 parameter itself (gathered when
                 # sharded), not from a copy cast to a mixed-precision param_dtype.
-                current = getattr(first, own)
-            setattr(view, own, q._own_for_compute(current))
+                own = getattr(first, q._own_attr)
+        return weight, own
+
+    def _view(self, record: QuantizedParam, weight: torch.Tensor,
+              own: torch.Tensor | None) -> QuantizedParam:
+        """A copy of ``record``'s first use computing with ``weight`` and ``own``."""
+        q = self._quantizer
+        view = copy.copy(record.first or record)
+        view.param = weight
+        if own is not None:
+            setattr(view, q._own_attr, q._own_for_compute(own))
         return view
+
+    def _rederive(self, record: QuantizedParam, weight: torch.Tensor,
+                  own: torch.Tensor | None, seed: torch.Tensor | None,
+                  stream: int) -> torch.Tensor:
+        """The derived weight a training forward set, again (no gradient: the forward's
+        node carries it); ``weight`` and ``own`` hold FSDP's gathered values again."""
+        with torch.no_grad(), torch.autograd.graph.saved_tensors_hooks(_keep, _keep):
+            return self._quantizer._train_weights(
+                [self._view(record, weight, own)], seed=seed, streams=[stream])[0]
 
     def _pre(self, module: nn.Module, inputs: object) -> None:
         q = self._quantizer
@@ -188,9 +240,11 @@ class ModuleSwaps:
         recompute = training and not compiling and _in_backward()
         grad = torch.is_grad_enabled()
         seed = self.seed
+        region = False
         if recompute:
             seed = self._recomputed_seed()
         elif training and not compiling and in_checkpoint_region(q._root_grad):
+            region = True
             self.note_region()
         uses = self._uses.get(id(module), [])
         todo: list[tuple[QuantizedParam, int]] = []
@@ -201,7 +255,9 @@ class ModuleSwaps:
             if recompute or held is None or (grad and training and held.grad_fn is None):
                 todo.append((record, i))
         if todo:
-            views = [self._current(record, module) for record, _ in todo]
+            sources = [self._sources(record, module) for record, _ in todo]
+            views = [self._view(record, *src)
+                     for (record, _), src in zip(todo, sources, strict=True)]
             if training:
                 # Outside any checkpoint's saved-tensor hooks: the derivation's own saved
                 # tensors are not the region's, which a recomputation must match one for one.
@@ -217,8 +273,20 @@ class ModuleSwaps:
             if derived is None:  # the quantizer trains on the float weights
                 derived = [None] * len(todo)
             fresh = {i: t for (_, i), t in zip(todo, derived, strict=True) if t is not None}
-            if not recompute:  # a recomputation's weights serve its own modules only
+            # A recomputation's weights serve its own modules only; a sharded model's are
+            # derived again for each use (holding them would hold every block's).
+            if not recompute and not q._sharded:
                 self._this_pass.update(fresh)
+            if (q._sharded and training and grad and not compiling and not recompute
+                    and not region and fresh):
+                # Where each derived weight lies, not the tensor: autograd keeps the pack
+                # hook with every tensor it saved, which would keep the weights alive.
+                specs = [(_where(fresh[i]), record, *src, seed, i)
+                         for (record, i), src in zip(todo, sources, strict=True) if i in fresh]
+                hooks = torch.autograd.graph.saved_tensors_hooks(
+                    functools.partial(self._pack, specs), _unpack)
+                hooks.__enter__()
+                self._saving.setdefault(id(module), []).append(hooks)
         else:
             fresh = {}
         replaced = []
@@ -239,7 +307,21 @@ class ModuleSwaps:
         self._replaced[id(module)] = replaced
         q._fix_rnns()
 
+    def _pack(self, specs: list[tuple], tensor: torch.Tensor) -> object:
+        # A tensor the module's layer saves for its backward: one of the derived weights (or
+        # a view of it, as linear saves the transposed weight) is kept as how to derive it.
+        # (The derived weights are alive while the module runs: their storages are theirs.)
+        where = _where(tensor)
+        for derived, record, weight, own, seed, stream in specs:
+            if where[:3] == derived[:3]:
+                return _Rederivable(self, record, weight, own, seed, stream, tensor.size(),
+                                    tensor.stride(), where[3] - derived[3])
+        return tensor
+
     def _post(self, module: nn.Module, inputs: object, output: object) -> None:
+        saving = self._saving.get(id(module))
+        if saving:
+            saving.pop().__exit__(None, None, None)
         for name, before, tensor in self._replaced.pop(id(module), []):
             # FSDP's post-forward may have resharded (set the sharded parameter) already.
             if module._parameters.get(name) is tensor:
