@@ -231,7 +231,8 @@ class DiffQuantizer(BaseQuantizer):
 
         Differentiable in the logits unless ``exact``, which rounds the widths as real
         quantization does (then equal to :meth:`true_model_size`). Computed on the logits'
-        device without synchronising with the host.
+        device without synchronising with the host. On a model sharded by ``fully_shard`` it
+        gathers the logits: every rank must call it.
         """
         records = list(self._first_uses())
         floats = self._float_size_bits() / MEGABYTE_BITS
