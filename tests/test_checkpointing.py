@@ -119,3 +119,78 @@ def test_checkpointing_with_the_other_quantizers(cls, kwargs):
         for name in plain:
             torch.testing.assert_close(got[name], plain[name], rtol=1e-6, atol=1e-7,
                                        msg=f"{mode}: {name}")
+
+
+@pytest.mark.parametrize("mode", ["reentrant", "non_reentrant"])
+def test_several_forwards_before_one_backward(mode):
+    # Each recomputed region finds the seed of its own forward (by the random state that
+    # checkpointing replays), not the last forward's.
+    def grads(mode):
+        torch.manual_seed(0)
+        model = Blocks(mode)
+        q = diffq_triton.DiffQuantizer(model, min_size=0, group_size=4)
+        q.no_optimizer()
+        torch.manual_seed(1)
+        a, b = torch.randint(0, 23, (3, 5)), torch.randint(0, 23, (2, 7))
+        model(a[:1]).sum().backward()  # a first step: module swaps on from the next one
+        model.zero_grad()
+        (model(a).logsumexp(-1).mean() + model(b).logsumexp(-1).mean()).backward()
+        return {n: p.grad.clone() for n, p in model.named_parameters()}
+
+    plain, checkpointed = grads(None), grads(mode)
+    for name in plain:
+        torch.testing.assert_close(checkpointed[name], plain[name], rtol=1e-6, atol=1e-7,
+                                   msg=name)
+
+
+def test_a_dry_run_without_gradients_then_checkpointing():
+    # A train-mode forward under no_grad is not the training forward that detection watches.
+    plain = _gradients(None, False, steps=1, group_size=4)
+    torch.manual_seed(0)
+    model = Blocks("non_reentrant")
+    opt = torch.optim.SGD(model.parameters(), lr=0.1)
+    q = diffq_triton.DiffQuantizer(model, min_size=0, group_size=4)
+    q.setup_optimizer(opt, lr=0.1)
+    with torch.no_grad():
+        model(torch.randint(0, 23, (1, 3)))
+    torch.manual_seed(1)
+    idx = torch.randint(0, 23, (3, 5))
+    (model(idx).logsumexp(-1).mean() + 1e-2 * q.model_size()).backward()
+    for name, p in model.named_parameters():
+        torch.testing.assert_close(p.grad, plain[0][name], rtol=1e-6, atol=1e-7, msg=name)
+
+
+class FrozenPart(nn.Module):
+    """A forward with a torch.no_grad() block (a frozen encoder): not a checkpoint."""
+
+    def __init__(self) -> None:
+        super().__init__()
+        self.frozen = nn.Linear(12, 12)
+        self.head = nn.Linear(12, 5)
+
+    def forward(self, x: torch.Tensor) -> torch.Tensor:
+        with torch.no_grad():
+            x = self.frozen(x)
+        return self.head(x)
+
+
+def test_a_no_grad_block_is_not_taken_for_a_checkpoint():
+    model = FrozenPart()
+    q = diffq_triton.DiffQuantizer(model, min_size=0, group_size=4)
+    q.no_optimizer()
+    model(torch.randn(3, 12)).sum().backward()
+    assert q._module_swaps is None  # still one call for every weight per step
+
+
+def test_module_wise_eval_rounds_float16_parameters():
+    torch.manual_seed(0)
+    model = Blocks()
+    q = diffq_triton.DiffQuantizer(model, min_size=0.001, float16=True, group_size=4)
+    q.no_optimizer()
+    assert q._float16, "the test needs parameters stored as float16"
+    model.eval()
+    idx = torch.randint(0, 23, (3, 5))
+    with torch.no_grad():
+        whole = model(idx)
+        q._use_module_swaps()
+        torch.testing.assert_close(model(idx), whole, rtol=0, atol=0)
