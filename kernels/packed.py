@@ -37,8 +37,11 @@ BLOCK = 8192 if INTERPRET else 2048
 CHUNK = 1024
 # The GEMV's row count bound (the decode regime); more rows go to a dequantize + matmul.
 MAX_GEMV_ROWS = 16
-# GEMV: rows of x × entries per step held in registers (the product block), and the
-# longest piece of a group decoded as one unit (longer groups are cut into pieces).
+# GEMV: entries decoded per step, rows of x × entries per step (the product block), and
+# the longest piece of a group decoded as one unit (longer groups are cut into pieces).
+# Past 1024 entries per step (8 per thread at 4 warps) the decode's int64 bit offsets and
+# byte windows spill on sm_80/sm_90 (the GPU report: 2048 and 4096 did at one row).
+GEMV_DECODE = 1024
 GEMV_PRODUCT = 4096
 GEMV_MAX_PIECE = 256
 # Rounding to a narrower float after the float32 decode (the record's, the layer's dtype).
@@ -270,11 +273,11 @@ def packed_gemv_kernel(
     e_hi = e_lo + K
     s_0 = e_lo // g
     i_t = s_0 // T
-    o_s = i_t * T + tl.arange(0, T)
-    b_t = _widths(p_widths, o_s, o_s <= s_0, base, F)
-    b_0 = tl.sum(tl.where(o_s == s_0, b_t, 0), 0).to(tl.int64)
+    o_t = i_t * T + tl.arange(0, T)  # the groups of the tile of s_0
+    b_t = _widths(p_widths, o_t, o_t <= s_0, base, F)
+    b_0 = tl.sum(tl.where(o_t == s_0, b_t, 0), 0).to(tl.int64)
     j_0 = (e_lo - s_0 * g) // PIECE
-    o_run = (tl.load(p_toff + i_t) + tl.sum(tl.where(o_s < s_0, b_t, 0).to(tl.int64), 0) * g
+    o_run = (tl.load(p_toff + i_t) + tl.sum(tl.where(o_t < s_0, b_t, 0).to(tl.int64), 0) * g
              + j_0 * PIECE * b_0)
     v_0 = s_0 * J + j_0
     s_1 = (e_hi - 1) // g
@@ -286,14 +289,14 @@ def packed_gemv_kernel(
     for c in range(0, tl.cdiv(v_1 - v_0 + 1, TG)):
         o_v = v_0 + c * TG + tl.arange(0, TG)
         m_v = o_v <= v_1
-        o_s = o_v // J
-        o_p = o_v - o_s * J
-        b_w = _widths(p_widths, o_s, m_v, base, F)
-        b_len = tl.where(o_s == n_groups - 1, last_len, g) - o_p * PIECE
+        o_g = o_v // J
+        o_p = o_v - o_g * J
+        b_w = _widths(p_widths, o_g, m_v, base, F)
+        b_len = tl.where(o_g == n_groups - 1, last_len, g) - o_p * PIECE
         b_n = tl.where(m_v, tl.minimum(b_len, PIECE), 0).to(tl.int32)
         b_sz = b_w * b_n  # ≤ TG·PIECE·15 bits per step: int32 is exact
         o_first = o_run + (tl.cumsum(b_sz, 0) - b_sz).to(tl.int64)
-        o_e = (o_s * g + o_p * PIECE)[:, None] + o_j[None, :]
+        o_e = (o_g * g + o_p * PIECE)[:, None] + o_j[None, :]
         m_w = (o_j[None, :] < b_n[:, None]) & (o_e >= e_lo) & (o_e < e_hi)
         q = _levels(p_levels, o_first[:, None] + o_j[None, :] * b_w[:, None], b_w[:, None], m_w)
         b_v = tl.where(m_w, _value(q, b_w[:, None], lo, span, LSQ, R1, R2), 0.0)
@@ -352,7 +355,7 @@ def linear(x: torch.Tensor, pt, bias: torch.Tensor | None = None) -> torch.Tenso
     widths, g, f = _layout(pt)
     piece = min(next_pow2(g), GEMV_MAX_PIECE)
     m_pad = next_pow2(m)
-    tg = max(1, GEMV_PRODUCT // m_pad // piece)
+    tg = max(1, min(GEMV_DECODE, GEMV_PRODUCT // m_pad) // piece)
     packed_gemv_kernel[(n,)](
         x2, pt.levels, widths, pt.tile_offsets, pt.scale, bias if bias is not None else x2,
         y, m, k, pt.n_groups, pt.numel, g, pt.base, x2.stride(0), y.stride(0),
