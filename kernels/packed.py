@@ -104,8 +104,8 @@ def _value(q, b_w, lo, span, LSQ: tl.constexpr, R1: tl.constexpr, R2: tl.constex
 # ----------------------------------------------------------------------------- dequantize
 @triton.jit
 def packed_dequant_tile_kernel(
-    p_levels, p_widths, p_toff, p_scale, p_out, first_tile, n_groups, numel, g, base,
-    F: tl.constexpr, T: tl.constexpr, TG: tl.constexpr, G_PAD: tl.constexpr,
+    p_levels, p_widths, p_toff, p_scale, p_out, first_tile, e_first, n_groups, numel, g,
+    base, F: tl.constexpr, T: tl.constexpr, TG: tl.constexpr, G_PAD: tl.constexpr,
     LSQ: tl.constexpr, R1: tl.constexpr, IS_BF16: tl.constexpr,
 ):
     """Tile ``first_tile + program_id`` (groups ``[t·T, t·T + T)``), ``TG`` groups per step
@@ -118,8 +118,7 @@ def packed_dequant_tile_kernel(
     lo = tl.load(p_scale)
     span = tl.load(p_scale + 1) - lo  # max - min in float32, as the reference
     last_len = (numel - (n_groups - 1) * g).to(tl.int32)
-    o_run = tl.load(p_toff + i_t)
-    e_first = first_tile * T * g  # entry of out[0]
+    o_run = tl.load(p_toff + i_t)  # e_first = first_tile·T·g (host int: no int32 overflow)
     o_j = tl.arange(0, G_PAD)
     for c in range(0, T // TG):
         o_s = i_t * T + c * TG + tl.arange(0, TG)
@@ -156,7 +155,7 @@ def packed_dequant_chunk_kernel(
     span = tl.load(p_scale + 1) - lo
     e_0 = e_first + i_c * CHUNK
     o_e = e_0 + tl.arange(0, CHUNK)
-    m_e = o_e < e_first + n_out
+    m_e = o_e - e_first < n_out
     s_a = e_0 // g
     i_t = s_a // T
     o_s = i_t * T + tl.arange(0, T)
@@ -232,7 +231,7 @@ def dequantize(pt, first_tile: int = 0, stop_tile: int | None = None,
         g_pad = next_pow2(g)
         tg = min(T, max(1, BLOCK // g_pad))
         packed_dequant_tile_kernel[(stop_tile - first_tile,)](
-            pt.levels, widths, pt.tile_offsets, pt.scale, out, first_tile, pt.n_groups,
+            pt.levels, widths, pt.tile_offsets, pt.scale, out, first_tile, e0, pt.n_groups,
             pt.numel, g, pt.base, TG=tg, G_PAD=g_pad, **common)
     else:
         chunk = CHUNK if pt.n_groups > 1 else BLOCK
