@@ -5,6 +5,11 @@ Bytes per entry (float32): noise forward 12 (range read, read, write), noise bac
 (read ∂L/∂ŵ, write ∂L/∂w), eval quantize 12 (range read, read, write); the ceiling is
 ``clone()`` (read + write, 8 bytes per entry). Rows go to bench/RESULTS.md.
 
+Packed weights (CUDA only, the kernels of ``kernels/packed.py``): the dequantize kernel
+moves ``b̄/8`` bytes of levels + ``(f + 0.5)/(8·g)`` of metadata read and 2 bytes (float16)
+written per weight, against the same copy; the GEMV at one row against ``F.linear`` on the
+float16 weight (2 bytes per weight), as the modeled speed-up ``16 / (b̄ + 0.5)``.
+
 Run with ``pytest bench/bench_kernels.py``.
 """
 
@@ -129,3 +134,56 @@ def _rows_for(w: torch.Tensor, n: int, device: str, backend: str) -> list[dict]:
         for name, fn in _many_ops(n, device).items():
             add(name, 8, "triton many (64 tensors)", fn)
     return rows
+
+
+def _packed_weight(n_out: int, n_in: int, g: int, low: int, high: int, device: str):
+    """A float16 packed weight ``[n_out, n_in]`` of widths drawn in ``[low, high]``."""
+    from diffq_triton.packed import PackedTensor
+    from diffq_triton.serialization.tensor_record import quantize_minmax
+
+    w = torch.randn(n_out, n_in, device=device)
+    bits = torch.randint(low, high + 1, (reference.num_groups(w.numel(), g),), device=device,
+                         dtype=torch.uint8)
+    qt = quantize_minmax("w", w, bits, g)
+    return PackedTensor.from_record(qt, dtype=torch.float16, device=device), bits
+
+
+def test_packed_kernels_throughput(device):
+    if device != "cuda":
+        pytest.skip("the packed kernels run on CUDA; the CPU decode is in bench_packed.py")
+    import torch.nn.functional as F
+    from diffq_triton.kernels import packed as packed_k
+
+    n_out, n_in = 4096, 4096
+    n = n_out * n_in
+    src = torch.randn(n, device=device, dtype=torch.float16)
+    copy_s = _time(lambda: src.clone(), device)
+    copy_gbs = 4 * n / copy_s / 1e9  # float16: 2 bytes read + 2 written per entry
+    x = torch.randn(1, n_in, device=device, dtype=torch.float16)
+    rows = [{"op": "copy fp16 (ceiling)", "g": "-", "bits": 16, "ms": round(copy_s * 1e3, 4),
+             "GB/s": round(copy_gbs, 1), "of copy": 1.0, "vs fp16 linear": "-"}]
+    for g, low, high in ((8, 4, 4), (8, 1, 15), (64, 2, 6), (256, 3, 3)):
+        pt, bits = _packed_weight(n_out, n_in, g, low, high, device)
+        mean_bits = float(bits.float().mean())
+        meta = (pt.field_bits + 0.5) / (8 * g)
+        deq_s = _time(lambda pt=pt: packed_k.dequantize(pt), device)
+        gbs = (mean_bits / 8 + meta + 2) * n / deq_s / 1e9
+        rows.append({"op": "packed dequantize", "g": g, "bits": round(mean_bits, 2),
+                     "ms": round(deq_s * 1e3, 4), "GB/s": round(gbs, 1),
+                     "of copy": round(gbs / copy_gbs, 3), "vs fp16 linear": "-"})
+        w16 = packed_k.dequantize(pt).view(n_out, n_in)
+        lin_s = _time(lambda w16=w16: F.linear(x, w16), device)
+        mv_s = _time(lambda pt=pt: packed_k.linear(x, pt), device)
+        gbs = (mean_bits / 8 + meta) * n / mv_s / 1e9
+        rows.append({"op": "packed GEMV M=1", "g": g, "bits": round(mean_bits, 2),
+                     "ms": round(mv_s * 1e3, 4), "GB/s": round(gbs, 1),
+                     "of copy": round(gbs / copy_gbs, 3),
+                     "vs fp16 linear": round(lin_s / mv_s, 2)})
+    record(
+        "Packed kernels against a device copy",
+        rows,
+        note=("4096×4096 float16 weight; GB/s counts the bytes each must move per weight: "
+              "dequantize b̄/8 + (f + 0.5)/(8·g) read and 2 written, GEMV the same without "
+              "the write; 'vs fp16 linear' is F.linear's time on the float16 weight over the "
+              "GEMV's (modeled: 16 / (b̄ + 0.5))."),
+    )

@@ -32,6 +32,7 @@ KERNEL_TESTS = [
     "tests/test_kernels_quantize.py",
     "tests/test_kernels_range.py",
     "tests/test_kernels_size_many.py",
+    "tests/test_kernels_packed.py",
     "tests/test_bitpack_kernels.py",
     "tests/test_launches.py",
     "tests/test_custom_ops.py",

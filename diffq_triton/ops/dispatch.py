@@ -87,6 +87,20 @@ def bitpack_on_triton(t: torch.Tensor) -> bool:
             and requested_backend() == "triton")
 
 
+def packed_on_triton(t: torch.Tensor) -> bool:
+    """Whether packed layers decode their weights with the Triton kernels
+    (:mod:`diffq_triton.kernels.packed`); ``t`` has the packed weight's device and the dtype
+    it decodes to.
+
+    CUDA tensors as :func:`choose_backend` decides (``use_backend("eager")`` keeps the
+    library's decode); CPU tensors only when the ``triton`` backend is forced with the
+    interpreter on (tests run the CUDA path so): the native codec is the CPU path.
+    """
+    if t.device.type == "cpu":
+        return bitpack_on_triton(t) and t.dtype in KERNEL_DTYPES
+    return choose_backend(t) == "triton"
+
+
 @contextmanager
 def use_backend(name: str) -> Iterator[None]:
     """Force a backend inside the block: ``with use_backend("eager"): ...``.

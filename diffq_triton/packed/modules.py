@@ -3,8 +3,9 @@
 Each holds its weight as a :class:`~.layout.PackedTensor` submodule (``weight_packed``,
 shared by tied uses) and its bias as the float parameter it was. The forward decodes the
 weight just in time and calls the same ``torch.nn.functional`` op as the float layer, so the
-output is the float-loaded model's, bit for bit. On the CPU the decode goes into a scratch
-buffer per thread, reused by every packed layer (its size is the largest layer's), when
+output is the float-loaded model's, bit for bit. The decode is the native codec's on the
+CPU, one launch of the Triton dequantize kernel (``kernels/packed.py``) on CUDA; it goes into
+a scratch buffer per thread, reused by every packed layer (its size is the largest layer's), when
 autograd records nothing (``torch.no_grad()`` / ``torch.inference_mode()``, or nothing in
 the call requiring grad); otherwise each call decodes into a fresh tensor that autograd may
 keep.
@@ -18,6 +19,7 @@ import torch
 import torch.nn.functional as F
 from torch import nn
 
+from ..ops import dispatch
 from .layout import PackedTensor
 
 _SCRATCH = threading.local()
@@ -64,9 +66,19 @@ class PackedModule(nn.Module):
         return self.weight_packed.dequantize()
 
     def _decoded(self, *inputs: torch.Tensor | None) -> torch.Tensor:
-        """The weight of this call, in the scratch buffers when autograd records nothing."""
+        """The weight of this call, in the scratch buffers when autograd records nothing.
+
+        On CUDA (where the backend choice says Triton) one launch of the packed dequantize
+        kernel; on the CPU the native codec.
+        """
         pt = self.weight_packed
-        if pt.device.type != "cpu" or _records_grad(*inputs, *self.parameters()):
+        fresh = _records_grad(*inputs, *self.parameters())
+        if dispatch.packed_on_triton(torch.empty(0, dtype=pt.dtype, device=pt.device)):
+            from ..kernels import packed as packed_kernels  # imports Triton: only where it runs
+
+            out = None if fresh else _scratch("cast", pt.numel, pt.dtype, pt.device)
+            return packed_kernels.dequantize(pt, out=out).view(pt.shape)
+        if pt.device.type != "cpu" or fresh:
             return pt.dequantize()
         w = pt.decode_into(_scratch("float32", pt.numel, torch.float32, pt.device))
         if pt.dtype == torch.float32 and pt.record_dtype == torch.float32:
