@@ -30,7 +30,9 @@ from .tensor_table import (
 # Groups per program; partial results per iteration of the finalize.
 BLOCK = 8192 if INTERPRET else 1024
 BLOCK_FIN = 1024
-LN2 = 0.6931471805599453
+# A constexpr: a jitted function may read a global only as one (the interpreter lets a
+# plain float through, the compiler does not).
+LN2 = tl.constexpr(0.6931471805599453)
 
 
 
