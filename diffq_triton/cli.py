@@ -51,7 +51,8 @@ def _widths(text: str) -> list[int]:
 
 def build_parser() -> argparse.ArgumentParser:
     """The ``diffq-triton`` argument parser (one sub-command per tool)."""
-    from .demo import TrainConfig, default_methods
+    from .demo import ModelConfig, TrainConfig, default_methods
+    from .demo.data import VOCAB_SIZE
     from .demo.methods import DEFAULT_QAT_BITS
 
     train = TrainConfig()
@@ -88,8 +89,11 @@ def build_parser() -> argparse.ArgumentParser:
                            f"size (default {qat_bits})")
     demo.add_argument("--batch", type=_positive_int, default=None,
                       help=f"windows per step (default {train.batch})")
-    demo.add_argument("--dim", type=_positive_int, default=128, help="model width")
-    demo.add_argument("--layers", type=_positive_int, default=2, help="Transformer blocks")
+    shape = ModelConfig(vocab=VOCAB_SIZE)
+    demo.add_argument("--dim", type=_positive_int, default=shape.dim,
+                      help=f"model width (default {shape.dim})")
+    demo.add_argument("--layers", type=_positive_int, default=shape.layers,
+                      help=f"Transformer blocks (default {shape.layers})")
     demo.add_argument("--eval-windows", type=_positive_int, default=None,
                       help=f"validation windows of 64 characters (default {train.eval_windows})")
     demo.add_argument("--max-chars", type=_positive_int, default=2_000_000,

@@ -255,11 +255,11 @@ def test_demo_end_to_end(tiny_demo):
         assert qat.size_mb * 2**23 == bits * params + 64 * len(tensors)
     for budget in (r for r in results if r.method.kind == "budget"):
         qat = qats[budget.method.paired_qat_bits]
-        # Sized from its QAT twin (4 significant digits) and ends within the budget's
-        # tolerance under it: min_bits=1 reaches even the 2-bit size.
-        assert budget.method.target_mb == float(f"{qat.size_mb:.4g}")
+        # Sized from its QAT twin and ends within the budget's tolerance under it:
+        # min_bits=1 reaches even the 2-bit size.
         target = budget.method.target_mb
-        assert budget.method.name == f"DiffQ ≤QAT {qat.method.bits}-bit ({target:g} MB)"
+        assert target == qat.size_mb
+        assert budget.method.name == f"DiffQ ≤QAT {qat.method.bits}-bit ({target:.4g} MB)"
         assert (1 - FINAL_TOLERANCE) * target <= budget.size_mb <= target
         assert budget.method.name in text
     # A larger penalty gives a smaller model.

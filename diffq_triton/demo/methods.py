@@ -150,8 +150,9 @@ def resolve_budget(method: Method, qat_sizes_mb: Mapping[int, float]) -> Method:
         raise ValueError(
             f"{method.name!r} is sized from the QAT {bits}-bit row: put that method before it"
         )
-    target = float(f"{method.qat_ratio * qat_sizes_mb[bits]:.4g}")  # a readable label
-    return replace(method, name=f"{method.name} ({target:g} MB)", target_mb=target)
+    # The exact size, not a rounded one: a target rounded up could let DiffQ end larger.
+    target = method.qat_ratio * qat_sizes_mb[bits]
+    return replace(method, name=f"{method.name} ({target:.4g} MB)", target_mb=target)
 
 
 @dataclass
