@@ -65,13 +65,18 @@ class Method:
 class QuantSettings:
     """Quantizer arguments shared by every method of one demo run.
 
+    The figures below were measured on the demo at width 128 with ``min_bits=2``, and
+    (init_bits, bits_lr, noise) checked again for the size budget at the 2- and 3-bit QAT
+    sizes with ``min_bits=1``: each alternative was worse there too.
+
     Args:
         group_size: DiffQ entries sharing one bit width. 64 rather than 16: each group
             stores its width in 4 bits, 0.0625 bit per weight at 64 against 0.25 at 16, and
             in this demo that saving outweighed the finer widths (at λ=0.5, 0.186 MB and
             ppl 8.28 against 0.208 MB and ppl 8.26).
         init_bits: DiffQ's starting width (5 or 6 ended smaller but worse than 8 at the
-            same λ, off the size/perplexity curve of 8).
+            same λ, off the size/perplexity curve of 8; for a budget at the 2-bit size,
+            starting at 2.5 or 3 gave ppl 10.36 and 10.04 against 9.81 from 8).
         bits_lr: Adam learning rate of DiffQ's bit logits. Larger than diffq's 1e-3 default
             because the demo trains for a few hundred steps only (0.01 and 0.05 moved along
             the same size/perplexity curve as a change of λ, no better).
@@ -80,8 +85,9 @@ class QuantSettings:
             gave a better size/perplexity trade-off than ``"gaussian"`` (with gaussian noise,
             λ=0.5 ended larger and worse than 4-bit QAT; with uniform, smaller and 1% worse).
         min_bits: DiffQ's narrowest width. 1, not diffq's 2: with every group at 2 bits a
-            DiffQ model is still larger than 2-bit QAT (each tensor also stores an 8-bit
-            width field), so a budget at the 2-bit QAT size needs some groups under 2 bits.
+            DiffQ model is still larger than 2-bit QAT (each tensor also stores the 8-bit
+            width of its width field), so a budget at the 2-bit QAT size needs some groups
+            under 2 bits.
         max_bits: DiffQ's widest width.
     """
 
