@@ -304,6 +304,21 @@ def test_demo_writes_results(tiny_demo):
     assert (out / "results.md").read_text().startswith("| method | bits/weight |")
 
 
+def test_out_of_reach_qat_budget_is_skipped(tmp_path):
+    # 1% of the 2-bit QAT size is under every group at 1 bit: the row is left out with the
+    # reason, the rest of the demo runs.
+    methods = [Method("float32 baseline", "float"), Method("QAT 2-bit", "qat", 2),
+               qat_budget_method(2, 0.01), Method("DiffQ λ=1", "diffq", penalty=1.0)]
+    config = DemoConfig(out=tmp_path, methods=methods, model=TINY_MODEL,
+                        train=TrainConfig(steps=2, batch=2, eval_windows=2),
+                        quant=QuantSettings(min_size=0.0), max_train_chars=20_000)
+    stream = io.StringIO()
+    outcome = run_demo(config, stream)
+    assert [r.method.kind for r in outcome["results"]] == ["float", "qat", "diffq"]
+    assert "DiffQ ≤0.01×QAT 2-bit (" in stream.getvalue()
+    assert "skipped: target_mb=" in stream.getvalue()
+
+
 def test_demo_rejects_bad_method_list(tmp_path):
     with pytest.raises(ValueError, match="baseline"):
         run_demo(DemoConfig(out=tmp_path, methods=default_methods()[1:]), io.StringIO())

@@ -165,6 +165,9 @@ def _save_and_reload(
     for result in results:
         if result.method.kind == "diffq":
             path = config.out / f"diffq_penalty_{result.method.penalty:g}.safetensors"
+        elif result.method.paired_qat_bits is not None:
+            # Named by the QAT twin: two twins of equal size must not share one file.
+            path = config.out / f"diffq_at_qat{result.method.paired_qat_bits}_size.safetensors"
         elif result.method.kind == "budget":
             path = config.out / f"diffq_target_{result.method.target_mb:.4g}mb.safetensors"
         else:
