@@ -290,7 +290,7 @@ def test_demo_packed_models_match_the_reloaded_ones(tiny_demo):
     for check in packed:
         assert check.packed_ppl == check.reloaded_ppl
         assert 0 < check.resident_mb <= 1.1 * check.file_mb + 64 / 1024
-    assert text.count("packed in memory") == 3 and text.count("(identical)") == 3
+    assert text.count("packed in memory") == 6 and text.count("(identical)") == 6
 
 
 def test_demo_writes_results(tiny_demo):
