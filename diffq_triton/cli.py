@@ -37,9 +37,23 @@ def _penalties(text: str) -> list[float]:
     return values
 
 
+def _widths(text: str) -> list[int]:
+    try:
+        values = [int(part) for part in text.split(",") if part.strip()]
+    except ValueError:
+        raise argparse.ArgumentTypeError(
+            f"expected integers separated by commas, got {text!r}"
+        ) from None
+    if not values or any(not 1 <= v <= 15 for v in values):
+        raise argparse.ArgumentTypeError(f"widths must lie in [1, 15], got {text!r}")
+    return values
+
+
 def build_parser() -> argparse.ArgumentParser:
     """The ``diffq-triton`` argument parser (one sub-command per tool)."""
-    from .demo import TrainConfig, default_methods
+    from .demo import ModelConfig, TrainConfig, default_methods
+    from .demo.data import VOCAB_SIZE
+    from .demo.methods import DEFAULT_QAT_BITS
 
     train = TrainConfig()
     penalties = ",".join(f"{m.penalty:g}" for m in default_methods() if m.kind == "diffq")
@@ -47,14 +61,16 @@ def build_parser() -> argparse.ArgumentParser:
         prog="diffq-triton", description="Differentiable quantization (DiffQ) tools."
     )
     commands = parser.add_subparsers(dest="command", required=True)
+    qat_bits = ",".join(str(b) for b in DEFAULT_QAT_BITS)
     demo = commands.add_parser(
         "demo",
         help="train a small language model unquantized, with QAT and with DiffQ, and compare",
         description=(
             "Train a character-level Transformer on this Python's standard library sources: "
-            "a float32 baseline, 4-bit QAT, DiffQ trained to 95% of QAT's size and DiffQ at a "
-            "few size penalties; print size and "
-            "validation perplexity, plot them, save and reload the DiffQ models. No download."
+            f"a float32 baseline, QAT at {qat_bits} bits, DiffQ trained to each QAT model's "
+            "size (size budget) and DiffQ at a fixed size penalty; print size and validation "
+            "perplexity, plot the trade-off curve, save and reload the DiffQ models. "
+            "No download."
         ),
     )
     demo.add_argument("--steps", type=_positive_int, default=None,
@@ -68,12 +84,16 @@ def build_parser() -> argparse.ArgumentParser:
     demo.add_argument("--target-mb", type=_positive_float, action="append", default=None,
                       help="add a DiffQ run trained to end at this size in MB "
                            "(size-budget mode; repeatable)")
-    demo.add_argument("--qat-bits", type=_positive_int, default=4,
-                      help="bit width of the QAT baseline (default 4)")
+    demo.add_argument("--qat-bits", type=_widths, default=None,
+                      help=f"QAT widths, comma-separated; DiffQ is also trained to each one's "
+                           f"size (default {qat_bits})")
     demo.add_argument("--batch", type=_positive_int, default=None,
                       help=f"windows per step (default {train.batch})")
-    demo.add_argument("--dim", type=_positive_int, default=128, help="model width")
-    demo.add_argument("--layers", type=_positive_int, default=2, help="Transformer blocks")
+    shape = ModelConfig(vocab=VOCAB_SIZE)
+    demo.add_argument("--dim", type=_positive_int, default=shape.dim,
+                      help=f"model width (default {shape.dim})")
+    demo.add_argument("--layers", type=_positive_int, default=shape.layers,
+                      help=f"Transformer blocks (default {shape.layers})")
     demo.add_argument("--eval-windows", type=_positive_int, default=None,
                       help=f"validation windows of 64 characters (default {train.eval_windows})")
     demo.add_argument("--max-chars", type=_positive_int, default=2_000_000,
@@ -94,8 +114,8 @@ def demo_config(args: argparse.Namespace):
     train = TrainConfig(
         device=args.device, seed=args.seed, **{k: v for k, v in given.items() if v is not None}
     )
-    penalties = {} if args.penalties is None else {"penalties": args.penalties}
-    methods = default_methods(qat_bits=args.qat_bits, **penalties)
+    chosen = {"penalties": args.penalties, "qat_bits": args.qat_bits}
+    methods = default_methods(**{k: v for k, v in chosen.items() if v is not None})
     methods += [budget_method(target) for target in args.target_mb or []]
     return DemoConfig(
         out=args.out, methods=methods, train=train,

@@ -17,24 +17,25 @@ TINY = ["--steps", "2", "--dim", "16", "--layers", "1", "--batch", "2", "--eval-
 def test_demo_command_runs_and_reports(tmp_path, capsys):
     assert cli.main(["demo", *TINY, "--out", str(tmp_path), "--seed", "3"]) == 0
     out = capsys.readouterr().out
-    assert "float32 baseline" in out and "QAT 4-bit" in out and "DiffQ λ=30" in out
-    # Nothing is large enough to quantize at width 16: the QAT-sized budget is out of reach
-    # and its row is skipped with the reason, the rest of the demo runs.
-    assert "skipped: target_mb=" in out and out.count("(equal)") == 2
+    assert "float32 baseline" in out and "QAT 2-bit" in out and "DiffQ λ=30" in out
+    # Nothing is large enough to quantize at width 16: every model has the float size, so
+    # each QAT-sized budget is met as it stands; each DiffQ model has its own file.
+    assert "skipped" not in out and out.count("(equal)") == 6
     assert (tmp_path / "results.json").exists()
     assert (tmp_path / "diffq_penalty_30.safetensors").exists()
+    assert len(list(tmp_path.glob("diffq_at_qat*_size.safetensors"))) == 4
 
 
 def test_arguments_reach_the_config(tmp_path):
     args = cli.build_parser().parse_args(
-        ["demo", *TINY, "--out", str(tmp_path), "--qat-bits", "3", "--seed", "7",
+        ["demo", *TINY, "--out", str(tmp_path), "--qat-bits", "3,5", "--seed", "7",
          "--target-mb", "0.5", "--target-mb", "0.25"]
     )
     config = cli.demo_config(args)
     assert config.train.steps == 2 and config.train.seed == 7 and config.train.batch == 2
     assert [m.name for m in config.methods] == [
-        "float32 baseline", "QAT 3-bit", "DiffQ ≤0.95×QAT", "DiffQ λ=1", "DiffQ λ=30",
-        "DiffQ ≤0.5 MB", "DiffQ ≤0.25 MB",
+        "float32 baseline", "QAT 3-bit", "DiffQ ≤QAT 3-bit", "QAT 5-bit", "DiffQ ≤QAT 5-bit",
+        "DiffQ λ=1", "DiffQ λ=30", "DiffQ ≤0.5 MB", "DiffQ ≤0.25 MB",
     ]
     assert config.methods[-1].target_mb == 0.25
     assert config.model.dim == 16 and config.max_train_chars == 20000
@@ -54,6 +55,8 @@ def test_defaults_come_from_the_demo():
     ["demo", "--penalties", "1,-2"],
     ["demo", "--target-mb", "0"],
     ["demo", "--target-mb", "x"],
+    ["demo", "--qat-bits", "0"],
+    ["demo", "--qat-bits", "4,x"],
     ["nope"],
     [],
 ])

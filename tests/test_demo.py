@@ -31,6 +31,7 @@ from diffq_triton.demo.methods import (
 from diffq_triton.demo.model import CharTransformer
 from diffq_triton.demo.progress import ProgressBar
 from diffq_triton.demo.train import RunResult
+from diffq_triton.quantizers.budget import FINAL_TOLERANCE
 
 TINY_MODEL = ModelConfig(vocab=data.VOCAB_SIZE, context=16, dim=16, layers=1, heads=2)
 
@@ -154,10 +155,13 @@ def test_methods_validate_and_attach():
         Method("x", "int8")
     with pytest.raises(ValueError, match="penalty"):
         Method("x", "diffq")
-    names = [m.name for m in default_methods((1.0, 3.0), qat_bits=3)]
-    assert names == ["float32 baseline", "QAT 3-bit", "DiffQ ≤0.95×QAT", "DiffQ λ=1", "DiffQ λ=3"]
-    names = [m.name for m in default_methods((1.0,), qat_budget=None)]
+    names = [m.name for m in default_methods((1.0, 3.0), qat_bits=(2, 3))]
+    assert names == ["float32 baseline", "QAT 2-bit", "DiffQ ≤QAT 2-bit", "QAT 3-bit",
+                     "DiffQ ≤QAT 3-bit", "DiffQ λ=1", "DiffQ λ=3"]
+    names = [m.name for m in default_methods((1.0,), qat_bits=(4,), qat_budget=None)]
     assert names == ["float32 baseline", "QAT 4-bit", "DiffQ λ=1"]
+    kinds = [(m.kind, m.bits) for m in default_methods() if m.kind in ("qat", "budget")]
+    assert kinds == [(kind, b) for b in (2, 3, 4, 8) for kind in ("qat", "budget")]
 
     settings = QuantSettings(min_size=0.0)
     for method, cls in [(Method("q", "qat", bits=3), diffq_triton.UniformQuantizer),
@@ -190,17 +194,19 @@ def test_budget_method_attaches_a_size_budget():
 
 
 def test_qat_budget_is_resolved_from_the_qat_size():
-    method = qat_budget_method(0.9)
+    method = qat_budget_method(3, 0.9)
     assert method.kind == "budget" and method.target_mb == 0 and method.qat_ratio == 0.9
-    resolved = resolve_budget(method, 0.5)
-    assert resolved.target_mb == pytest.approx(0.45) and resolved.name == "DiffQ ≤0.45 MB"
+    assert method.paired_qat_bits == 3 and budget_method(0.3).paired_qat_bits is None
+    resolved = resolve_budget(method, {2: 0.3, 3: 0.5})
+    assert resolved.target_mb == pytest.approx(0.45)
+    assert resolved.name == "DiffQ ≤0.9×QAT 3-bit (0.45 MB)"
     fixed = budget_method(0.3)
-    assert resolve_budget(fixed, 0.5) is fixed
-    assert resolve_budget(Method("d", "diffq", penalty=1.0), None).penalty == 1.0
-    with pytest.raises(ValueError, match="QAT method before it"):
-        resolve_budget(method, None)
+    assert resolve_budget(fixed, {3: 0.5}) is fixed
+    assert resolve_budget(Method("d", "diffq", penalty=1.0), {}).penalty == 1.0
+    with pytest.raises(ValueError, match="QAT 3-bit row: put that method before it"):
+        resolve_budget(method, {4: 0.5})
     with pytest.raises(ValueError, match="ratio"):
-        qat_budget_method(0.0)
+        qat_budget_method(3, 0.0)
 
 
 def test_train_config_errors():
@@ -211,6 +217,9 @@ def test_train_config_errors():
 
 
 # ------------------------------------------------------------------------------ end to end
+TINY_TRAIN = TrainConfig(steps=6, batch=4, warmup=2, eval_windows=8)
+
+
 @pytest.fixture(scope="module")
 def tiny_demo(tmp_path_factory):
     out = tmp_path_factory.mktemp("demo")
@@ -218,7 +227,7 @@ def tiny_demo(tmp_path_factory):
         out=out,
         methods=default_methods((1.0, 50.0)),
         model=TINY_MODEL,
-        train=TrainConfig(steps=6, batch=4, warmup=2, eval_windows=8),
+        train=TINY_TRAIN,
         quant=QuantSettings(min_size=0.0, bits_lr=0.5),
         max_train_chars=30_000,
     )
@@ -229,36 +238,49 @@ def tiny_demo(tmp_path_factory):
 def test_demo_end_to_end(tiny_demo):
     out, outcome, text = tiny_demo
     results = outcome["results"]
-    assert [r.method.kind for r in results] == ["float", "qat", "budget", "diffq", "diffq"]
-    float_run, qat, budget = results[0], results[1], results[2]
-    # The budget row is sized from the QAT run and ends at or under its budget.
-    assert budget.method.target_mb == pytest.approx(0.95 * qat.size_mb, rel=1e-3)
-    assert budget.size_mb <= budget.method.target_mb < qat.size_mb
-    assert budget.method.name in text
+    kinds = [(r.method.kind, r.method.bits) for r in results if r.method.kind != "diffq"]
+    # The curve: the baseline, then every QAT width, each followed by DiffQ at its size.
+    assert kinds == [("float", 4)] + [(k, b) for b in (2, 3, 4, 8) for k in ("qat", "budget")]
+    assert [r.method.penalty for r in results if r.method.kind == "diffq"] == [1.0, 50.0]
+    float_run = results[0]
     assert float_run.bits_per_weight == pytest.approx(32.0)
     assert float_run.size_mb == pytest.approx(float_run.params * 4 / 2**20)
-    # min_size=0: every parameter quantized at 4 bits plus 64 bits of range per tensor
-    # (UniformQuantizer's size, spec §4), nothing else stored.
+    qats = {r.method.bits: r for r in results if r.method.kind == "qat"}
     tensors = list(CharTransformer(TINY_MODEL).parameters())
     params = sum(p.numel() for p in tensors)
-    assert qat.params == float_run.params == params
-    assert qat.bits_per_weight == pytest.approx(4.0 + 64 * len(tensors) / params, rel=1e-12)
+    for bits, qat in qats.items():
+        # min_size=0: every parameter quantized at `bits` plus 64 bits of range per tensor
+        # (UniformQuantizer's size, spec §4), nothing else stored.
+        assert qat.params == float_run.params == params
+        assert qat.size_mb * 2**23 == bits * params + 64 * len(tensors)
+    for budget in (r for r in results if r.method.kind == "budget"):
+        qat = qats[budget.method.paired_qat_bits]
+        # Sized from its QAT twin and ends within the budget's tolerance under it:
+        # min_bits=1 reaches even the 2-bit size.
+        target = budget.method.target_mb
+        assert target == qat.size_mb
+        assert budget.method.name == f"DiffQ ≤QAT {qat.method.bits}-bit ({target:.4g} MB)"
+        assert (1 - FINAL_TOLERANCE) * target <= budget.size_mb <= target
+        assert budget.method.name in text
     # A larger penalty gives a smaller model.
-    assert results[4].size_mb < results[3].size_mb < float_run.size_mb
+    penalized = [r for r in results if r.method.kind == "diffq"]
+    assert penalized[1].size_mb < penalized[0].size_mb < float_run.size_mb
     for r in results:
         assert r.val_ppl > 1 and r.val_ppl == r.val_ppl
-    for line in ("method", "float32 baseline", "QAT 4-bit", "DiffQ λ=50"):
+    for line in ("method", "float32 baseline", "QAT 2-bit", "QAT 8-bit", "DiffQ λ=50"):
         assert line in text
+    comparisons = report.comparison(results)
+    assert len(comparisons) == 6 and all(line in text for line in comparisons)
 
 
 def test_demo_reload_matches_quantized(tiny_demo):
     out, outcome, text = tiny_demo
     checks = outcome["reload"]
-    assert len(checks) == 3
+    assert len(checks) == 6  # four budget rows and two penalties
     for check in checks:
         assert check.path.exists() and check.file_mb > 0
         assert check.reloaded_ppl == check.quantized_ppl
-    assert text.count("(equal)") == 3
+    assert text.count("(equal)") == 6
 
 
 def test_demo_packed_models_match_the_reloaded_ones(tiny_demo):
@@ -268,7 +290,7 @@ def test_demo_packed_models_match_the_reloaded_ones(tiny_demo):
     for check in packed:
         assert check.packed_ppl == check.reloaded_ppl
         assert 0 < check.resident_mb <= 1.1 * check.file_mb + 64 / 1024
-    assert text.count("packed in memory") == 3 and text.count("(identical)") == 3
+    assert text.count("packed in memory") == 6 and text.count("(identical)") == 6
 
 
 def test_demo_writes_results(tiny_demo):
@@ -278,8 +300,23 @@ def test_demo_writes_results(tiny_demo):
         r.method.name for r in outcome["results"]
     ]
     assert record["config"]["train"]["steps"] == 6
-    assert len(record["reload"]) == 3
+    assert len(record["reload"]) == 6
     assert (out / "results.md").read_text().startswith("| method | bits/weight |")
+
+
+def test_out_of_reach_qat_budget_is_skipped(tmp_path):
+    # 1% of the 2-bit QAT size is under every group at 1 bit: the row is left out with the
+    # reason, the rest of the demo runs.
+    methods = [Method("float32 baseline", "float"), Method("QAT 2-bit", "qat", 2),
+               qat_budget_method(2, 0.01), Method("DiffQ λ=1", "diffq", penalty=1.0)]
+    config = DemoConfig(out=tmp_path, methods=methods, model=TINY_MODEL,
+                        train=TrainConfig(steps=2, batch=2, eval_windows=2),
+                        quant=QuantSettings(min_size=0.0), max_train_chars=20_000)
+    stream = io.StringIO()
+    outcome = run_demo(config, stream)
+    assert [r.method.kind for r in outcome["results"]] == ["float", "qat", "diffq"]
+    assert "DiffQ ≤0.01×QAT 2-bit (" in stream.getvalue()
+    assert "skipped: target_mb=" in stream.getvalue()
 
 
 def test_demo_rejects_bad_method_list(tmp_path):
@@ -311,20 +348,31 @@ def test_plot_is_written_when_matplotlib_is_installed(tiny_demo, tmp_path):
 
 
 def test_comparison_states_the_verdict():
-    def run(kind, size, ppl, penalty=0.0):
-        method = Method(kind, kind, penalty=penalty)
+    def run(method, size, ppl):
         return RunResult(method, None, None, 1000, size, ppl, 1.0)
 
-    qat = run("qat", 1.0, 10.0)
+    qat2 = run(Method("QAT 2-bit", "qat", 2), 0.5, 12.0)
+    qat4 = run(Method("QAT 4-bit", "qat", 4), 1.0, 10.0)
     lines = report.comparison([
-        run("float", 8.0, 9.0), qat, run("diffq", 0.5, 9.9, 1.0), run("diffq", 0.8, 11.0, 2.0),
-        run("diffq", 2.0, 9.0, 3.0),
+        run(Method("float", "float"), 8.0, 9.0), qat2, qat4,
+        run(Method("d1", "diffq", penalty=1.0), 0.5, 9.9),
+        run(Method("d2", "diffq", penalty=2.0), 0.8, 11.0),
+        run(Method("d3", "diffq", penalty=3.0), 2.0, 9.0),
+        run(resolve_budget(qat_budget_method(2), {2: 0.5}), 0.499, 11.4),
+        run(resolve_budget(qat_budget_method(4), {4: 1.0}), 0.995, 10.2),
     ])
-    assert len(lines) == 3
-    assert "2.00x smaller" in lines[0] and "(-1.0%)" in lines[0] and "beats it on both" in lines[0]
-    assert "smaller, but worse perplexity" in lines[1] and "(+10.0%)" in lines[1]
-    assert "2.00x larger" in lines[2] and "better perplexity" in lines[2]
-    assert report.comparison([run("float", 8.0, 9.0)]) == []
+    assert len(lines) == 5
+    # A fixed-λ run against the smallest QAT run at least its size.
+    assert lines[0].startswith("d1: 1.00x smaller than QAT 2-bit") and "(-17.5%)" in lines[0]
+    assert "beats it on both" in lines[0]
+    assert "1.25x smaller than QAT 4-bit" in lines[1] and "(+10.0%)" in lines[1]
+    assert "smaller, but worse perplexity" in lines[1]
+    assert "2.00x larger than QAT 4-bit" in lines[2] and "better perplexity" in lines[2]
+    # A budget run against its QAT twin, at the same size.
+    assert "at QAT 2-bit's size (0.499 vs 0.5 MB)" in lines[3]
+    assert "(-5.0%): DiffQ better" in lines[3]
+    assert "at QAT 4-bit's size" in lines[4] and "(+2.0%): QAT better" in lines[4]
+    assert report.comparison([run(Method("float", "float"), 8.0, 9.0)]) == []
 
 
 def test_bits_per_weight_counts_model_parameters_only(tiny_demo):

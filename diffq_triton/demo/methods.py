@@ -7,7 +7,7 @@ one branch in :func:`attach`.
 
 from __future__ import annotations
 
-from collections.abc import Callable, Sequence
+from collections.abc import Callable, Mapping, Sequence
 from dataclasses import dataclass, replace
 
 import torch
@@ -28,12 +28,13 @@ class Method:
             training at ``bits``), ``"diffq"`` (:class:`DiffQuantizer`, loss + ``penalty``
             times the differentiable size in MB) or ``"budget"`` (DiffQ whose penalty adapts
             so the stored model ends at ``target_mb``: :class:`~diffq_triton.SizeBudget`).
-        bits: width of every weight for ``"qat"``.
+        bits: width of every weight for ``"qat"``; for a ``"budget"`` sized from a QAT row
+            (``qat_ratio > 0``), the width of that QAT row.
         penalty: the size penalty λ for ``"diffq"``.
         target_mb: the size budget in MB for ``"budget"``.
         qat_ratio: for ``"budget"`` without ``target_mb``: the budget is this fraction of the
-            QAT row's stored size, set by the demo once the QAT run is done (see
-            :func:`resolve_budget`), so the comparison is at a size QAT cannot match.
+            stored size of the QAT row at ``bits``, set once that row is trained (see
+            :func:`resolve_budget`), so the two are compared at the same size.
     """
 
     name: str
@@ -54,10 +55,19 @@ class Method:
                 f"target_mb={self.target_mb!r}, qat_ratio={self.qat_ratio!r}"
             )
 
+    @property
+    def paired_qat_bits(self) -> int | None:
+        """Width of the QAT row this budget row is sized from (None: not sized from QAT)."""
+        return self.bits if self.kind == "budget" and self.qat_ratio > 0 else None
+
 
 @dataclass(frozen=True)
 class QuantSettings:
     """Quantizer arguments shared by every method of one demo run.
+
+    The figures below were measured on the demo at width 128 with ``min_bits=2``, and
+    (init_bits, bits_lr, noise) checked again for the size budget at the 2- and 3-bit QAT
+    sizes with ``min_bits=1``: each alternative was worse there too.
 
     Args:
         group_size: DiffQ entries sharing one bit width. 64 rather than 16: each group
@@ -65,7 +75,8 @@ class QuantSettings:
             in this demo that saving outweighed the finer widths (at λ=0.5, 0.186 MB and
             ppl 8.28 against 0.208 MB and ppl 8.26).
         init_bits: DiffQ's starting width (5 or 6 ended smaller but worse than 8 at the
-            same λ, off the size/perplexity curve of 8).
+            same λ, off the size/perplexity curve of 8; for a budget at the 2-bit size,
+            starting at 2.5 or 3 gave ppl 10.36 and 10.04 against 9.81 from 8).
         bits_lr: Adam learning rate of DiffQ's bit logits. Larger than diffq's 1e-3 default
             because the demo trains for a few hundred steps only (0.01 and 0.05 moved along
             the same size/perplexity curve as a change of λ, no better).
@@ -73,6 +84,11 @@ class QuantSettings:
         noise: DiffQ's pseudo-quantization noise. ``"uniform"``: in runs this short it
             gave a better size/perplexity trade-off than ``"gaussian"`` (with gaussian noise,
             λ=0.5 ended larger and worse than 4-bit QAT; with uniform, smaller and 1% worse).
+        min_bits: DiffQ's narrowest width. 1, not diffq's 2: with every group at 2 bits a
+            DiffQ model is still larger than 2-bit QAT (each tensor also stores the 8-bit
+            width of its width field), so a budget at the 2-bit QAT size needs some groups
+            under 2 bits.
+        max_bits: DiffQ's widest width.
     """
 
     group_size: int = 64
@@ -80,16 +96,31 @@ class QuantSettings:
     bits_lr: float = 0.02
     min_size: float = 0.01
     noise: str = "uniform"
+    min_bits: float = 1.0
+    max_bits: float = 15.0
+
+
+# The QAT widths of the trade-off curve: 2 and 3 bits, where the paper finds QAT breaking
+# down, 4 (its usual comparison) and 8 (near-lossless, the other end of the curve).
+DEFAULT_QAT_BITS = (2, 3, 4, 8)
+# One fixed penalty, to show DiffQ picking a size itself (between the 3- and 4-bit QAT
+# sizes in this demo).
+DEFAULT_PENALTIES = (0.5,)
 
 
 def default_methods(
-    penalties: Sequence[float] = (0.1, 0.5), qat_bits: int = 4, qat_budget: float | None = 0.95
+    penalties: Sequence[float] = DEFAULT_PENALTIES,
+    qat_bits: Sequence[int] = DEFAULT_QAT_BITS,
+    qat_budget: float | None = 1.0,
 ) -> list[Method]:
-    """Baseline, QAT at ``qat_bits``, a DiffQ run trained to ``qat_budget`` times QAT's size
-    (None: no such row) and one DiffQ run per penalty, in table order."""
-    methods = [Method("float32 baseline", "float"), Method(f"QAT {qat_bits}-bit", "qat", qat_bits)]
-    if qat_budget is not None:
-        methods.append(qat_budget_method(qat_budget))
+    """The trade-off curve, in table order: the float32 baseline, then for each width in
+    ``qat_bits`` QAT at that width followed by DiffQ trained to ``qat_budget`` times its size
+    (None: no such rows), then one DiffQ run per penalty."""
+    methods = [Method("float32 baseline", "float")]
+    for bits in qat_bits:
+        methods.append(Method(f"QAT {bits}-bit", "qat", bits))
+        if qat_budget is not None:
+            methods.append(qat_budget_method(bits, qat_budget))
     methods += [Method(f"DiffQ λ={p:g}", "diffq", penalty=p) for p in penalties]
     return methods
 
@@ -99,26 +130,35 @@ def budget_method(target_mb: float) -> Method:
     return Method(f"DiffQ ≤{target_mb:g} MB", "budget", target_mb=target_mb)
 
 
-def qat_budget_method(ratio: float = 0.95) -> Method:
-    """DiffQ trained to end at ``ratio`` times the QAT row's size (resolved when it runs)."""
+def qat_budget_method(bits: int, ratio: float = 1.0) -> Method:
+    """DiffQ trained to end at ``ratio`` times the size of QAT at ``bits`` (resolved when it
+    runs, from that QAT row)."""
     if not 0 < ratio:
         raise ValueError(f"ratio must be > 0, got {ratio!r}")
-    return Method(f"DiffQ ≤{ratio:g}×QAT", "budget", qat_ratio=ratio)
+    scale = "" if ratio == 1 else f"{ratio:g}×"
+    return Method(f"DiffQ ≤{scale}QAT {bits}-bit", "budget", bits, qat_ratio=ratio)
 
 
-def resolve_budget(method: Method, qat_size_mb: float | None) -> Method:
+def resolve_budget(method: Method, qat_sizes_mb: Mapping[int, float]) -> Method:
     """``method`` with its budget fixed: a ``qat_ratio`` budget becomes ``target_mb`` MB.
 
+    Args:
+        qat_sizes_mb: stored size in MB of each QAT row trained so far, by width.
+
     Raises:
-        ValueError: the method needs the QAT size and ``qat_size_mb`` is None (no QAT row ran
-            before it).
+        ValueError: the method is sized from a QAT width that has no row in
+            ``qat_sizes_mb`` (no QAT row at that width ran before it).
     """
-    if method.kind != "budget" or method.target_mb > 0:
+    bits = method.paired_qat_bits
+    if bits is None or method.target_mb > 0:
         return method
-    if qat_size_mb is None:
-        raise ValueError(f"{method.name!r} is sized from the QAT row: put a QAT method before it")
-    target = float(f"{method.qat_ratio * qat_size_mb:.4g}")  # a readable label, 4 digits
-    return replace(method, name=f"DiffQ ≤{target:g} MB", target_mb=target)
+    if bits not in qat_sizes_mb:
+        raise ValueError(
+            f"{method.name!r} is sized from the QAT {bits}-bit row: put that method before it"
+        )
+    # The exact size, not a rounded one: a target rounded up could let DiffQ end larger.
+    target = method.qat_ratio * qat_sizes_mb[bits]
+    return replace(method, name=f"{method.name} ({target:.4g} MB)", target_mb=target)
 
 
 @dataclass
@@ -149,7 +189,8 @@ def attach(
         return Attached(quantizer)
     quantizer = diffq.DiffQuantizer(
         model, group_size=settings.group_size, init_bits=settings.init_bits,
-        min_size=settings.min_size, noise=settings.noise,
+        min_size=settings.min_size, noise=settings.noise, min_bits=settings.min_bits,
+        max_bits=settings.max_bits,
     )
     quantizer.setup_optimizer(optimizer, lr=settings.bits_lr)
     if method.kind == "budget":

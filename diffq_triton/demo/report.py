@@ -70,8 +70,18 @@ def write_json(path: Path, results: Sequence[RunResult], extra: dict) -> None:
     path.write_text(json.dumps({"results": to_records(results), **extra}, indent=2) + "\n")
 
 
+# One line per method family on the plot: label, marker, line style.
+FAMILIES = {
+    "qat": ("QAT (UniformQuantizer, qat=True)", "^", "-"),
+    "budget": ("DiffQ, size budget (SizeBudget)", "D", "-"),
+    "diffq": ("DiffQ, fixed penalty λ", "o", ":"),
+}
+
+
 def plot_size_vs_ppl(results: Sequence[RunResult], path: Path) -> str | None:
-    """Scatter of size (MB, log scale) against validation perplexity, saved as PNG.
+    """Size (MB, log scale) against validation perplexity, saved as PNG: one line per
+    method family (QAT, DiffQ with a size budget, DiffQ with a fixed λ), each through its
+    points in size order, and the float32 baseline as a point and a dashed level.
 
     Returns None on success, or a message saying why no plot was written (matplotlib is an
     optional extra: ``pip install diffq-triton[plot]``).
@@ -87,51 +97,74 @@ def plot_size_vs_ppl(results: Sequence[RunResult], path: Path) -> str | None:
             "no plot: matplotlib is not installed "
             "(pip install 'diffq-triton[plot]' or pip install matplotlib)"
         )
-    markers = {"float": "s", "qat": "^", "diffq": "o", "budget": "D"}
-    fig, ax = plt.subplots(figsize=(6, 4), dpi=120)
+    fig, ax = plt.subplots(figsize=(7, 4.5), dpi=120)
     for r in results:
-        ax.scatter(r.size_mb, r.val_ppl, marker=markers.get(r.method.kind, "x"), s=60)
-        ax.annotate(r.method.name, (r.size_mb, r.val_ppl), textcoords="offset points",
-                    xytext=(6, 4), fontsize=8)
+        if r.method.kind == "float":
+            ax.axhline(r.val_ppl, color="gray", linestyle="--", linewidth=1)
+            ax.scatter(r.size_mb, r.val_ppl, marker="s", s=50, color="gray",
+                       label=f"float32 ({r.size_mb:.2f} MB)")
+    for kind, (label, marker, style) in FAMILIES.items():
+        points = sorted((r for r in results if r.method.kind == kind), key=lambda r: r.size_mb)
+        if not points:
+            continue
+        ax.plot([r.size_mb for r in points], [r.val_ppl for r in points], marker=marker,
+                linestyle=style, markersize=7, label=label)
+        if kind == "qat":  # the widths, so each DiffQ-budget point finds its QAT twin
+            for r in points:
+                ax.annotate(f"{r.method.bits}-bit", (r.size_mb, r.val_ppl), fontsize=8,
+                            textcoords="offset points", xytext=(5, 6))
     ax.set_xscale("log")
     # Ticks at 1, 2, 5 x 10^k written as plain numbers: the default 3x10^-1 style overlaps.
     ax.xaxis.set_major_locator(ticker.LogLocator(subs=(1.0, 2.0, 5.0)))
     ax.xaxis.set_major_formatter(ticker.FuncFormatter(lambda v, _: f"{v:g}"))
     ax.xaxis.set_minor_formatter(ticker.NullFormatter())
-    ax.margins(x=0.25, y=0.1)  # room for the labels of the end points
-    ax.set_xlabel("model size (MB, log scale)")
+    ax.margins(x=0.1, y=0.1)
+    ax.set_xlabel("stored model size (MB, log scale)")
     ax.set_ylabel("validation perplexity (lower is better)")
-    ax.set_title("DiffQ demo: size against quality")
+    ax.set_title("DiffQ demo: size against perplexity (lower left is better)")
     ax.grid(True, which="both", alpha=0.3)
+    ax.legend(fontsize=8)
     fig.tight_layout()
     fig.savefig(path)
     plt.close(fig)
     return None
 
 
+def _verdict(r: RunResult, qat: RunResult) -> str:
+    ratio = qat.size_mb / r.size_mb
+    change = 100 * (r.val_ppl / qat.val_ppl - 1)
+    if r.method.paired_qat_bits == qat.method.bits:
+        size = f"at {qat.method.name}'s size ({r.size_mb:.4g} vs {qat.size_mb:.4g} MB)"
+        verdict = "DiffQ better" if change < 0 else "QAT better" if change > 0 else "equal"
+    else:
+        size = (f"{ratio:.2f}x smaller than" if ratio >= 1 else f"{1 / ratio:.2f}x larger than"
+                ) + f" {qat.method.name}"
+        if ratio >= 1 and change <= 0:
+            verdict = "beats it on both"
+        elif ratio >= 1:
+            verdict = "smaller, but worse perplexity"
+        else:
+            verdict = "larger" + (", better perplexity" if change < 0 else ", no better")
+    return (f"{r.method.name}: {size}, perplexity {r.val_ppl:.3f} vs {qat.val_ppl:.3f} "
+            f"({change:+.1f}%): {verdict}")
+
+
 def comparison(results: Sequence[RunResult]) -> list[str]:
-    """One sentence per DiffQ run against the QAT run: smaller or not, perplexity better or not.
+    """One sentence per DiffQ run against a QAT run: a size-budget run sized from a QAT
+    width against that QAT run (same size: which perplexity is lower); any other DiffQ run
+    against the smallest QAT run at least its size (the one it must beat), or the largest
+    QAT run when all are smaller.
 
     Returns an empty list when the results hold no QAT run or no DiffQ run.
     """
-    qat = next((r for r in results if r.method.kind == "qat"), None)
-    if qat is None:
+    qats = sorted((r for r in results if r.method.kind == "qat"), key=lambda r: r.size_mb)
+    if not qats:
         return []
     lines = []
     for r in results:
         if r.method.kind not in ("diffq", "budget"):
             continue
-        size = qat.size_mb / r.size_mb
-        change = 100 * (r.val_ppl / qat.val_ppl - 1)
-        smaller = f"{size:.2f}x smaller than" if size >= 1 else f"{1 / size:.2f}x larger than"
-        if size >= 1 and change <= 0:
-            verdict = "beats it on both"
-        elif size >= 1:
-            verdict = "smaller, but worse perplexity"
-        else:
-            verdict = "larger" + (", better perplexity" if change < 0 else ", no better")
-        lines.append(
-            f"{r.method.name}: {smaller} {qat.method.name}, perplexity {r.val_ppl:.3f} vs "
-            f"{qat.val_ppl:.3f} ({change:+.1f}%): {verdict}"
-        )
+        paired = [q for q in qats if q.method.bits == r.method.paired_qat_bits]
+        larger = [q for q in qats if q.size_mb >= r.size_mb]
+        lines.append(_verdict(r, (paired or larger or qats[-1:])[0]))
     return lines

@@ -15,7 +15,14 @@ from . import checkpoint, packed_check, report
 from .data import VOCAB_SIZE, load_corpus
 from .methods import Method, QuantSettings, default_methods, resolve_budget
 from .model import ModelConfig
-from .train import RunResult, TrainConfig, build_model, eval_windows, perplexity, train_method
+from .train import (
+    RunResult,
+    TrainConfig,
+    build_model,
+    eval_windows,
+    perplexity,
+    train_method,
+)
 
 
 @dataclass
@@ -90,11 +97,13 @@ def run_demo(config: DemoConfig, stream: TextIO | None = None) -> dict:
     )
     results: list[RunResult] = []
     for method in config.methods:
-        qat = next((r for r in results if r.method.kind == "qat"), None)
-        relative = method.kind == "budget" and not method.target_mb > 0
-        method = resolve_budget(method, None if qat is None else qat.size_mb)
+        qat_sizes = {r.method.bits: r.size_mb for r in results if r.method.kind == "qat"}
+        relative = method.paired_qat_bits is not None and not method.target_mb > 0
         try:
-            results.append(train_method(method, corpus, config.model, config.train, config.quant))
+            method = resolve_budget(method, qat_sizes)
+            results.append(
+                train_method(method, corpus, config.model, config.train, config.quant)
+            )
         except ValueError as err:
             if not relative:
                 raise
@@ -156,6 +165,9 @@ def _save_and_reload(
     for result in results:
         if result.method.kind == "diffq":
             path = config.out / f"diffq_penalty_{result.method.penalty:g}.safetensors"
+        elif result.method.paired_qat_bits is not None:
+            # Named by the QAT twin: two twins of equal size must not share one file.
+            path = config.out / f"diffq_at_qat{result.method.paired_qat_bits}_size.safetensors"
         elif result.method.kind == "budget":
             path = config.out / f"diffq_target_{result.method.target_mb:.4g}mb.safetensors"
         else:

@@ -61,6 +61,9 @@ _P_MAX = 50.0
 _P_CLAMP = 0.2
 # Relative gaps are clamped so a far-off start does not produce an absurd integral step.
 _MAX_REL_ERROR = 1.0
+# finalize() ends at most at the target and warns when it ends further below it than this
+# fraction (too few groups to fit closely, or a size that has not converged).
+FINAL_TOLERANCE = 0.02
 
 
 def size_range(quantizer: BaseQuantizer) -> tuple[float, float]:
@@ -223,7 +226,7 @@ class SizeBudget:
                     logit = _logits_for_widths(q, new).to(record.logit)
                     record.logit[changed.to(record.logit.device)] = logit[changed.to(logit.device)]
         size = q.true_model_size()
-        if abs(size - self.target_mb) > 0.02 * self.target_mb:
+        if abs(size - self.target_mb) > FINAL_TOLERANCE * self.target_mb:
             warnings.warn(
                 f"rounding to the budget reached {size:.6g} MB for a target of "
                 f"{self.target_mb:.6g} MB: too few groups to fit it closely, or training "
