@@ -34,12 +34,18 @@ class Blocks(nn.Module):
         return self.head(h)
 
 
-def _gradients(mode: str | None, tied: bool, steps: int = 2, **kwargs) -> list[dict]:
+def _setup(mode: str | None, tied: bool = False, **kwargs) -> tuple:
+    """A model of seed 0, its SGD and its DiffQuantizer (in the documented order)."""
     torch.manual_seed(0)
     model = Blocks(mode, tied)
     opt = torch.optim.SGD(model.parameters(), lr=0.1)
     q = diffq_triton.DiffQuantizer(model, min_size=0, **kwargs)
     q.setup_optimizer(opt, lr=0.1)
+    return model, opt, q
+
+
+def _gradients(mode: str | None, tied: bool, steps: int = 2, **kwargs) -> list[dict]:
+    model, opt, q = _setup(mode, tied, **kwargs)
     torch.manual_seed(1)
     grads = []
     for _ in range(steps):
@@ -84,11 +90,7 @@ def test_without_the_module_swap_the_gradients_would_differ():
     # The check above can fail: with the root-level swap only (the recomputation sees the
     # float weights), the gradients differ.
     plain = _gradients(None, False, steps=1, group_size=4)
-    torch.manual_seed(0)
-    model = Blocks("non_reentrant")
-    opt = torch.optim.SGD(model.parameters(), lr=0.1)
-    q = diffq_triton.DiffQuantizer(model, min_size=0, group_size=4)
-    q.setup_optimizer(opt, lr=0.1)
+    model, opt, q = _setup("non_reentrant", group_size=4)
     q._swap_check.finish()  # no first-forward hooks: checkpointing goes unseen
     torch.manual_seed(1)
     idx = torch.randint(0, 23, (3, 5))
@@ -146,11 +148,7 @@ def test_several_forwards_before_one_backward(mode):
 def test_a_dry_run_without_gradients_then_checkpointing():
     # A train-mode forward under no_grad is not the training forward that detection watches.
     plain = _gradients(None, False, steps=1, group_size=4)
-    torch.manual_seed(0)
-    model = Blocks("non_reentrant")
-    opt = torch.optim.SGD(model.parameters(), lr=0.1)
-    q = diffq_triton.DiffQuantizer(model, min_size=0, group_size=4)
-    q.setup_optimizer(opt, lr=0.1)
+    model, opt, q = _setup("non_reentrant", group_size=4)
     with torch.no_grad():
         model(torch.randint(0, 23, (1, 3)))
     torch.manual_seed(1)

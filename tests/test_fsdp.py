@@ -59,6 +59,17 @@ def _build(seed: int = 0) -> tuple[Net, diffq_triton.DiffQuantizer]:
     return model, diffq_triton.DiffQuantizer(model, min_size=0, group_size=GROUP)
 
 
+def _ddp() -> tuple:
+    """The DDP reference, in its documented order: optimizer, quantizer, setup_optimizer,
+    DistributedDataParallel."""
+    torch.manual_seed(0)
+    model = Net()
+    opt = torch.optim.Adam(model.parameters(), lr=1e-2)
+    q = diffq_triton.DiffQuantizer(model, min_size=0, group_size=GROUP)
+    q.setup_optimizer(opt)
+    return model, q, opt, nn.parallel.DistributedDataParallel(model)
+
+
 def _batch(step: int, rank: int) -> tuple[torch.Tensor, torch.Tensor]:
     """This rank's half of the step's global batch."""
     g = torch.Generator().manual_seed(1000 + step)
@@ -116,13 +127,8 @@ def _scenarios(rank: int, out: Path) -> dict:
     result: dict = {}
     mesh = init_device_mesh("cpu", (WORLD,))
 
-    # --- DDP: the reference (its order: optimizer, quantizer, setup_optimizer, DDP).
-    torch.manual_seed(0)
-    model = Net()
-    opt = torch.optim.Adam(model.parameters(), lr=1e-2)
-    q = diffq_triton.DiffQuantizer(model, min_size=0, group_size=GROUP)
-    q.setup_optimizer(opt)
-    ddp = nn.parallel.DistributedDataParallel(model)
+    # --- DDP: the reference.
+    model, q, opt, ddp = _ddp()
     seen, handles = _used_weights(model)
     result["ddp_log"] = _train(model, q, opt, rank, ddp, seen)
     for h in handles:
@@ -291,12 +297,7 @@ def _scenarios(rank: int, out: Path) -> dict:
     from diffq_triton.ops.dispatch import use_backend
 
     with use_backend("triton"):
-        torch.manual_seed(0)
-        model = Net()
-        opt = torch.optim.Adam(model.parameters(), lr=1e-2)
-        q = diffq_triton.DiffQuantizer(model, min_size=0, group_size=GROUP)
-        q.setup_optimizer(opt)
-        ddp = nn.parallel.DistributedDataParallel(model)
+        model, q, opt, ddp = _ddp()
         _train(model, q, opt, rank, ddp)
         result["triton_ddp"] = _full_state(model)
         ddp = None
