@@ -14,9 +14,7 @@ from __future__ import annotations
 import torch
 from torch import nn
 
-from ..codec import native
-from ..codec.cpu_pool import cpu_threads
-from ..ops import bitpack, reference
+from ..ops import bitpack, packed_op, reference
 from ..serialization.tensor_record import QuantizedTensor
 
 # Groups per tile. A tile offset costs 64 bits, so 64/(TILE_GROUPS·g) bits per weight: at
@@ -175,12 +173,12 @@ class PackedTensor(nn.Module):
 
     def group_widths(self) -> torch.Tensor:
         """``[n_groups]`` uint8 widths, unpacked from the width stream (on its device)."""
-        if not self.field_bits:
-            return torch.full((self.n_groups,), self.base, dtype=torch.uint8,
-                              device=self.device)
-        nbytes = (self.n_groups * self.field_bits + 7) // 8
-        return bitpack.unpack_widths(self.widths[:nbytes], self.field_bits, self.n_groups,
-                                     self.base)
+        return packed_op.group_widths(self._widths(), self.n_groups, self.base,
+                                      self.field_bits, self.device)
+
+    def _widths(self) -> torch.Tensor:
+        # The width stream, or an empty tensor when every group has width ``base``.
+        return self.widths if self.field_bits else self.levels.new_empty(0)
 
     def record(self) -> QuantizedTensor:
         """This tensor as a record of the file format (streams as views, no copy)."""
@@ -194,20 +192,13 @@ class PackedTensor(nn.Module):
 
         On the CPU the native codec unpacks and dequantizes in one pass (``b/8`` bytes read
         and 4 written per weight), with the float operations of the reference, as
-        ``load_quantized`` decodes; elsewhere, or for ``lsq``, the library's decode of a
-        record. Returns ``out`` viewed as ``shape``.
+        ``load_quantized`` decodes; elsewhere, or for ``lsq``, the library's unpack and the
+        reference's float math, as a record decodes (:func:`diffq_triton.ops.packed_op.
+        decode_into`). Returns ``out`` viewed as ``shape``.
         """
-        flat = out.view(-1)
-        with cpu_threads():
-            lib = native.library() if self.scheme == "minmax" else None
-            if lib is not None and self.device.type == "cpu":
-                mn = self.scale[0]
-                span = float(self.scale[1] - mn)  # in float32, as the file loader
-                native.unpack_dequantize(lib, self.levels[: self.level_bytes],
-                                         self.group_widths(), self.group_size, self.numel,
-                                         float(mn), span, flat)
-            else:
-                flat.copy_(self.record().dequantize(self.device).reshape(-1))
+        packed_op.decode_into(out, self.levels, self._widths(), self.scale, self.numel,
+                              self.group_size, self.scheme, self.base, self.field_bits,
+                              self.level_bytes)
         return out.view(self.shape)
 
     def cast(self, weight: torch.Tensor, out: torch.Tensor | None = None) -> torch.Tensor:
@@ -217,19 +208,22 @@ class PackedTensor(nn.Module):
         Args:
             out: optional tensor of :attr:`dtype` and ``shape`` to write into.
         """
-        if self.record_dtype != torch.float32:
-            weight = weight.to(self.record_dtype)
-        if weight.dtype == self.dtype:
-            return weight
-        if out is None:
-            return weight.to(self.dtype)
-        return out.copy_(weight)
+        return packed_op.cast(weight, self.record_dtype, self.dtype, out)
 
     def dequantize(self) -> torch.Tensor:
         """The weight, a fresh tensor of ``shape`` and :attr:`dtype` (equal to what
         ``load_quantized(model, path)`` puts in the float parameter)."""
         w = torch.empty(self.numel, dtype=torch.float32, device=self.device)
         return self.cast(self.decode_into(w))
+
+    def dequantize_op(self, backend: str) -> torch.Tensor:
+        """:meth:`dequantize` as one ``diffq_triton::packed_dequantize`` node (what
+        ``torch.compile`` and ``torch.export`` trace); ``backend``: ``"triton"`` (the packed
+        dequantize kernel) or ``"eager"``."""
+        return packed_op.packed_dequantize(
+            self.levels, self._widths(), self.tile_offsets, self.scale, list(self.shape),
+            self.group_size, self.scheme, self.base, self.field_bits, self.level_bytes,
+            self.tile_groups, self.record_dtype, self.dtype, backend)
 
     def nbytes(self) -> int:
         """Bytes of this tensor's buffers."""

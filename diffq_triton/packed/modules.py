@@ -69,11 +69,16 @@ class PackedModule(nn.Module):
         """The weight of this call, in the scratch buffers when autograd records nothing.
 
         On CUDA (where the backend choice says Triton) one launch of the packed dequantize
-        kernel; on the CPU the native codec.
+        kernel; on the CPU the native codec. Traced (``torch.compile``, ``torch.export``):
+        the same decode as the custom op ``diffq_triton::packed_dequantize``, a fresh tensor
+        (the compiler plans its memory; the scratch buffers are eager mode's).
         """
         pt = self.weight_packed
+        on_triton = dispatch.packed_on_triton(torch.empty(0, dtype=pt.dtype, device=pt.device))
+        if torch.compiler.is_compiling():  # torch.compile, torch.export: one op node
+            return pt.dequantize_op("triton" if on_triton else "eager")
         fresh = _records_grad(*inputs, *self.parameters())
-        if dispatch.packed_on_triton(torch.empty(0, dtype=pt.dtype, device=pt.device)):
+        if on_triton:
             from ..kernels import packed as packed_kernels  # imports Triton: only where it runs
 
             out = None if fresh else _scratch("cast", pt.numel, pt.dtype, pt.device)
