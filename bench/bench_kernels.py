@@ -173,7 +173,7 @@ def test_packed_kernels_throughput(device):
                      "of copy": round(gbs / copy_gbs, 3), "vs fp16 linear": "-"})
         w16 = packed_k.dequantize(pt).view(n_out, n_in)
         lin_s = _time(lambda w16=w16: F.linear(x, w16), device)
-        mv_s = _time(lambda pt=pt: packed_k.linear(x, pt), device)
+        mv_s = _time(lambda pt=pt: packed_k.gemv(x, pt), device)
         gbs = (mean_bits / 8 + meta) * n / mv_s / 1e9
         rows.append({"op": "packed GEMV M=1", "g": g, "bits": round(mean_bits, 2),
                      "ms": round(mv_s * 1e3, 4), "GB/s": round(gbs, 1),

@@ -11,7 +11,7 @@ zero bytes of padding, so the window never leaves the buffer).
   :data:`MAX_TILE_G` entries: one program per tile (:func:`packed_dequant_tile_kernel`);
   larger groups and one group per tensor: one program per chunk of entries
   (:func:`packed_dequant_chunk_kernel`).
-- :func:`linear`: ``y = x Wᵀ + b`` for at most :data:`MAX_GEMV_ROWS` rows of ``x``, every
+- :func:`gemv`: ``y = x Wᵀ + b`` for at most :data:`MAX_GEMV_ROWS` rows of ``x``, every
   weight decoded once, in registers (:func:`packed_gemv_kernel`), never written.
 
 The float math is :func:`diffq_triton.ops.reference.dequantize`'s, operation for operation
@@ -310,7 +310,7 @@ def packed_gemv_kernel(
              mask=m_m)
 
 
-def linear(x: torch.Tensor, pt, bias: torch.Tensor | None = None) -> torch.Tensor:
+def gemv(x: torch.Tensor, pt, bias: torch.Tensor | None = None) -> torch.Tensor:
     """``y = x Wᵀ + bias`` with ``W`` the packed ``[N, K]`` weight decoded in registers
     (1 launch, one program per output feature).
 

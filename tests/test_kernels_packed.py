@@ -115,7 +115,7 @@ def test_dequantize_refuses_bad_arguments():
 
 # ----------------------------------------------------------------------------- GEMV
 def _gemv_bound(x, w, y_ref, dtype) -> torch.Tensor:
-    """The GEMV's tolerance against F.linear (kernels.packed.linear): the float32 sums of K
+    """The GEMV's tolerance against F.linear (kernels.packed.gemv): the float32 sums of K
     products differ in order (and fma on a GPU), ``2·K·2⁻²⁴·Σ|x·w|``; then each result is
     rounded once to ``dtype``, which may land on the neighbouring value: ``eps·|y|``."""
     k = x.shape[-1]
@@ -140,7 +140,7 @@ def test_gemv_equals_linear_on_the_reference_weight(case, dtype):
     bias = torch.randn(shape[0], generator=gen).to(dtype).to(DEVICE)
     for b in (bias, None):
         with poisoned_empty():
-            y = packed_k.linear(x, pt, b)
+            y = packed_k.gemv(x, pt, b)
         assert y.shape == (rows, shape[0]) and y.dtype == dtype
         # F.linear on that weight, in float64: the exact sum the GEMV rounds.
         y_ref = F.linear(x.double(), w.double(), None if b is None else b.double())
@@ -152,7 +152,7 @@ def test_gemv_lsq_and_leading_dims():
     pt = packed_weight((21, 33), 0, "lsq")
     x = torch.randn(2, 3, 33, generator=torch.Generator().manual_seed(2)).to(DEVICE)
     with poisoned_empty():
-        y = packed_k.linear(x, pt)
+        y = packed_k.gemv(x, pt)
     y_ref = F.linear(x.double(), packed_ref.dequantize_packed(pt).double())
     assert y.shape == (2, 3, 21)
     bound = _gemv_bound(x.view(6, 33), packed_ref.dequantize_packed(pt), y_ref.view(6, 21),
@@ -163,13 +163,13 @@ def test_gemv_lsq_and_leading_dims():
 def test_gemv_refuses_bad_arguments():
     pt = packed_weight((7, 9), 4)
     with pytest.raises(ValueError, match="rows"):
-        packed_k.linear(torch.zeros(17, 9, device=DEVICE), pt)
+        packed_k.gemv(torch.zeros(17, 9, device=DEVICE), pt)
     with pytest.raises(ValueError, match="features"):
-        packed_k.linear(torch.zeros(1, 8, device=DEVICE), pt)
+        packed_k.gemv(torch.zeros(1, 8, device=DEVICE), pt)
     with pytest.raises(TypeError, match="dtype"):
-        packed_k.linear(torch.zeros(1, 9, dtype=torch.float16, device=DEVICE), pt)
+        packed_k.gemv(torch.zeros(1, 9, dtype=torch.float16, device=DEVICE), pt)
     with pytest.raises(ValueError, match="2-D"):
-        packed_k.linear(torch.zeros(1, 9, device=DEVICE), packed_weight((7, 3, 3), 4))
+        packed_k.gemv(torch.zeros(1, 9, device=DEVICE), packed_weight((7, 3, 3), 4))
 
 
 # ----------------------------------------------------------------------------- wiring

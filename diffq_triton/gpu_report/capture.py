@@ -230,7 +230,7 @@ def _packed_workloads(quick: bool) -> list[tuple[str, Callable[[], None]]]:
     def gemv(g: int, rows: int, name: str) -> None:
         dtype = getattr(torch, name)
         pt = _packed_weight((4096, 1000), g, True, "minmax", dtype)
-        packed.linear(torch.empty(rows, 1000, dtype=dtype), pt, torch.empty(4096, dtype=dtype))
+        packed.gemv(torch.empty(rows, 1000, dtype=dtype), pt, torch.empty(4096, dtype=dtype))
 
     deq = [(8, True, "minmax", "float32"), (8, False, "minmax", "bfloat16"),
            (1, True, "minmax", "float16"), (1024, True, "minmax", "float32"),
