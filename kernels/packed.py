@@ -25,7 +25,7 @@ import torch
 import triton
 import triton.language as tl
 
-from .common import INTERPRET, cast_out, next_pow2
+from .common import INTERPRET, cast_out, next_pow2, size_bucket
 
 # Groups of up to this many entries take the per-tile kernel (a [TG, G_PAD] block per
 # step); larger ones the chunked kernel, where a program's entries span at most 2 groups.
@@ -362,3 +362,289 @@ def gemv(x: torch.Tensor, pt, bias: torch.Tensor | None = None) -> torch.Tensor:
         R1=_ROUND.get(pt.record_dtype, 0), R2=_ROUND[pt.dtype], HAS_BIAS=bias is not None,
         IS_BF16=x.dtype == torch.bfloat16, **_options())
     return y.view(*x.shape[:-1], n)
+
+
+# ----------------------------------------------------------------------------- row walker
+# Shared by the GEMM (rows of W: output features) and the Embedding gather (rows of the
+# table: looked-up ids): a program holds R rows of K entries each (row r is entries
+# [r·K, r·K + K) of the flattened weight) and walks them C entries per step. Each row's
+# first bit is found once (its tile's offset plus the tile's groups before it); in the loop
+# every entry's width is read from the width stream and an exclusive tl.cumsum of the widths
+# along the row gives each entry's bit: no per-group bookkeeping, so groups may cross rows
+# and steps freely (any K, any g). In-loop offsets are int32 relative to the row's first
+# byte: K·15 bits per row stay below 2^31 for K < 143M.
+@triton.jit
+def _row_starts(p_widths, p_toff, o_r, m_r, K, g, base, F: tl.constexpr, T: tl.constexpr,
+                TC: tl.constexpr):
+    """Bit offset (int64, ``[R]``) of entry ``r·K`` of each row ``r`` in ``o_r``, and the
+    group index (int64) and rank in it (int32) of that entry."""
+    e_lo = o_r.to(tl.int64) * K
+    s_0 = e_lo // g
+    r_0 = (e_lo - s_0 * g).to(tl.int32)
+    if F == 0:
+        o_row = e_lo * base
+    else:
+        i_t = s_0 // T
+        before = tl.zeros(o_r.shape, tl.int64)
+        for c in range(0, T // TC):  # the tile's groups before s_0, TC at a time
+            o_t = (i_t * T + c * TC)[:, None] + tl.arange(0, TC)[None, :]
+            m_t = m_r[:, None] & (o_t < s_0[:, None])
+            b_t = tl.where(m_t, _widths(p_widths, o_t, m_t, base, F), 0)
+            before += tl.sum(b_t, 1).to(tl.int64)
+        b_0 = _widths(p_widths, s_0, m_r, base, F).to(tl.int64)
+        o_row = tl.load(p_toff + i_t, mask=m_r, other=0) + before * g + r_0.to(tl.int64) * b_0
+    return o_row, s_0, r_0
+
+
+@triton.jit
+def _row_step(p_levels, p_widths, p_row, bit_row, s_0, r_0, k, m_r, K, g, base, lo, span,
+              F: tl.constexpr, C: tl.constexpr, LOG_G: tl.constexpr, LSQ: tl.constexpr,
+              R1: tl.constexpr, R2: tl.constexpr):
+    """Entries ``[k, k + C)`` of each row (``[R, C]`` float32, 0 where masked) and the bits
+    they take per row (``[R]`` int32, to advance ``bit_row``).
+
+    ``p_row``: pointer to each row's first byte; ``bit_row``: int32 bit of the step's first
+    entry from that byte (for ``F = 0`` it is recomputed from ``k``, nothing is carried).
+    """
+    o_k = k + tl.arange(0, C)
+    m = m_r[:, None] & (o_k < K)[None, :]
+    if F == 0:
+        b_w = tl.zeros([1, C], tl.int32) + base
+        o_bit = bit_row[:, None] + o_k[None, :] * base
+        b_sz = tl.sum(tl.where(m, b_w, 0), 1)
+        b_v = b_w
+    else:
+        if LOG_G >= 0:
+            s_rel = (r_0[:, None] + o_k[None, :]) >> LOG_G
+        else:
+            s_rel = (r_0[:, None] + o_k[None, :]) // g
+        b_w = tl.where(m, _widths(p_widths, s_0[:, None] + s_rel, m, base, F), 0)
+        o_bit = bit_row[:, None] + tl.cumsum(b_w, 1) - b_w
+        b_sz = tl.sum(b_w, 1)
+        b_v = tl.where(m, b_w, 1)  # masked entries: a valid width, their value is dropped
+    q = _levels(p_row[:, None], o_bit, b_v, m)
+    w = tl.where(m, _value(q, b_v, lo, span, LSQ, R1, R2), 0.0)
+    return w, b_sz
+
+
+# ----------------------------------------------------------------------------- GEMM
+if INTERPRET:
+    _GEMM_CONFIGS = [triton.Config({"BM": 32, "BN": 32, "BK": 32}, num_warps=4)]
+else:
+    # Decoded entries per step (BN·BK) stay at ≤ 2048 with 8 warps, ≤ 1024 with 4: past
+    # that the GEMV's decode spilled on sm_80/sm_90 (the GPU report).
+    _GEMM_CONFIGS = [
+        triton.Config({"BM": bm, "BN": bn, "BK": bk}, num_warps=w, num_stages=s)
+        for bm, bn, bk, w in ((32, 32, 32, 4), (64, 32, 32, 4), (64, 64, 32, 8),
+                              (128, 64, 32, 8))
+        for s in (1, 2)]
+
+
+def _prune_gemm_configs(configs, named_args, **kwargs):
+    # A float32 dot holds twice the operand registers: its 128-row blocks spilled on sm_80
+    # (the GPU report), so float32 inputs keep blocks of at most 64 rows.
+    if kwargs.get("DOT_F32", named_args.get("DOT_F32")):
+        configs = [c for c in configs if c.kwargs["BM"] <= 64] or configs[:1]
+    return configs
+
+
+@triton.autotune(configs=_GEMM_CONFIGS, key=["M_BUCKET", "N", "K", "F", "LSQ", "DOT_F32"],
+                 prune_configs_by={"early_config_prune": _prune_gemm_configs})
+@triton.jit
+def packed_gemm_kernel(
+    p_x, p_levels, p_widths, p_toff, p_scale, p_bias, p_y,
+    M, N, K, g, base, stride_xm, stride_ym, M_BUCKET,
+    F: tl.constexpr, T: tl.constexpr, LOG_G: tl.constexpr, LSQ: tl.constexpr,
+    R1: tl.constexpr, R2: tl.constexpr, HAS_BIAS: tl.constexpr, DOT_F32: tl.constexpr,
+    IS_BF16: tl.constexpr, BM: tl.constexpr, BN: tl.constexpr, BK: tl.constexpr,
+):
+    """``y[m, n] = Σ_k x[m, k]·W[n, k] (+ b[n])`` for a ``[BM, BN]`` block of ``y``: the
+    ``[BN, BK]`` blocks of ``W`` decoded in registers (rows walked by :func:`_row_step`),
+    then ``tl.dot`` with float32 accumulation (IEEE products for float32 inputs, no TF32).
+    The interpreter's bfloat16 arithmetic runs on raw bit patterns (docs of the project's
+    CPU checks), so there a bfloat16 dot runs in float32: products of bfloat16 values are
+    exact in float32 either way, only the GPU's tensor-core order of the sum differs.
+
+    Bytes: each weight's bits once per block of ``BM`` rows of ``x``
+    (``⌈M/BM⌉·(b̄/8 + (f+0.5)/(8g))`` per weight), ``x`` once per block of ``BN`` features,
+    ``y`` written once.
+    """
+    pid_m = tl.program_id(0)
+    pid_n = tl.program_id(1)
+    lo = tl.load(p_scale)
+    span = tl.load(p_scale + 1) - lo
+    o_m = pid_m * BM + tl.arange(0, BM)
+    o_n = pid_n * BN + tl.arange(0, BN)
+    m_m = o_m < M
+    m_n = o_n < N
+    o_row, s_0, r_0 = _row_starts(p_widths, p_toff, o_n, m_n, K, g, base, F, T, 32)
+    p_row = p_levels + (o_row >> 3)
+    bit_row = (o_row & 7).to(tl.int32)
+    acc = tl.zeros([BM, BN], tl.float32)
+    for k in range(0, K, BK):
+        w, b_sz = _row_step(p_levels, p_widths, p_row, bit_row, s_0, r_0, k, m_n, K, g,
+                            base, lo, span, F, BK, LOG_G, LSQ, R1, R2)
+        if F != 0:
+            bit_row += b_sz
+        o_k = k + tl.arange(0, BK)
+        b_x = tl.load(p_x + o_m[:, None].to(tl.int64) * stride_xm + o_k[None, :],
+                      mask=m_m[:, None] & (o_k < K)[None, :], other=0.0)
+        if DOT_F32:  # float32 inputs, or bfloat16 under the interpreter (see the launcher)
+            acc = tl.dot(b_x.to(tl.float32), tl.trans(w), acc, input_precision="ieee")
+        else:  # w is already rounded to x's dtype: the cast is exact
+            acc = tl.dot(b_x, tl.trans(w.to(b_x.dtype)), acc)
+    if HAS_BIAS:
+        acc += tl.load(p_bias + o_n, mask=m_n, other=0.0).to(tl.float32)[None, :]
+    p_ys = p_y + o_m[:, None].to(tl.int64) * stride_ym + o_n[None, :]
+    tl.store(p_ys, cast_out(acc, IS_BF16, p_y.dtype.element_ty),
+             mask=m_m[:, None] & m_n[None, :])
+
+
+def _log_g(g: int) -> int:
+    """``log2(g)`` when ``g`` is a power of two (the kernels shift), else -1 (they divide)."""
+    return g.bit_length() - 1 if g > 0 and g & (g - 1) == 0 else -1
+
+
+def _check_linear(x: torch.Tensor, pt, bias: torch.Tensor | None) -> tuple[int, int]:
+    if len(pt.shape) != 2:
+        raise ValueError(f"pt must hold a 2-D weight, got shape {tuple(pt.shape)}")
+    n, k = pt.shape
+    if x.shape[-1] != k:
+        raise ValueError(f"x must end in {k} features, got shape {tuple(x.shape)}")
+    if x.dtype != pt.dtype or x.dtype not in _ROUND:
+        raise TypeError(f"x must be of the weight's dtype {pt.dtype}, got {x.dtype}")
+    if bias is not None and (bias.shape != (n,) or bias.dtype != x.dtype):
+        raise ValueError(f"bias must be [{n}] of {x.dtype}")
+    if x.device != pt.device:
+        raise ValueError(f"x is on {x.device}, the packed weight on {pt.device}")
+    return n, k
+
+
+def gemm(x: torch.Tensor, pt, bias: torch.Tensor | None = None) -> torch.Tensor:
+    """``y = x Wᵀ + bias`` with ``W`` the packed ``[N, K]`` weight decoded in registers,
+    tile by tile (1 launch; autotuned ``[BM, BN]`` blocks, ``BK`` entries per step).
+
+    Args:
+        x: ``[..., K]`` of ``pt.dtype`` (float32/bfloat16/float16), any number of rows.
+        pt: a packed 2-D weight ``[N, K]`` (see :func:`dequantize`), on ``x``'s device.
+        bias: ``[N]`` of ``x``'s dtype, or None.
+
+    Returns:
+        ``[..., N]`` of ``x``'s dtype. Each weight is the float model's (rounded to the
+        record's then the layer's dtype); products are exact in float32 (16-bit inputs) or
+        IEEE float32 (float32 inputs, no TF32), summed in float32 in ``BK``-blocks, the bias
+        added last, one rounding to ``x``'s dtype: against ``F.linear(x, W, bias)`` only the
+        order of the float32 sum differs, the tolerance of :func:`gemv`.
+
+    Bytes moved per weight: ``⌈M/BM⌉·(b̄/8 + (f + 0.5)/(8·g))`` (the weight decoded once
+    per block of ``BM`` rows), plus per ``BN`` features one row start (a tile offset and up
+    to ``T`` width fields per feature); ``x`` read ``⌈N/BN⌉`` times, ``y`` written once.
+    """
+    n, k = _check_linear(x, pt, bias)
+    x2 = x.reshape(-1, k)
+    m = x2.shape[0]
+    y = torch.empty(m, n, dtype=x.dtype, device=x.device)
+    if m == 0 or n == 0:
+        return y.view(*x.shape[:-1], n)
+    if k == 0:
+        return y.zero_().add_(bias if bias is not None else 0).view(*x.shape[:-1], n)
+    x2 = x2.contiguous()
+    widths, g, f = _layout(pt)
+    grid = lambda meta: (triton.cdiv(m, meta["BM"]), triton.cdiv(n, meta["BN"]))  # noqa: E731
+    packed_gemm_kernel[grid](
+        x2, pt.levels, widths, pt.tile_offsets, pt.scale, bias if bias is not None else x2,
+        y, m, n, k, g, pt.base, x2.stride(0), y.stride(0), size_bucket(m),
+        F=f, T=pt.tile_groups, LOG_G=_log_g(g), LSQ=pt.scheme == "lsq",
+        R1=_ROUND.get(pt.record_dtype, 0), R2=_ROUND[pt.dtype], HAS_BIAS=bias is not None,
+        DOT_F32=x.dtype == torch.float32 or (INTERPRET and x.dtype == torch.bfloat16),
+        IS_BF16=x.dtype == torch.bfloat16, **_options())
+    return y.view(*x.shape[:-1], n)
+
+
+def linear(x: torch.Tensor, pt, bias: torch.Tensor | None = None) -> torch.Tensor:
+    """``y = x Wᵀ + bias`` on a packed ``[N, K]`` weight, the kernel picked by the number of
+    rows ``M`` of ``x`` (all of its leading dimensions): :func:`gemv` for ``M ≤``
+    :data:`MAX_GEMV_ROWS` (decode: one program per feature, each weight's bits read once),
+    :func:`gemm` above (tiles; the weight decoded once per ``BM`` rows).
+
+    Args and returns as :func:`gemv` / :func:`gemm` (same tolerance against ``F.linear``).
+    """
+    rows = x.numel() // x.shape[-1] if x.dim() and x.shape[-1] else 0
+    return gemv(x, pt, bias) if rows <= MAX_GEMV_ROWS else gemm(x, pt, bias)
+
+
+# ----------------------------------------------------------------------------- Embedding
+@triton.jit
+def packed_embedding_kernel(
+    p_ids, p_levels, p_widths, p_toff, p_scale, p_out, n_ids, D, g, base,
+    F: tl.constexpr, T: tl.constexpr, LOG_G: tl.constexpr, LSQ: tl.constexpr,
+    R1: tl.constexpr, R2: tl.constexpr, IS_BF16: tl.constexpr, BR: tl.constexpr,
+    BD: tl.constexpr,
+):
+    """Rows ``ids[i]`` for ``BR`` ids of the block, each decoded from its packed bits
+    (``D`` entries from entry ``ids[i]·D``), ``BD`` entries per step, and written as the
+    float model's weights (rounded to the record's, then the layer's dtype).
+
+    Bytes per looked-up row: ``D·b̄/8`` of levels, ``D·f/8`` of width fields at most, one
+    tile offset and up to ``T`` width fields to find the row's first bit; ``D`` entries
+    written (4 or 2 bytes each).
+    """
+    o_i = tl.program_id(0) * BR + tl.arange(0, BR)
+    m_i = o_i < n_ids
+    o_r = tl.load(p_ids + o_i, mask=m_i, other=0)
+    lo = tl.load(p_scale)
+    span = tl.load(p_scale + 1) - lo
+    o_row, s_0, r_0 = _row_starts(p_widths, p_toff, o_r, m_i, D, g, base, F, T, 32)
+    p_row = p_levels + (o_row >> 3)
+    bit_row = (o_row & 7).to(tl.int32)
+    for d in range(0, D, BD):
+        w, b_sz = _row_step(p_levels, p_widths, p_row, bit_row, s_0, r_0, d, m_i, D, g,
+                            base, lo, span, F, BD, LOG_G, LSQ, R1, R2)
+        if F != 0:
+            bit_row += b_sz
+        o_d = d + tl.arange(0, BD)
+        p_o = p_out + o_i[:, None].to(tl.int64) * D + o_d[None, :]
+        tl.store(p_o, cast_out(w, IS_BF16, p_out.dtype.element_ty),
+                 mask=m_i[:, None] & (o_d < D)[None, :])
+
+
+def embedding(ids: torch.Tensor, pt) -> torch.Tensor:
+    """Rows ``ids`` of a packed ``[num_embeddings, D]`` table (1 launch), as
+    ``F.embedding(ids, W)`` on the float model's weight ``W``, bit for bit.
+
+    Args:
+        ids: integer tensor (int32/int64) of any shape, on ``pt``'s device, each in
+            ``[0, num_embeddings)`` (checked: an ``IndexError`` names the first bad id; the
+            check reads ``ids``' extremes back to the host, one sync).
+        pt: a packed 2-D weight ``[num_embeddings, D]``.
+
+    Returns:
+        ``[*ids.shape, D]`` of ``pt.dtype``.
+
+    Bytes moved per looked-up row: ``D·(b̄ + f)/8`` read at most, one tile offset and up to
+    ``T`` width fields, ``D`` entries written.
+    """
+    if len(pt.shape) != 2:
+        raise ValueError(f"pt must hold a 2-D weight, got shape {tuple(pt.shape)}")
+    if ids.dtype not in (torch.int32, torch.int64):
+        raise TypeError(f"ids must be int32 or int64, got {ids.dtype}")
+    if ids.device != pt.device:
+        raise ValueError(f"ids are on {ids.device}, the packed weight on {pt.device}")
+    rows, dim = pt.shape
+    out = torch.empty(*ids.shape, dim, dtype=pt.dtype, device=pt.device)
+    flat = ids.reshape(-1).contiguous()
+    if flat.numel() == 0 or dim == 0:
+        return out
+    lo, hi = torch.aminmax(flat)
+    if int(lo) < 0 or int(hi) >= rows:
+        bad = int(lo) if int(lo) < 0 else int(hi)
+        raise IndexError(f"id {bad} is out of range for an embedding of {rows} rows")
+    widths, g, f = _layout(pt)
+    br = 16 if INTERPRET else 4
+    bd = min(next_pow2(dim), 512 if INTERPRET else 256)
+    packed_embedding_kernel[(triton.cdiv(flat.numel(), br),)](
+        flat, pt.levels, widths, pt.tile_offsets, pt.scale, out, flat.numel(), dim, g,
+        pt.base, F=f, T=pt.tile_groups, LOG_G=_log_g(g), LSQ=pt.scheme == "lsq",
+        R1=_ROUND.get(pt.record_dtype, 0), R2=_ROUND[pt.dtype],
+        IS_BF16=pt.dtype == torch.bfloat16, BR=br, BD=bd, **_options())
+    return out

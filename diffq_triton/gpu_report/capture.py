@@ -41,12 +41,18 @@ class Capture:
     launches: list[Launch] = field(default_factory=list)
 
 
-def _configs(tuner: Any, quick: bool) -> list:
-    """The autotune configs to compile; ``quick`` keeps the first config per warp count."""
+def _configs(tuner: Any, quick: bool, args: tuple = (), kwargs: dict | None = None) -> list:
+    """The autotune configs to compile, after the tuner's own ``early_config_prune`` (the
+    ones it would benchmark for these arguments); ``quick`` keeps the first config per warp
+    count."""
+    configs = list(tuner.configs)
+    if getattr(tuner, "early_config_prune", None) is not None:
+        configs = tuner.early_config_prune(configs, dict(zip(tuner.arg_names, args, strict=False)),
+                                           **(kwargs or {}))
     if not quick:
-        return list(tuner.configs)
+        return configs
     seen: dict[int, Any] = {}
-    for cfg in tuner.configs:
+    for cfg in configs:
         seen.setdefault(cfg.num_warps, cfg)
     return list(seen.values())
 
@@ -70,7 +76,7 @@ def capturing(quick: bool) -> Iterator[Capture]:
     def tuner_run(self, *args, **kwargs):
         kwargs.pop("warmup", None)
         grid = kwargs.pop("grid", None)
-        for cfg in _configs(self, cap.quick):
+        for cfg in _configs(self, cap.quick, args, kwargs):
             self.fn.run(*args, grid=grid, warmup=False, **kwargs, **cfg.all_kwargs())
 
     JITFunction.run, Autotuner.run = jit_run, tuner_run
