@@ -1,5 +1,7 @@
 """Packed-layout kernels (docs/packed.md §3) on the test device: the dequantize kernels bit
-for bit against the torch reference decoder, the GEMV against ``F.linear`` on that weight.
+for bit against the torch reference decoder, the GEMV and GEMM against ``F.linear`` on that
+weight (within the float32 rounding of a sum in another order), the Embedding gather bit for
+bit against ``F.embedding`` on it.
 
 Under the interpreter on a CPU machine, compiled on a GPU (``DIFFQ_TRITON_TEST_DEVICE``).
 Outputs are poisoned (NaN) before each run, so an entry no program writes shows.
@@ -170,6 +172,135 @@ def test_gemv_refuses_bad_arguments():
         packed_k.gemv(torch.zeros(1, 9, dtype=torch.float16, device=DEVICE), pt)
     with pytest.raises(ValueError, match="2-D"):
         packed_k.gemv(torch.zeros(1, 9, device=DEVICE), packed_weight((7, 3, 3), 4))
+
+
+# ----------------------------------------------------------------------------- GEMM
+# More than 16 rows; N, K and M past one block each (the interpreter's blocks are 32), K not
+# a multiple of the group size, groups from 1 to beyond a step and one group, widths 1–15
+# (field_bits 4) and one width (no width stream).
+GEMM_CASES = [((37, 53), 8, 40, 1, 15), ((29, 61), 7, 17, 1, 15), ((13, 300), 1, 33, 1, 15),
+              ((45, 70), 0, 20, 1, 15), ((11, 700), 256, 19, 2, 9), ((9, 999), 2000, 18, 1, 15),
+              ((40, 33), 64, 70, 1, 15), ((33, 47), 8, 21, 4, 4), ((17, 90), 5, 35, 15, 15)]
+
+
+@pytest.mark.parametrize("dtype", DTYPES, ids=lambda d: str(d)[6:])
+@pytest.mark.parametrize(
+    "case", GEMM_CASES, ids=lambda c: f"N{c[0][0]}-K{c[0][1]}-g{c[1]}-M{c[2]}-b{c[3]}_{c[4]}")
+def test_gemm_equals_linear_on_the_reference_weight(case, dtype):
+    shape, group_size, rows, low, high = case
+    pt = packed_weight(shape, group_size, low=low, high=high, dtype=dtype, seed=rows)
+    w = packed_ref.dequantize_packed(pt)
+    gen = torch.Generator().manual_seed(4)
+    x = torch.randn(rows, shape[1], generator=gen).to(dtype).to(DEVICE)
+    bias = torch.randn(shape[0], generator=gen).to(dtype).to(DEVICE)
+    for b in (bias, None):
+        with poisoned_empty():
+            y = packed_k.gemm(x, pt, b)
+        assert y.shape == (rows, shape[0]) and y.dtype == dtype
+        y_ref = F.linear(x.double(), w.double(), None if b is None else b.double())
+        err = (y.double() - y_ref).abs()
+        assert bool((err <= _gemv_bound(x, w, y_ref, dtype)).all()), err.max()
+
+
+@pytest.mark.parametrize("record", [torch.float16, torch.bfloat16], ids=lambda d: str(d)[6:])
+def test_gemm_rounds_weights_as_the_float_model(record):
+    # Saved in 16 bits, served in float32: each weight is the record's rounding of the
+    # decode, as load_quantized gives; lsq too (one group).
+    for scheme in ("minmax", "lsq"):
+        pt = packed_weight((19, 41), 8, scheme, record_dtype=record, dtype=torch.float32)
+        w = packed_ref.dequantize_packed(pt)
+        x = torch.randn(3, 7, 41, generator=torch.Generator().manual_seed(5)).to(DEVICE)
+        with poisoned_empty():
+            y = packed_k.gemm(x, pt)
+        y_ref = F.linear(x.double(), w.double())
+        assert y.shape == (3, 7, 19)
+        bound = _gemv_bound(x.view(21, 41), w, y_ref.view(21, 19), torch.float32)
+        assert bool(((y.double() - y_ref).abs().view(21, 19) <= bound).all())
+
+
+def test_gemm_does_not_use_tf32_for_float32():
+    # Weights and inputs whose products need all 24 bits: TF32 (10-bit mantissas) would be
+    # off by far more than the bound.
+    pt = packed_weight((32, 64), 8, low=15, high=15)
+    w = packed_ref.dequantize_packed(pt)
+    x = (1 + torch.arange(64 * 20, dtype=torch.float32).view(20, 64) * 2.0**-20).to(DEVICE)
+    y = packed_k.gemm(x, pt)
+    y_ref = F.linear(x.double(), w.double())
+    assert bool(((y.double() - y_ref).abs() <= _gemv_bound(x, w, y_ref, torch.float32)).all())
+
+
+@pytest.mark.parametrize("rows, kernel", [(1, "gemv"), (16, "gemv"), (17, "gemm"),
+                                          (64, "gemm")])
+def test_linear_picks_gemv_or_gemm_by_rows(rows, kernel, monkeypatch):
+    calls = []
+    for name in ("gemv", "gemm"):
+        launch = getattr(packed_k, name)
+        monkeypatch.setattr(packed_k, name,
+                            lambda *a, _n=name, _f=launch, **k: calls.append(_n) or _f(*a, **k))
+    pt = packed_weight((7, 9), 4)
+    x = torch.randn(rows, 9, generator=torch.Generator().manual_seed(6)).to(DEVICE)
+    y = packed_k.linear(x.view(1, rows, 9), pt)
+    assert calls == [kernel] and y.shape == (1, rows, 7)
+    y_ref = F.linear(x.double(), packed_ref.dequantize_packed(pt).double())
+    bound = _gemv_bound(x, packed_ref.dequantize_packed(pt), y_ref, torch.float32)
+    assert bool(((y[0].double() - y_ref).abs() <= bound).all())
+
+
+def test_gemm_refuses_bad_arguments():
+    pt = packed_weight((7, 9), 4)
+    with pytest.raises(ValueError, match="features"):
+        packed_k.gemm(torch.zeros(20, 8, device=DEVICE), pt)
+    with pytest.raises(TypeError, match="dtype"):
+        packed_k.gemm(torch.zeros(20, 9, dtype=torch.float16, device=DEVICE), pt)
+    with pytest.raises(ValueError, match="bias"):
+        packed_k.gemm(torch.zeros(20, 9, device=DEVICE), pt, torch.zeros(6, device=DEVICE))
+    with pytest.raises(ValueError, match="2-D"):
+        packed_k.gemm(torch.zeros(20, 9, device=DEVICE), packed_weight((7, 3, 3), 4))
+
+
+# ----------------------------------------------------------------------------- Embedding
+# Rows of odd length (groups cross rows), every group layout, widths 1–15 and one width.
+EMBEDDING_CASES = [((50, 37), 8, 1, 15), ((23, 300), 7, 1, 15), ((40, 13), 1, 1, 15),
+                   ((31, 29), 0, 3, 3), ((20, 45), 64, 2, 9), ((9, 999), 2000, 1, 15),
+                   ((64, 24), 8, 5, 5)]
+
+
+@pytest.mark.parametrize("dtype", DTYPES, ids=lambda d: str(d)[6:])
+@pytest.mark.parametrize(
+    "case", EMBEDDING_CASES, ids=lambda c: f"V{c[0][0]}-D{c[0][1]}-g{c[1]}-b{c[2]}_{c[3]}")
+def test_embedding_equals_the_float_model_gather(case, dtype):
+    shape, group_size, low, high = case
+    pt = packed_weight(shape, group_size, low=low, high=high, dtype=dtype, seed=shape[1])
+    w = packed_ref.dequantize_packed(pt)
+    gen = torch.Generator().manual_seed(7)
+    # Every row, repeated ids, then a batch of random ones in a 2-D shape.
+    for ids in (torch.arange(shape[0]), torch.tensor([3, 3, 0, shape[0] - 1]),
+                torch.randint(0, shape[0], (3, 5), generator=gen, dtype=torch.int32)):
+        ids = ids.to(DEVICE)
+        with poisoned_empty():
+            got = packed_k.embedding(ids, pt)
+        assert got.dtype == dtype and got.shape == (*ids.shape, shape[1])
+        assert torch.equal(got, F.embedding(ids.long(), w))
+
+
+def test_embedding_lsq_and_record_dtype():
+    for scheme, record in (("lsq", torch.float32), ("minmax", torch.bfloat16)):
+        pt = packed_weight((17, 21), 8, scheme, record_dtype=record, dtype=torch.float16)
+        ids = torch.tensor([[16, 0], [5, 5]], device=DEVICE)
+        assert torch.equal(packed_k.embedding(ids, pt),
+                           F.embedding(ids, packed_ref.dequantize_packed(pt)))
+
+
+def test_embedding_refuses_bad_ids():
+    pt = packed_weight((10, 7), 4)
+    with pytest.raises(IndexError, match="id 10 .* 10 rows"):
+        packed_k.embedding(torch.tensor([1, 10], device=DEVICE), pt)
+    with pytest.raises(IndexError, match="id -1"):
+        packed_k.embedding(torch.tensor([-1], device=DEVICE), pt)
+    with pytest.raises(TypeError, match="int32 or int64"):
+        packed_k.embedding(torch.tensor([1.0], device=DEVICE), pt)
+    assert packed_k.embedding(torch.zeros(0, 2, dtype=torch.int64, device=DEVICE),
+                              pt).shape == (0, 2, 7)
 
 
 # ----------------------------------------------------------------------------- wiring
