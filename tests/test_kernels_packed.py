@@ -15,7 +15,7 @@ import torch.nn.functional as F
 from torch import nn
 
 from diffq_triton.ops.dispatch import use_backend
-from diffq_triton.packed import PackedLinear, PackedTensor
+from diffq_triton.packed import PackedEmbedding, PackedLinear, PackedTensor
 from diffq_triton.packed import reference as packed_ref
 from diffq_triton.serialization.tensor_record import QuantizedTensor
 from tests.conftest import DEVICE, poisoned_empty
@@ -304,28 +304,91 @@ def test_embedding_refuses_bad_ids():
 
 
 # ----------------------------------------------------------------------------- wiring
-@pytest.mark.parametrize("dtype", DTYPES, ids=lambda d: str(d)[6:])
-def test_packed_layer_decodes_with_the_kernel_on_the_triton_backend(dtype, monkeypatch):
+def _counting(monkeypatch, *names):
     calls = []
-    launch = packed_k.dequantize
+    for name in names:
+        launch = getattr(packed_k, name)
+        monkeypatch.setattr(packed_k, name,
+                            lambda *a, _n=name, _f=launch, **k: calls.append(_n) or _f(*a, **k))
+    return calls
 
-    def counted(*args, **kwargs):
-        calls.append(1)
-        return launch(*args, **kwargs)
 
-    monkeypatch.setattr(packed_k, "dequantize", counted)
+@pytest.mark.parametrize("dtype", DTYPES, ids=lambda d: str(d)[6:])
+def test_packed_linear_runs_the_fused_kernels_on_the_triton_backend(dtype, monkeypatch):
+    calls = _counting(monkeypatch, "dequantize", "gemv", "gemm")
     linear = nn.Linear(53, 37).to(dtype)
     layer = PackedLinear(linear, packed_weight((37, 53), 7, dtype=dtype)).to(DEVICE)
-    x = torch.randn(5, 53, generator=torch.Generator().manual_seed(3)).to(dtype).to(DEVICE)
-    with torch.no_grad():
-        with use_backend("eager"):
-            expected = layer(x)
+    w = packed_ref.dequantize_packed(layer.weight_packed)
+    for rows, kernel in ((5, "gemv"), (40, "gemm")):
+        x = torch.randn(rows, 53, generator=torch.Generator().manual_seed(3)).to(dtype)
+        x = x.to(DEVICE)
+        with torch.no_grad():
+            with use_backend("eager"):
+                expected = layer(x)  # the decode, then F.linear: the float model's output
+            calls.clear()
+            with use_backend("triton"):
+                got = layer(x)
+        assert calls == [kernel]
+        y_ref = F.linear(x.double(), w.double(), layer.bias.double())
+        assert bool(((got.double() - y_ref).abs() <= _gemv_bound(x, w, y_ref, dtype)).all())
+        # With autograd recording: the decode kernel into a fresh weight, then F.linear,
+        # bit for bit the float model's.
+        calls.clear()
         with use_backend("triton"):
-            got = layer(x)
-    assert calls == [1]
-    assert torch.equal(got, expected)
-    # With autograd recording: a fresh weight, the same output.
-    x.requires_grad_(True)
+            assert torch.equal(layer(x.requires_grad_(True)), expected)
+        assert calls == ["dequantize"]
+
+
+def test_packed_linear_decodes_when_dtypes_differ_or_autocast(monkeypatch):
+    calls = _counting(monkeypatch, "dequantize", "gemv", "gemm")
+    layer = PackedLinear(nn.Linear(9, 7), packed_weight((7, 9), 4)).to(DEVICE)
+    with torch.no_grad(), use_backend("triton"):
+        layer(torch.randn(2, 9, device=DEVICE))
+        assert calls == ["gemv"]
+        with torch.autocast(DEVICE.type, dtype=torch.bfloat16):
+            assert layer(torch.randn(2, 9, device=DEVICE)).dtype == torch.bfloat16
+    assert calls == ["gemv", "dequantize"]
+
+
+@pytest.mark.parametrize("dtype", DTYPES, ids=lambda d: str(d)[6:])
+def test_packed_embedding_gathers_on_the_triton_backend(dtype, monkeypatch):
+    calls = _counting(monkeypatch, "dequantize", "embedding")
+    emb = nn.Embedding(31, 45, padding_idx=2).to(dtype)
+    layer = PackedEmbedding(emb, packed_weight((31, 45), 8, dtype=dtype)).to(DEVICE)
+    ids = torch.tensor([[0, 2, 30], [7, 7, 1]], device=DEVICE)
+    with use_backend("eager"):
+        expected = layer(ids)
     with use_backend("triton"):
-        assert torch.equal(layer(x), expected)
-    assert calls == [1, 1]
+        got = layer(ids)
+    assert calls == ["embedding"] and torch.equal(got, expected)
+
+
+def test_packed_model_on_the_triton_backend_matches_the_float_model():
+    # A model loaded packed from a file runs its Linear layers on the fused kernels and its
+    # Embedding on the gather: within float32 rounding of the float-loaded model's output.
+    import io
+
+    import diffq_triton as dq
+
+    def make():
+        torch.manual_seed(0)
+        return nn.Sequential(nn.Embedding(50, 24), nn.Linear(24, 37), nn.ReLU(),
+                             nn.Linear(37, 50))
+
+    q = dq.DiffQuantizer(make(), group_size=8, min_size=0.0)
+    with torch.no_grad():
+        for name, p in q.model.named_parameters():
+            if name.endswith("_diffq"):  # widths spread over 2..8 bits
+                p.copy_(torch.randn(p.shape, generator=torch.Generator().manual_seed(1)) * 2)
+    buf = io.BytesIO()
+    dq.save_quantized(q, buf)
+    float_model, packed = make(), make()
+    dq.load_quantized(float_model, buf.getvalue())
+    report = dq.load_quantized(packed, buf.getvalue(), packed=True)
+    assert set(report.packed) == {"0", "1", "3"}
+    float_model.to(DEVICE), packed.to(DEVICE)
+    ids = torch.randint(0, 50, (3, 11), generator=torch.Generator().manual_seed(2)).to(DEVICE)
+    with torch.no_grad(), use_backend("triton"):
+        got = packed(ids)
+        expected = float_model(ids)
+    assert torch.allclose(got, expected, rtol=1e-5, atol=1e-6), (got - expected).abs().max()

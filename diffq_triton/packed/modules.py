@@ -1,7 +1,11 @@
 """Packed layers: Linear, Embedding, Conv1d, Conv2d and GPT-2's Conv1D with packed weights.
 
 Each holds its weight as a :class:`~.layout.PackedTensor` submodule (``weight_packed``,
-shared by tied uses) and its bias as the float parameter it was. The forward decodes the
+shared by tied uses) and its bias as the float parameter it was. On CUDA, in inference
+(nothing requiring grad, no autocast), ``Linear`` runs a fused kernel that decodes the weight
+in registers (``kernels.packed.linear``: GEMV for ≤ 16 rows, GEMM above; F.linear's values
+within float32 rounding) and ``Embedding`` gathers the looked-up rows from their bits (bit
+for bit). Otherwise, and for the convolutions and GPT-2's ``Conv1D``, the forward decodes the
 weight just in time and calls the same ``torch.nn.functional`` op as the float layer, so the
 output is the float-loaded model's, bit for bit. The decode is the native codec's on the
 CPU, one launch of the Triton dequantize kernel (``kernels/packed.py``) on CUDA; it goes into
@@ -65,6 +69,28 @@ class PackedModule(nn.Module):
         """The dequantized weight, a fresh tensor (for code that reads ``layer.weight``)."""
         return self.weight_packed.dequantize()
 
+    def _fused_kernels(self, *inputs: torch.Tensor | None):
+        """``kernels.packed`` when this call may run a fused kernel (GEMV/GEMM, gather)
+        instead of decode-then-op, else None.
+
+        Fused: eager mode on the Triton backend, nothing requiring grad (the kernels have no
+        backward), no autocast (it would change the op's dtypes), inputs of the weight's
+        dtype. Otherwise the layer decodes the weight and runs the float layer's op.
+        """
+        pt = self.weight_packed
+        if torch.compiler.is_compiling() or _records_grad(*inputs, *self.parameters()):
+            return None
+        if any(t is not None and t.is_floating_point() and t.dtype != pt.dtype
+               for t in (*inputs, *self.parameters())):
+            return None
+        if torch.is_autocast_enabled(pt.device.type):
+            return None
+        if not dispatch.packed_on_triton(torch.empty(0, dtype=pt.dtype, device=pt.device)):
+            return None
+        from ..kernels import packed as packed_kernels  # imports Triton: only where it runs
+
+        return packed_kernels
+
     def _decoded(self, *inputs: torch.Tensor | None) -> torch.Tensor:
         """The weight of this call, in the scratch buffers when autograd records nothing.
 
@@ -105,6 +131,11 @@ class PackedLinear(PackedModule):
         self.bias = linear.bias
 
     def forward(self, x: torch.Tensor) -> torch.Tensor:
+        kernels = self._fused_kernels(x)
+        if kernels is not None and x.device == self.weight_packed.device:
+            # GEMV for ≤ 16 rows, GEMM above: F.linear's values within float32 rounding
+            # (kernels.packed.gemv states the bound); the weight is never written out.
+            return kernels.linear(x, self.weight_packed, self.bias)
         return F.linear(x, self._decoded(x), self.bias)
 
     def extra_repr(self) -> str:
@@ -124,6 +155,11 @@ class PackedEmbedding(PackedModule):
         self._set_weight(packed)
 
     def forward(self, ids: torch.Tensor) -> torch.Tensor:
+        kernels = self._fused_kernels()
+        if (kernels is not None and ids.device == self.weight_packed.device
+                and ids.dtype in (torch.int32, torch.int64)):
+            # The looked-up rows decoded from their bits: F.embedding's values, bit for bit.
+            return kernels.embedding(ids, self.weight_packed)
         return F.embedding(ids, self._decoded(), self.padding_idx, None, 2.0,
                            self.scale_grad_by_freq, self.sparse)
 
