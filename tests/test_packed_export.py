@@ -1,5 +1,6 @@
 """A packed model traced for deployment: the ``diffq_triton::packed_dequantize`` op (opcheck,
-equal to the packed layers' decode), ``torch.compile(fullgraph=True)`` and ``torch.export``.
+equal to the packed layers' decode), the fused ``packed_linear`` / ``packed_embedding`` ops
+of the Triton backend, ``torch.compile(fullgraph=True)`` and ``torch.export``.
 
 The eager packed model is the oracle: a traced model runs the same decode and the same
 ``F.*`` calls, so every comparison is ``torch.equal``.
@@ -82,12 +83,14 @@ def _packed_small() -> tuple[nn.Module, torch.Tensor]:
 def test_compiled_fullgraph_equals_eager(backend):
     packed, ids = _packed_small()
     with use_backend(backend):
-        expected = packed(ids)
+        expected = packed(ids)  # the bias requires grad: the decode, then F.*
+        with torch.no_grad():  # on the Triton backend: the fused Linear and gather
+            expected_no_grad = packed(ids)
         torch._dynamo.reset()  # the backend is fixed at trace time
         compiled = torch.compile(packed, fullgraph=True, backend="aot_eager")
         assert torch.equal(compiled(ids), expected)
         with torch.no_grad():
-            assert torch.equal(compiled(ids), expected)
+            assert torch.equal(compiled(ids), expected_no_grad)
 
 
 def test_export_equals_eager():
@@ -98,6 +101,39 @@ def test_export_equals_eager():
     targets = [n.target for n in program.graph.nodes if n.op == "call_function"]
     assert targets.count(torch.ops.diffq_triton.packed_dequantize.default) == 3
     assert torch.equal(program.module()(ids), expected)
+
+
+@pytest.mark.skipif(not HAS_TRITON, reason="Triton is not installed")
+def test_fused_ops_pass_opcheck_and_equal_the_kernels():
+    from diffq_triton.kernels import packed as packed_k
+
+    packed, ids = _packed_small()
+    lin, emb = packed.lin.weight_packed, packed.emb.weight_packed
+    x = torch.randn(5, 19, device=DEVICE)
+    torch.library.opcheck(packed_op.packed_linear, (x, packed.lin.bias.detach(),
+                                                    *lin._op_layout()))
+    torch.library.opcheck(packed_op.packed_embedding, (ids, *emb._op_layout()))
+    with torch.no_grad():
+        bias = packed.lin.bias
+        assert torch.equal(lin.linear_op(x, bias), packed_k.linear(x, lin, bias))
+        assert torch.equal(emb.embedding_op(ids), packed_k.embedding(ids, emb))
+
+
+@pytest.mark.skipif(not HAS_TRITON, reason="Triton is not installed")
+def test_export_on_the_triton_backend_keeps_the_fused_kernels():
+    # Exported for inference on the Triton backend: the Linear and the Embedding are the
+    # fused ops (the weight is never written out), the Conv1d the decode op.
+    packed, ids = _packed_small()
+    with torch.no_grad(), use_backend("triton"):
+        expected = packed(ids)
+        program = torch.export.export(packed, (ids,))
+    targets = [n.target for n in program.graph.nodes if n.op == "call_function"]
+    ops = torch.ops.diffq_triton
+    assert targets.count(ops.packed_linear.default) == 1
+    assert targets.count(ops.packed_embedding.default) == 1
+    assert targets.count(ops.packed_dequantize.default) == 1
+    with torch.no_grad():
+        assert torch.equal(program.module()(ids), expected)
 
 
 @pytest.mark.parametrize("compiler", [INDUCTOR])

@@ -3,7 +3,9 @@
 A packed layer's weight as one graph node, so that ``torch.compile(fullgraph=True)`` and
 ``torch.export`` trace a packed model: the op takes the layout's buffers as plain tensors and
 its integers as arguments (this layer knows nothing of ``diffq_triton.packed``), with a fake
-implementation giving the weight's shape, dtype and device. Its real implementation is the
+implementation giving the weight's shape, dtype and device. In inference on the Triton
+backend, ``diffq_triton::packed_linear`` and ``diffq_triton::packed_embedding`` run the fused
+kernels instead (the weight is never written out). Its real implementation is the
 packed layers' decode, so its output is theirs bit for bit: one launch of the Triton
 dequantize kernel (``kernels/packed.py``) on the ``triton`` backend; otherwise the native
 codec's one-pass unpack-and-dequantize on the CPU (``minmax``), or the library's unpack and
@@ -78,6 +80,22 @@ def cast(weight: Tensor, record_dtype: torch.dtype, dtype: torch.dtype,
     return out.copy_(weight)
 
 
+def _layout(levels: Tensor, widths: Tensor, tile_offsets: Tensor, scale: Tensor,
+            shape: list[int], group_size: int, scheme: str, base: int, field_bits: int,
+            tile_groups: int, record_dtype: torch.dtype, dtype: torch.dtype) -> SimpleNamespace:
+    """The packed weight as the kernels read it (``kernels.packed`` takes any object with
+    :class:`~diffq_triton.packed.PackedTensor`'s buffers and attributes)."""
+    numel = 1
+    for n in shape:
+        numel *= n
+    return SimpleNamespace(
+        levels=levels, widths=widths, tile_offsets=tile_offsets, scale=scale,
+        shape=tuple(shape), numel=numel, group_size=group_size,
+        n_groups=reference.num_groups(numel, group_size), base=base, field_bits=field_bits,
+        scheme=scheme, tile_groups=tile_groups, record_dtype=record_dtype, dtype=dtype,
+        device=levels.device)
+
+
 @torch.library.custom_op("diffq_triton::packed_dequantize", mutates_args=())
 def packed_dequantize(
     levels: Tensor, widths: Tensor, tile_offsets: Tensor, scale: Tensor, shape: list[int],
@@ -101,12 +119,8 @@ def packed_dequantize(
     if backend == "triton":
         from ..kernels import packed as packed_kernels  # imports Triton: only where it runs
 
-        pt = SimpleNamespace(
-            levels=levels, widths=widths, tile_offsets=tile_offsets, scale=scale,
-            numel=numel, group_size=group_size,
-            n_groups=reference.num_groups(numel, group_size), base=base,
-            field_bits=field_bits, scheme=scheme, tile_groups=tile_groups,
-            record_dtype=record_dtype, dtype=dtype)
+        pt = _layout(levels, widths, tile_offsets, scale, shape, group_size, scheme, base,
+                     field_bits, tile_groups, record_dtype, dtype)
         return packed_kernels.dequantize(pt).view(shape)
     w = torch.empty(numel, dtype=torch.float32, device=levels.device)
     decode_into(w, levels, widths, scale, numel, group_size, scheme, base, field_bits,
@@ -118,3 +132,51 @@ def packed_dequantize(
 def _(levels, widths, tile_offsets, scale, shape, group_size, scheme, base, field_bits,
       level_bytes, tile_groups, record_dtype, dtype, backend):
     return levels.new_empty(shape, dtype=dtype)
+
+
+@torch.library.custom_op("diffq_triton::packed_linear", mutates_args=())
+def packed_linear(
+    x: Tensor, bias: Tensor | None, levels: Tensor, widths: Tensor, tile_offsets: Tensor,
+    scale: Tensor, shape: list[int], group_size: int, scheme: str, base: int,
+    field_bits: int, tile_groups: int, record_dtype: torch.dtype, dtype: torch.dtype,
+) -> Tensor:
+    """``x Wᵀ + bias`` on a packed ``[N, K]`` weight by the fused kernels
+    (``kernels.packed.linear``: GEMV for ≤ 16 rows, GEMM above), the weight never written.
+
+    ``x``: ``[..., K]`` of ``dtype``; returns ``[..., N]`` of ``dtype``. The layout arguments
+    are :func:`packed_dequantize`'s. Inference only: the op has no autograd formula (the
+    packed layers call it only when nothing requires grad).
+    """
+    from ..kernels import packed as packed_kernels  # imports Triton: only where it runs
+
+    pt = _layout(levels, widths, tile_offsets, scale, shape, group_size, scheme, base,
+                 field_bits, tile_groups, record_dtype, dtype)
+    return packed_kernels.linear(x, pt, bias)
+
+
+@packed_linear.register_fake
+def _(x, bias, levels, widths, tile_offsets, scale, shape, group_size, scheme, base,
+      field_bits, tile_groups, record_dtype, dtype):
+    return x.new_empty(*x.shape[:-1], shape[0])
+
+
+@torch.library.custom_op("diffq_triton::packed_embedding", mutates_args=())
+def packed_embedding(
+    ids: Tensor, levels: Tensor, widths: Tensor, tile_offsets: Tensor, scale: Tensor,
+    shape: list[int], group_size: int, scheme: str, base: int, field_bits: int,
+    tile_groups: int, record_dtype: torch.dtype, dtype: torch.dtype,
+) -> Tensor:
+    """Rows ``ids`` of a packed ``[V, D]`` table by the gather kernel
+    (``kernels.packed.embedding``): ``[*ids.shape, D]`` of ``dtype``, bit for bit the float
+    model's ``F.embedding``."""
+    from ..kernels import packed as packed_kernels  # imports Triton: only where it runs
+
+    pt = _layout(levels, widths, tile_offsets, scale, shape, group_size, scheme, base,
+                 field_bits, tile_groups, record_dtype, dtype)
+    return packed_kernels.embedding(ids, pt)
+
+
+@packed_embedding.register_fake
+def _(ids, levels, widths, tile_offsets, scale, shape, group_size, scheme, base, field_bits,
+      tile_groups, record_dtype, dtype):
+    return levels.new_empty(*ids.shape, shape[1], dtype=dtype)

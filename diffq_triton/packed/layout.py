@@ -225,6 +225,20 @@ class PackedTensor(nn.Module):
             self.group_size, self.scheme, self.base, self.field_bits, self.level_bytes,
             self.tile_groups, self.record_dtype, self.dtype, backend)
 
+    def _op_layout(self) -> tuple:
+        return (self.levels, self._widths(), self.tile_offsets, self.scale, list(self.shape),
+                self.group_size, self.scheme, self.base, self.field_bits, self.tile_groups,
+                self.record_dtype, self.dtype)
+
+    def linear_op(self, x: torch.Tensor, bias: torch.Tensor | None) -> torch.Tensor:
+        """``x Wᵀ + bias`` by the fused kernels as one ``diffq_triton::packed_linear`` node
+        (inference; what ``torch.compile`` and ``torch.export`` trace on the Triton backend)."""
+        return packed_op.packed_linear(x, bias, *self._op_layout())
+
+    def embedding_op(self, ids: torch.Tensor) -> torch.Tensor:
+        """Rows ``ids`` by the gather kernel as one ``diffq_triton::packed_embedding`` node."""
+        return packed_op.packed_embedding(ids, *self._op_layout())
+
     def nbytes(self) -> int:
         """Bytes of this tensor's buffers."""
         return sum(b.numel() * b.element_size() for b in self._buffers.values())

@@ -56,6 +56,19 @@ def _records_grad(*tensors: torch.Tensor | None) -> bool:
     return torch.is_grad_enabled() and any(t is not None and t.requires_grad for t in tensors)
 
 
+class _TracedKernels:
+    """``kernels.packed``'s fused entry points as the custom ops that ``torch.compile`` and
+    ``torch.export`` trace (``ops/packed_op.py``)."""
+
+    @staticmethod
+    def linear(x: torch.Tensor, pt: PackedTensor, bias: torch.Tensor | None) -> torch.Tensor:
+        return pt.linear_op(x, bias)
+
+    @staticmethod
+    def embedding(ids: torch.Tensor, pt: PackedTensor) -> torch.Tensor:
+        return pt.embedding_op(ids)
+
+
 class PackedModule(nn.Module):
     """Base of the packed layers: the packed weight and its just-in-time decode."""
 
@@ -73,12 +86,13 @@ class PackedModule(nn.Module):
         """``kernels.packed`` when this call may run a fused kernel (GEMV/GEMM, gather)
         instead of decode-then-op, else None.
 
-        Fused: eager mode on the Triton backend, nothing requiring grad (the kernels have no
-        backward), no autocast (it would change the op's dtypes), inputs of the weight's
-        dtype. Otherwise the layer decodes the weight and runs the float layer's op.
+        Fused: on the Triton backend, nothing requiring grad (the kernels have no backward),
+        no autocast (it would change the op's dtypes), inputs of the weight's dtype; traced
+        (``torch.compile``, ``torch.export``), the kernels' custom ops. Otherwise the layer
+        decodes the weight and runs the float layer's op.
         """
         pt = self.weight_packed
-        if torch.compiler.is_compiling() or _records_grad(*inputs, *self.parameters()):
+        if _records_grad(*inputs, *self.parameters()):
             return None
         if any(t is not None and t.is_floating_point() and t.dtype != pt.dtype
                for t in (*inputs, *self.parameters())):
@@ -87,6 +101,8 @@ class PackedModule(nn.Module):
             return None
         if not dispatch.packed_on_triton(torch.empty(0, dtype=pt.dtype, device=pt.device)):
             return None
+        if torch.compiler.is_compiling():  # one custom-op node per layer (fake: shapes)
+            return _TracedKernels
         from ..kernels import packed as packed_kernels  # imports Triton: only where it runs
 
         return packed_kernels
