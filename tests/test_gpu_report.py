@@ -17,6 +17,8 @@ import pytest
 triton = pytest.importorskip("triton")
 
 from diffq_triton import gpu_report  # noqa: E402
+from diffq_triton.gpu_report import packed_workloads as pw  # noqa: E402
+from diffq_triton.packed import traffic  # noqa: E402
 
 PTXAS = Path(triton.__file__).parent / "backends" / "nvidia" / "bin"
 needs_ptxas = pytest.mark.skipif(
@@ -124,7 +126,6 @@ def test_refuses_to_run_under_the_interpreter():
 @needs_ptxas
 def test_packed_workloads_print_their_bytes_per_weight(report):
     from diffq_triton.kernels import packed as packed_k
-    from diffq_triton.packed import traffic
 
     labels = {r["workload"] for r in report["rows"] if r["module"].endswith(".packed")}
     # Every packed workload has its modelled traffic (rows are de-duplicated, so not every
@@ -156,8 +157,6 @@ def test_packed_workloads_print_their_bytes_per_weight(report):
 
 
 def test_format_traffic_prints_one_line_per_row():
-    from diffq_triton.packed import traffic
-
     lay = traffic.Layout((4096, 4096), 8, 0, 4.0)
     row = {"bits": 4.0, "g": 8, "f": 0, "baseline": "F.linear float16",
            "packed": traffic.gemv(lay).as_dict(),
@@ -182,9 +181,7 @@ def test_format_traffic_prints_one_line_per_row():
 def test_gemm_and_embedding_workloads_join_when_the_kernels_exist(monkeypatch):
     # Stand-ins for kernels/packed.py's gemm and embedding: the workloads call them (the
     # report records their launches) and model their traffic from the launches' BLOCK_M.
-    from diffq_triton.gpu_report import packed_workloads as pw
     from diffq_triton.kernels import packed as packed_k
-    from diffq_triton.packed import traffic
 
     calls = []
     monkeypatch.setattr(packed_k, "gemm", lambda x, pt, bias=None: calls.append(
@@ -222,7 +219,6 @@ def test_gemm_and_embedding_workloads_join_when_the_kernels_exist(monkeypatch):
 
 
 def test_without_the_kernels_there_are_no_gemm_or_embedding_workloads(monkeypatch):
-    from diffq_triton.gpu_report import packed_workloads as pw
     from diffq_triton.kernels import packed as packed_k
 
     monkeypatch.delattr(packed_k, "gemm", raising=False)
