@@ -5,10 +5,13 @@ Bytes per entry (float32): noise forward 12 (range read, read, write), noise bac
 (read ∂L/∂ŵ, write ∂L/∂w), eval quantize 12 (range read, read, write); the ceiling is
 ``clone()`` (read + write, 8 bytes per entry). Rows go to bench/RESULTS.md.
 
-Packed weights (CUDA only, the kernels of ``kernels/packed.py``): the dequantize kernel
-moves ``b̄/8`` bytes of levels + ``(f + 0.5)/(8·g)`` of metadata read and 2 bytes (float16)
-written per weight, against the same copy; the GEMV at one row against ``F.linear`` on the
-float16 weight (2 bytes per weight), as the modeled speed-up ``16 / (b̄ + 0.5)``.
+Packed weights (CUDA only, the kernels of ``kernels/packed.py``; :func:`packed_rows`): the
+dequantize kernel moves ``b̄/8`` bytes of levels + ``(f + 0.5)/(8·g)`` of metadata read and 2
+bytes (float16) written per weight, against a float16 copy; the GEMV at one row, the GEMM at
+64 and 1024 rows against ``F.linear`` on the float16 weight (2 bytes per weight), and the
+embedding gather against ``F.embedding``, with the modelled bytes per weight and speed-up
+of :mod:`diffq_triton.packed.traffic` (``16 / (b̄ + 0.5)`` for the GEMV) next to the
+measured one. The GEMM and the gather rows appear when ``kernels.packed`` has them.
 
 Run with ``pytest bench/bench_kernels.py``.
 """
@@ -21,10 +24,12 @@ from collections.abc import Callable
 
 import pytest
 import torch
+import torch.nn.functional as F
 from results import record
 
 from diffq_triton.ops import custom_ops, reference
 from diffq_triton.ops.dispatch import choose_backend
+from diffq_triton.packed import traffic
 
 SIZES = (1 << 20, 1 << 24)
 GROUPS = (0, 1, 8, 64)
@@ -148,42 +153,100 @@ def _packed_weight(n_out: int, n_in: int, g: int, low: int, high: int, device: s
     return PackedTensor.from_record(qt, dtype=torch.float16, device=device), bits
 
 
-def test_packed_kernels_throughput(device):
-    if device != "cuda":
-        pytest.skip("the packed kernels run on CUDA; the CPU decode is in bench_packed.py")
-    import torch.nn.functional as F
+# (group size, lowest width, highest width) of the packed weights; GEMM rows; looked-up ids.
+PACKED_CONFIGS = ((8, 4, 4), (8, 1, 15), (64, 2, 6), (256, 3, 3))
+GEMM_ROWS = (64, 1024)
+EMBEDDING_IDS = 2048
+
+
+def _gemm_block_m(packed_k) -> int | None:
+    """The GEMM's BLOCK_M, for the model: the launcher's constant, or the autotuner's pick
+    after a run; None when neither says."""
+    block = getattr(packed_k, "GEMM_BLOCK_M", None)
+    if isinstance(block, int):
+        return block
+    kernel = getattr(packed_k, "packed_gemm_kernel", None)
+    best = getattr(kernel, "best_config", None)
+    value = getattr(best, "kwargs", {}).get("BLOCK_M")
+    return value if isinstance(value, int) else None
+
+
+def packed_rows(device: str, n_out: int = 4096, n_in: int = 4096,
+                configs: tuple = PACKED_CONFIGS, gemm_rows: tuple = GEMM_ROWS,
+                n_ids: int = EMBEDDING_IDS, time_fn: Callable = _time) -> list[dict]:
+    """Rows of the packed kernels on ``[n_out, n_in]`` float16 weights, each against its
+    float16 baseline: the dequantize against a copy, the GEMV (1 row) and the GEMM
+    (``gemm_rows``, when ``kernels.packed`` has it) against ``F.linear``, the gather of
+    ``n_ids`` rows (when it has ``embedding``) against ``F.embedding`` on the same weight as
+    ``[vocab, dim]``. ``B/w model`` and ``model x`` are :mod:`diffq_triton.packed.traffic`'s
+    bytes per weight and speed-up (baseline bytes / packed bytes); ``vs fp16`` the measured
+    one (baseline time / packed time); GB/s counts the modelled bytes."""
     from diffq_triton.kernels import packed as packed_k
 
-    n_out, n_in = 4096, 4096
+    f16 = torch.float16
     n = n_out * n_in
-    src = torch.randn(n, device=device, dtype=torch.float16)
-    copy_s = _time(lambda: src.clone(), device)
-    copy_gbs = 4 * n / copy_s / 1e9  # float16: 2 bytes read + 2 written per entry
-    x = torch.randn(1, n_in, device=device, dtype=torch.float16)
+    src = torch.randn(n, device=device, dtype=f16)
+    copy_s = time_fn(lambda: src.clone(), device)
+    copy_gbs = traffic.dense_copy(n, f16).total / copy_s / 1e9
     rows = [{"op": "copy fp16 (ceiling)", "g": "-", "bits": 16, "ms": round(copy_s * 1e3, 4),
-             "GB/s": round(copy_gbs, 1), "of copy": 1.0, "vs fp16 linear": "-"}]
-    for g, low, high in ((8, 4, 4), (8, 1, 15), (64, 2, 6), (256, 3, 3)):
-        pt, bits = _packed_weight(n_out, n_in, g, low, high, device)
-        mean_bits = float(bits.float().mean())
-        meta = (pt.field_bits + 0.5) / (8 * g)
-        deq_s = _time(lambda pt=pt: packed_k.dequantize(pt), device)
-        gbs = (mean_bits / 8 + meta + 2) * n / deq_s / 1e9
-        rows.append({"op": "packed dequantize", "g": g, "bits": round(mean_bits, 2),
-                     "ms": round(deq_s * 1e3, 4), "GB/s": round(gbs, 1),
-                     "of copy": round(gbs / copy_gbs, 3), "vs fp16 linear": "-"})
-        w16 = packed_k.dequantize(pt).view(n_out, n_in)
-        lin_s = _time(lambda w16=w16: F.linear(x, w16), device)
-        mv_s = _time(lambda pt=pt: packed_k.gemv(x, pt), device)
-        gbs = (mean_bits / 8 + meta) * n / mv_s / 1e9
-        rows.append({"op": "packed GEMV M=1", "g": g, "bits": round(mean_bits, 2),
-                     "ms": round(mv_s * 1e3, 4), "GB/s": round(gbs, 1),
+             "GB/s": round(copy_gbs, 1), "of copy": 1.0, "B/w model": 4.0, "model x": "-",
+             "vs fp16": "-"}]
+
+    def add(op: str, g: int, lay, s: float, model, base_s: float, base) -> None:
+        gbs = model.total / s / 1e9
+        rows.append({"op": op, "g": g, "bits": round(lay.mean_bits, 2),
+                     "ms": round(s * 1e3, 4), "GB/s": round(gbs, 1),
                      "of copy": round(gbs / copy_gbs, 3),
-                     "vs fp16 linear": round(lin_s / mv_s, 2)})
+                     "B/w model": round(model.per_weight, 4),
+                     "model x": round(traffic.speedup(model, base), 2),
+                     "vs fp16": round(base_s / s, 2)})
+
+    x1 = torch.randn(1, n_in, device=device, dtype=f16)
+    for g, low, high in configs:
+        pt, _ = _packed_weight(n_out, n_in, g, low, high, device)
+        lay = traffic.layout_of(pt)
+        deq_s = time_fn(lambda pt=pt: packed_k.dequantize(pt), device)
+        add("packed dequantize", g, lay, deq_s, traffic.dequantize(lay, f16), copy_s,
+            traffic.dense_copy(n, f16))
+        w16 = packed_k.dequantize(pt).view(n_out, n_in)
+        lin_s = time_fn(lambda w16=w16: F.linear(x1, w16), device)
+        mv_s = time_fn(lambda pt=pt: packed_k.gemv(x1, pt), device)
+        add("packed GEMV M=1", g, lay, mv_s, traffic.gemv(lay, 1, f16), lin_s,
+            traffic.dense_linear(n_out, n_in, 1))
+        if hasattr(packed_k, "gemm"):
+            for m in gemm_rows:
+                x = torch.randn(m, n_in, device=device, dtype=f16)
+                lin_s = time_fn(lambda w16=w16, x=x: F.linear(x, w16), device)
+                mm_s = time_fn(lambda pt=pt, x=x: packed_k.gemm(x, pt), device)
+                block_m = _gemm_block_m(packed_k)
+                add(f"packed GEMM M={m}", g, lay, mm_s,
+                    traffic.gemm(lay, m, block_m or 64, None, f16), lin_s,
+                    traffic.dense_linear(n_out, n_in, m))
+                if block_m is None:
+                    rows[-1]["op"] += " (BLOCK_M 64 assumed)"
+        if hasattr(packed_k, "embedding"):
+            ids = torch.randint(0, n_out, (n_ids,), device=device)
+            emb_s = time_fn(lambda w16=w16, ids=ids: F.embedding(ids, w16), device)
+            gather_s = time_fn(lambda pt=pt, ids=ids: packed_k.embedding(ids, pt), device)
+            add(f"packed embedding {n_ids} ids", g, lay, gather_s,
+                traffic.embedding(lay, n_ids, f16), emb_s,
+                traffic.dense_embedding(n_ids, n_in, f16))
+    return rows
+
+
+def test_packed_kernels_throughput(device):
+    if device != "cuda":
+        pytest.skip("the packed kernels run on CUDA; the CPU decode is in bench_packed.py "
+                    "(tests/test_gpu_check.py runs packed_rows on a tiny weight, interpreted)")
     record(
-        "Packed kernels against a device copy",
-        rows,
-        note=("4096×4096 float16 weight; GB/s counts the bytes each must move per weight: "
-              "dequantize b̄/8 + (f + 0.5)/(8·g) read and 2 written, GEMV the same without "
-              "the write; 'vs fp16 linear' is F.linear's time on the float16 weight over the "
-              "GEMV's (modeled: 16 / (b̄ + 0.5))."),
+        "Packed kernels against float16",
+        packed_rows(device),
+        note=("4096×4096 float16 weight (as [vocab, dim] for the gather). 'B/w model': bytes "
+              "per weight each call must move (diffq_triton.packed.traffic): dequantize "
+              "b̄/8 + (f + 0.5)/(8·g) read and 2 written; GEMV the same without the write "
+              "(x and y once); GEMM the weight once per BLOCK_M rows; gather per looked-up "
+              "entry. GB/s counts those bytes. 'model x': float16 bytes over packed bytes "
+              "(GEMV: about 16 / (b̄ + 0.5)), against a copy, F.linear or F.embedding on the "
+              "float16 weight; 'vs fp16': the measured time ratio. At M = 1024 the matmuls "
+              "are compute-bound: the model does not apply there."),
     )

@@ -17,6 +17,8 @@ import pytest
 triton = pytest.importorskip("triton")
 
 from diffq_triton import gpu_report  # noqa: E402
+from diffq_triton.gpu_report import packed_workloads as pw  # noqa: E402
+from diffq_triton.packed import traffic  # noqa: E402
 
 PTXAS = Path(triton.__file__).parent / "backends" / "nvidia" / "bin"
 needs_ptxas = pytest.mark.skipif(
@@ -118,3 +120,108 @@ def test_refuses_to_run_under_the_interpreter():
                          env=env, capture_output=True, text=True, timeout=120)
     assert res.returncode == 2
     assert "TRITON_INTERPRET=0" in res.stderr
+
+
+# ----------------------------------------------------------------------------- packed traffic
+@needs_ptxas
+def test_packed_workloads_print_their_bytes_per_weight(report):
+    from diffq_triton.kernels import packed as packed_k
+
+    labels = {r["workload"] for r in report["rows"] if r["module"].endswith(".packed")}
+    # Every packed workload has its modelled traffic (rows are de-duplicated, so not every
+    # label keeps a row of its own; the traffic keys are the workloads themselves).
+    assert labels <= set(report["traffic"])
+    kinds = {label.split()[1] for label in report["traffic"]}
+    assert {"dequantize", "gemv"} <= kinds
+    assert ("gemm" in kinds) == hasattr(packed_k, "gemm")
+    assert ("embedding" in kinds) == hasattr(packed_k, "embedding")
+    for label, rows in report["traffic"].items():
+        assert rows, label
+        for r in rows:
+            p, d = r["packed"], r["dense"]
+            assert p["per_weight"] == pytest.approx(p["total"] / p["weights"], rel=1e-3)
+            assert r["speedup"] == pytest.approx(d["total"] / p["total"], rel=1e-3)
+            meta = traffic.metadata_bits_per_weight(r["g"], r["f"])
+            if "gemv" in label:
+                # The issue's contract: each weight's bits once, b̄/8 + (f + 0.5)/(8·g).
+                assert p["weight_per_weight"] == pytest.approx((r["bits"] + meta) / 8,
+                                                               rel=2e-3), label
+                assert r["baseline"] == "F.linear float16" and d["weight_per_weight"] == 2
+            if "dequantize" in label:
+                out = 4 if "float32" in label else 2
+                assert p["per_weight"] == pytest.approx((r["bits"] + meta) / 8 + out,
+                                                        rel=1e-3), label
+    text = gpu_report.format_traffic(report)
+    assert text.count("\n") == sum(len(rs) for rs in report["traffic"].values()) + 1
+    assert "packed gemv float16 g=8 M=1 " in text
+
+
+def test_format_traffic_prints_one_line_per_row():
+    lay = traffic.Layout((4096, 4096), 8, 0, 4.0)
+    row = {"bits": 4.0, "g": 8, "f": 0, "baseline": "F.linear float16",
+           "packed": traffic.gemv(lay).as_dict(),
+           "dense": traffic.dense_linear(4096, 4096, 1).as_dict(),
+           "speedup": round(traffic.speedup(traffic.gemv(lay),
+                                            traffic.dense_linear(4096, 4096, 1)), 3)}
+    gemm = dict(row, block_m=64, packed=traffic.gemm(lay, 64, 64).as_dict())
+    text = gpu_report.format_traffic({"traffic": {"packed gemv float16 g=8 M=1": [row],
+                                                  "packed gemm float16 g=8 M=64": [gemm]}})
+    lines = text.splitlines()
+    assert len(lines) == 4 and "bytes moved per weight" in lines[0]
+    assert lines[1].split() == ["workload", "bits", "f", "B/w", "w+meta", "dense", "model",
+                                "x", "baseline"]
+    # 4 bits at g = 8, no width stream: 0.5078 bytes per weight of the weight (0.5088 with x
+    # and y), 3.93× the float16 GEMV.
+    assert lines[2].split()[5:] == ["4.00", "0", "0.5088", "0.5078", "2.001", "3.93",
+                                    "F.linear", "float16"]
+    assert lines[3].endswith("BLOCK_M=64")
+    assert gpu_report.format_traffic({"traffic": {}}) == ""
+
+
+def test_gemm_and_embedding_workloads_join_when_the_kernels_exist(monkeypatch):
+    # Stand-ins for kernels/packed.py's gemm and embedding: the workloads call them (the
+    # report records their launches) and model their traffic from the launches' BLOCK_M.
+    from diffq_triton.kernels import packed as packed_k
+
+    calls = []
+    monkeypatch.setattr(packed_k, "gemm", lambda x, pt, bias=None: calls.append(
+        ("gemm", tuple(x.shape), bias is not None)), raising=False)
+    monkeypatch.setattr(packed_k, "embedding", lambda ids, pt: calls.append(
+        ("embedding", tuple(ids.shape), pt.shape)), raising=False)
+    work = dict(pw.packed_workloads(quick=True))
+    assert {"packed gemm float16 g=8 M=64", "packed gemm bfloat16 g=8 M=1024",
+            "packed embedding float16 g=8 ids=512"} <= set(work)
+
+    rows = work["packed gemm bfloat16 g=8 M=1024"]()([{"BLOCK_M": 64}, {"BLOCK_M": 128},
+                                                       {"BLOCK_M": 64}])
+    assert calls[-1] == ("gemm", (1024, 1000), True)
+    assert [r["block_m"] for r in rows] == [64, 128]
+    lay = traffic.Layout(pw.LINEAR_SHAPE, 8, 4, rows[0]["bits"])
+    # 16 M-blocks of 64 rows read the weight 16 times, 8 of 128 rows 8 times.
+    # (the row's b̄ is rounded to 3 decimals)
+    assert rows[0]["packed"]["weight"] == pytest.approx(16 * lay.numel * lay.mean_bits / 8,
+                                                        rel=1e-4)
+    assert rows[1]["packed"]["weight"] == pytest.approx(8 * lay.numel * lay.mean_bits / 8,
+                                                        rel=1e-4)
+    assert rows[0]["baseline"] == "F.linear float16"
+    assert work["packed gemm float16 g=8 M=64"]()([])[0]["block_m"] == "?"
+
+    (row,) = work["packed embedding float16 g=8 ids=512"]()([])
+    assert calls[-1] == ("embedding", (4, 128), pw.EMBEDDING_SHAPE)
+    dim = pw.EMBEDDING_SHAPE[1]
+    assert row["packed"]["weights"] == 512 * dim
+    # Per looked-up entry: b̄/8 of levels, 2 bytes written; per row its dim/8 + 1 width
+    # fields of 4 bits, a tile offset and an 8-byte id.
+    assert row["packed"]["per_weight"] == pytest.approx(
+        row["bits"] / 8 + 2 + ((dim / 8 + 1) * 4 / 8 + 8 + 8) / dim, rel=1e-3)
+    assert row["dense"]["per_weight"] == pytest.approx(4 + 8 / dim, rel=1e-3)
+    assert "embedding" in pw.format_traffic({"traffic": {"packed embedding": [row]}})
+
+
+def test_without_the_kernels_there_are_no_gemm_or_embedding_workloads(monkeypatch):
+    from diffq_triton.kernels import packed as packed_k
+
+    monkeypatch.delattr(packed_k, "gemm", raising=False)
+    monkeypatch.delattr(packed_k, "embedding", raising=False)
+    kinds = {label.split()[1] for label, _ in pw.packed_workloads(quick=False)}
+    assert kinds == {"dequantize", "gemv"}

@@ -2,7 +2,8 @@
 
 The launchers of ``diffq_triton.kernels`` run on CPU tensors while ``JITFunction.run`` and
 ``Autotuner.run`` are replaced by recorders; :func:`capture_launches` runs the workloads (calls
-that reach every kernel and its variants) and returns the recorded launches (:class:`Launch`).
+that reach every kernel and its variants) and returns the recorded launches (:class:`Launch`),
+and the modelled traffic of the packed kernels' workloads (:mod:`.packed_workloads`).
 :func:`discover_kernels` lists the kernels that exist, so uncovered ones can be reported.
 """
 
@@ -15,6 +16,8 @@ import pkgutil
 from collections.abc import Callable, Iterator
 from dataclasses import dataclass, field
 from typing import Any
+
+from .packed_workloads import TrafficModel, packed_workloads
 
 # 2^21 entries: 1024 blocks of 2048, so the range reduction runs with its largest partial
 # count (P = 1024), the register-heaviest case of the consumers of the range.
@@ -92,7 +95,7 @@ def capturing(quick: bool) -> Iterator[Capture]:
 # (tiles reduced in registers; 1024 is the largest tile), another g (padded rows), and groups
 # larger than a tile (chunked backward).
 
-def _workloads(quick: bool) -> list[tuple[str, Callable[[], None]]]:
+def _workloads(quick: bool) -> list[tuple[str, Callable[[], TrafficModel | None]]]:
     """``(label, thunk)`` pairs; each thunk calls one launcher on CPU tensors."""
     import torch
 
@@ -176,7 +179,7 @@ def _workloads(quick: bool) -> list[tuple[str, Callable[[], None]]]:
         bitpack.pack(torch.zeros(n, dtype=torch.int16), bits, g)
         bitpack.unpack(torch.zeros(n // 2, dtype=torch.uint8), bits, g, n)
 
-    out: list[tuple[str, Callable[[], None]]] = [
+    out: list[tuple[str, Callable[[], TrafficModel | None]]] = [
         (f"{op} {name} g={g} n={n}" + (f" {pz}" if pz else ""),
          functools.partial(launch, op, g, name, pz, n))
         for op, g, name, pz, n in plan
@@ -199,67 +202,33 @@ def _workloads(quick: bool) -> list[tuple[str, Callable[[], None]]]:
     # group_size is a runtime argument of the bitpack kernels: 64 carries a divisibility hint.
     for g in (8,) if quick else (8, 64, 100):
         out.append((f"pack/unpack g={g} n=65536", functools.partial(pack, g, 1 << 16)))
-    out += _packed_workloads(quick)
+    out += packed_workloads(quick)
     return out
 
 
-def _packed_weight(shape: tuple[int, int], g: int, spread: bool, scheme: str, dtype: Any):
-    """A packed weight of zero levels (nothing is launched: only its layout matters) with
-    widths 1–15 in turn (``spread``, 4 field bits) or all 4 (no width stream)."""
-    import torch
-
-    from ..packed import PackedTensor
-    from ..serialization.tensor_record import QuantizedTensor
-
-    numel = shape[0] * shape[1]
-    n_groups = 1 if g == 0 else -(-numel // g)
-    bits = (torch.arange(n_groups) % 15 + 1 if spread else torch.full((n_groups,), 4))
-    lengths = torch.full((n_groups,), g or numel)
-    lengths[-1] = numel - (g or numel) * (n_groups - 1)
-    total = int((bits * lengths).sum())
-    qt = QuantizedTensor("w", shape, dtype, scheme, g, None, bits.to(torch.uint8), -1.0, 1.0,
-                         stream=torch.zeros((total + 7) // 8, dtype=torch.uint8))
-    return PackedTensor.from_record(qt, dtype=dtype)
+def _named(launch: Launch) -> dict:
+    """A launch's arguments by parameter name (constexprs included)."""
+    return {**dict(zip(launch.fn.arg_names, launch.args, strict=False)), **launch.kwargs}
 
 
-def _packed_workloads(quick: bool) -> list[tuple[str, Callable[[], None]]]:
-    """The packed-layout kernels: the tile kernel (g = 1, 8, 1024: its largest block), the
-    chunked one (one group, g = 2000), the GEMV at 1 and 16 rows (g = 8, 256: one piece,
-    2000: several pieces per group), with and without a width stream."""
-    import torch
+def capture_launches(quick: bool, traffic: dict | None = None
+                     ) -> tuple[list[Launch], list[str]]:
+    """Run every workload under :func:`capturing`; returns launches and workload errors.
 
-    from ..kernels import packed
-
-    def dequant(g: int, spread: bool, scheme: str, name: str) -> None:
-        packed.dequantize(_packed_weight((4096, 1000), g, spread, scheme, getattr(torch, name)))
-
-    def gemv(g: int, rows: int, name: str) -> None:
-        dtype = getattr(torch, name)
-        pt = _packed_weight((4096, 1000), g, True, "minmax", dtype)
-        packed.gemv(torch.empty(rows, 1000, dtype=dtype), pt, torch.empty(4096, dtype=dtype))
-
-    deq = [(8, True, "minmax", "float32"), (8, False, "minmax", "bfloat16"),
-           (1, True, "minmax", "float16"), (1024, True, "minmax", "float32"),
-           (0, False, "lsq", "float32"), (2000, True, "minmax", "bfloat16")]
-    mv = [(8, 1, "float16"), (8, 16, "bfloat16"), (256, 16, "float32"), (2000, 1, "float16")]
-    if not quick:
-        deq += [(g, True, "minmax", name) for name in DTYPE_NAMES for g in (7, 64, 256, 2000)]
-        mv += [(g, r, name) for name in DTYPE_NAMES for g in (1, 7, 64, 0) for r in (1, 4, 16)]
-    out = [(f"packed dequantize {name} g={g} {scheme}{' spread' if spread else ''}",
-            functools.partial(dequant, g, spread, scheme, name)) for g, spread, scheme, name in deq]
-    out += [(f"packed gemv {name} g={g} M={rows}", functools.partial(gemv, g, rows, name))
-            for g, rows, name in mv]
-    return out
-
-
-def capture_launches(quick: bool) -> tuple[list[Launch], list[str]]:
-    """Run every workload under :func:`capturing`; returns launches and workload errors."""
+    Args:
+        traffic: if a dict, the modelled traffic of each workload that returns a model
+            (the packed kernels: :mod:`.packed_workloads`) is stored under its label, as
+            the rows its model gives for the launches it made.
+    """
     errors: list[str] = []
     with capturing(quick) as cap:
         for label, thunk in _workloads(quick):
             cap.label = label
+            first = len(cap.launches)
             try:
-                thunk()
+                model: TrafficModel | None = thunk()
+                if traffic is not None and model is not None:
+                    traffic[label] = model([_named(x) for x in cap.launches[first:]])
             except Exception as exc:  # report every broken workload, not only the first
                 errors.append(f"{label}: {type(exc).__name__}: {exc}")
     return cap.launches, errors

@@ -2,7 +2,8 @@
 
 :func:`build_report` captures every launch, specialises it per capability, compiles each
 distinct variant once (in worker processes when asked) and returns the report as a dict;
-:func:`problems` lists what should fail a check; :func:`format_table` prints the rows.
+:func:`problems` lists what should fail a check; :func:`format_table` prints the rows, and
+:func:`~.packed_workloads.format_traffic` the modelled bytes per weight of the packed kernels.
 :func:`main` is ``python -m diffq_triton.gpu_report``; :func:`run_report` runs it in a
 subprocess with the Triton interpreter off and returns its JSON.
 """
@@ -20,6 +21,7 @@ from multiprocessing import get_context
 
 from .capture import capture_launches, discover_kernels
 from .compiler import Job, compile_job, specialise
+from .packed_workloads import format_traffic
 
 CAPS = (80, 90)
 
@@ -34,7 +36,8 @@ def build_report(quick: bool, caps: tuple[int, ...] = CAPS, jobs: int = 1) -> di
     import torch
     import triton
 
-    launches, errors = capture_launches(quick)
+    traffic: dict[str, list[dict]] = {}
+    launches, errors = capture_launches(quick, traffic)
     unique: dict[str, Job] = {}
     for launch in launches:
         for cap in caps:
@@ -56,6 +59,7 @@ def build_report(quick: bool, caps: tuple[int, ...] = CAPS, jobs: int = 1) -> di
         "triton": triton.__version__, "torch": torch.__version__, "caps": list(caps),
         "quick": quick, "rows": rows, "workload_errors": errors,
         "uncovered": [k for k in discover_kernels() if k not in covered],
+        "traffic": traffic,
     }
 
 
@@ -149,6 +153,8 @@ def main(argv: list[str] | None = None) -> int:
         print(json.dumps(report, default=str))
     else:
         print(format_table(report))
+        if report["traffic"]:
+            print("\n" + format_traffic(report))
         print(f"\n{len(report['rows'])} variants compiled (triton {report['triton']}) "
               f"in {report['wall_s']} s; {len(found)} problem(s)")
         for p in found:

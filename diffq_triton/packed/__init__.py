@@ -4,6 +4,8 @@
   and width streams, tile bit offsets, range), and its just-in-time CPU decode.
 - :mod:`.reference`: the torch decoder of that layout, tile by tile, that kernels are
   tested against.
+- :mod:`.traffic`: the bytes each packed kernel moves per weight (a pure-Python model, for
+  the GPU report and the benchmarks).
 - :mod:`.modules`: the packed ``Linear``, ``Embedding``, ``Conv1d``, ``Conv2d`` and GPT-2
   ``Conv1D`` layers.
 - :mod:`.loader`: ``load_quantized(model, path, packed=True)``, :func:`pack_model` (from a
