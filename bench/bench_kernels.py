@@ -165,9 +165,11 @@ def _gemm_block_m(packed_k) -> int | None:
     block = getattr(packed_k, "GEMM_BLOCK_M", None)
     if isinstance(block, int):
         return block
-    kernel = getattr(packed_k, "packed_gemm_kernel", None)
+    from diffq_triton.kernels import packed_matmul
+
+    kernel = getattr(packed_matmul, "packed_gemm_kernel", None)
     best = getattr(kernel, "best_config", None)
-    value = getattr(best, "kwargs", {}).get("BLOCK_M")
+    value = getattr(best, "kwargs", {}).get("BM")
     return value if isinstance(value, int) else None
 
 

@@ -93,7 +93,7 @@ def packed_workloads(quick: bool) -> list[tuple[str, Callable[[], TrafficModel]]
         def model(launches: list[dict]) -> list[dict]:
             # One row per BLOCK_M the launcher (or its autotuner) would use; without one in
             # the launch, the weight once (a lower bound).
-            blocks = _block(launches, "BLOCK_M") or [None]
+            blocks = _block(launches, "BM") or [None]
             return [_row(lay, traffic.gemm(lay, rows, bm or rows, None, dtype, True), dense,
                          "F.linear float16", block_m=bm or "?") for bm in blocks]
         return model
