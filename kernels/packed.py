@@ -31,7 +31,7 @@ import triton
 import triton.language as tl
 
 from .common import INTERPRET, cast_out, next_pow2
-from .packed_matmul import MAX_GEMV_ROWS, gemm, gemv
+from .packed_matmul import MAX_GEMV_ROWS, gemm, gemv, rows_of
 from .packed_steps import (
     _ROUND,
     _layout,
@@ -190,8 +190,7 @@ def linear(x: torch.Tensor, pt, bias: torch.Tensor | None = None) -> torch.Tenso
 
     Args and returns as :func:`gemv` / :func:`gemm` (same tolerance against ``F.linear``).
     """
-    rows = x.numel() // x.shape[-1] if x.dim() and x.shape[-1] else 0
-    return gemv(x, pt, bias) if rows <= MAX_GEMV_ROWS else gemm(x, pt, bias)
+    return gemv(x, pt, bias) if rows_of(x) <= MAX_GEMV_ROWS else gemm(x, pt, bias)
 
 
 # ----------------------------------------------------------------------------- Embedding
@@ -235,8 +234,9 @@ def embedding(ids: torch.Tensor, pt) -> torch.Tensor:
 
     Args:
         ids: integer tensor (int32/int64) of any shape, on ``pt``'s device, each in
-            ``[0, num_embeddings)`` (checked: an ``IndexError`` names the first bad id; the
-            check reads ``ids``' extremes back to the host, one sync).
+            ``[0, num_embeddings)`` (checked: an ``IndexError`` names the smallest negative
+            or the largest too-large id; the check reads ``ids``' extremes back to the host,
+            one sync, and is skipped while a CUDA graph is being captured).
         pt: a packed 2-D weight ``[num_embeddings, D]``.
 
     Returns:
@@ -256,10 +256,13 @@ def embedding(ids: torch.Tensor, pt) -> torch.Tensor:
     flat = ids.reshape(-1).contiguous()
     if flat.numel() == 0 or dim == 0:
         return out
-    lo, hi = torch.aminmax(flat)
-    if int(lo) < 0 or int(hi) >= rows:
-        bad = int(lo) if int(lo) < 0 else int(hi)
-        raise IndexError(f"id {bad} is out of range for an embedding of {rows} rows")
+    # One sync reads both extremes back. Skipped while a CUDA graph is captured, where a
+    # sync is forbidden: there the ids are trusted (documented in docs/packed.md §6).
+    if not (flat.is_cuda and torch.cuda.is_current_stream_capturing()):
+        lo, hi = torch.stack(torch.aminmax(flat)).tolist()
+        if lo < 0 or hi >= rows:
+            bad = lo if lo < 0 else hi
+            raise IndexError(f"id {bad} is out of range for an embedding of {rows} rows")
     widths, g, f = _layout(pt)
     br = 16 if INTERPRET else 4
     bd = min(next_pow2(dim), 512 if INTERPRET else 256)

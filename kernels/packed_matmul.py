@@ -33,6 +33,8 @@ MAX_GEMV_ROWS = 16
 GEMV_DECODE = 1024
 GEMV_PRODUCT = 4096
 GEMV_MAX_PIECE = 256
+# CUDA's limit on the second grid dimension (the GEMM's row blocks).
+GRID_Y_MAX = 65535
 
 
 # ----------------------------------------------------------------------------- GEMV
@@ -126,19 +128,10 @@ def gemv(x: torch.Tensor, pt, bias: torch.Tensor | None = None) -> torch.Tensor:
     plus per output feature one tile offset and ``T`` width fields (``(T·f/8 + 8)/K``);
     ``x`` (``M·K`` entries) read by every program, from cache; ``M`` outputs written.
     """
-    if len(pt.shape) != 2:
-        raise ValueError(f"pt must hold a 2-D weight, got shape {tuple(pt.shape)}")
-    n, k = pt.shape
-    if x.shape[-1] != k:
-        raise ValueError(f"x must end in {k} features, got shape {tuple(x.shape)}")
-    if x.dtype != pt.dtype or x.dtype not in _ROUND:
-        raise TypeError(f"x must be of the weight's dtype {pt.dtype}, got {x.dtype}")
-    x2 = x.reshape(-1, k)
-    m = x2.shape[0]
+    n, k, m, bias = _check_linear(x, pt, bias)
     if m > MAX_GEMV_ROWS:
         raise ValueError(f"x has {m} rows, more than the GEMV's {MAX_GEMV_ROWS}")
-    if bias is not None and (bias.shape != (n,) or bias.dtype != x.dtype):
-        raise ValueError(f"bias must be [{n}] of {x.dtype}")
+    x2 = x.reshape(m, k)
     y = torch.empty(m, n, dtype=x.dtype, device=x.device)
     if m == 0 or n == 0:
         return y.view(*x.shape[:-1], n)
@@ -200,8 +193,8 @@ def packed_gemm_kernel(
     (``⌈M/BM⌉·(b̄/8 + (f+0.5)/(8g))`` per weight), ``x`` once per block of ``BN`` features,
     ``y`` written once.
     """
-    pid_m = tl.program_id(0)
-    pid_n = tl.program_id(1)
+    pid_n = tl.program_id(0)
+    pid_m = tl.program_id(1)
     lo = tl.load(p_scale)
     span = tl.load(p_scale + 1) - lo
     o_m = pid_m * BM + tl.arange(0, BM)
@@ -232,19 +225,33 @@ def packed_gemm_kernel(
 
 
 
-def _check_linear(x: torch.Tensor, pt, bias: torch.Tensor | None) -> tuple[int, int]:
+def rows_of(x: torch.Tensor) -> int:
+    """Rows of ``x`` as a ``[rows, features]`` matrix: the product of its leading dims."""
+    rows = 1
+    for d in x.shape[:-1]:
+        rows *= d
+    return rows
+
+
+def _check_linear(x: torch.Tensor, pt, bias: torch.Tensor | None) -> tuple:
+    """``(N, K, rows, bias)`` after the launchers' checks; a strided bias is made contiguous
+    (the kernels read it with stride 1)."""
     if len(pt.shape) != 2:
         raise ValueError(f"pt must hold a 2-D weight, got shape {tuple(pt.shape)}")
     n, k = pt.shape
-    if x.shape[-1] != k:
+    if x.dim() == 0 or x.shape[-1] != k:
         raise ValueError(f"x must end in {k} features, got shape {tuple(x.shape)}")
     if x.dtype != pt.dtype or x.dtype not in _ROUND:
         raise TypeError(f"x must be of the weight's dtype {pt.dtype}, got {x.dtype}")
-    if bias is not None and (bias.shape != (n,) or bias.dtype != x.dtype):
-        raise ValueError(f"bias must be [{n}] of {x.dtype}")
     if x.device != pt.device:
         raise ValueError(f"x is on {x.device}, the packed weight on {pt.device}")
-    return n, k
+    if bias is not None:
+        if bias.shape != (n,) or bias.dtype != x.dtype:
+            raise ValueError(f"bias must be [{n}] of {x.dtype}")
+        if bias.device != x.device:
+            raise ValueError(f"bias is on {bias.device}, x on {x.device}")
+        bias = bias.contiguous()
+    return n, k, rows_of(x), bias
 
 
 def gemm(x: torch.Tensor, pt, bias: torch.Tensor | None = None) -> torch.Tensor:
@@ -267,9 +274,8 @@ def gemm(x: torch.Tensor, pt, bias: torch.Tensor | None = None) -> torch.Tensor:
     per block of ``BM`` rows), plus per ``BN`` features one row start (a tile offset and up
     to ``T`` width fields per feature); ``x`` read ``⌈N/BN⌉`` times, ``y`` written once.
     """
-    n, k = _check_linear(x, pt, bias)
-    x2 = x.reshape(-1, k)
-    m = x2.shape[0]
+    n, k, m, bias = _check_linear(x, pt, bias)
+    x2 = x.reshape(m, k)
     y = torch.empty(m, n, dtype=x.dtype, device=x.device)
     if m == 0 or n == 0:
         return y.view(*x.shape[:-1], n)
@@ -277,12 +283,20 @@ def gemm(x: torch.Tensor, pt, bias: torch.Tensor | None = None) -> torch.Tensor:
         return y.zero_().add_(bias if bias is not None else 0).view(*x.shape[:-1], n)
     x2 = x2.contiguous()
     widths, g, f = _layout(pt)
-    grid = lambda meta: (triton.cdiv(m, meta["BM"]), triton.cdiv(n, meta["BN"]))  # noqa: E731
-    packed_gemm_kernel[grid](
-        x2, pt.levels, widths, pt.tile_offsets, pt.scale, bias if bias is not None else x2,
-        y, m, n, k, g, pt.base, x2.stride(0), y.stride(0), size_bucket(m),
-        F=f, T=pt.tile_groups, LOG_G=_log_g(g), LSQ=pt.scheme == "lsq",
-        R1=_ROUND.get(pt.record_dtype, 0), R2=_ROUND[pt.dtype], HAS_BIAS=bias is not None,
-        DOT_F32=x.dtype == torch.float32 or (INTERPRET and x.dtype == torch.bfloat16),
-        IS_BF16=x.dtype == torch.bfloat16, **_options())
+    # Feature blocks on grid axis 0 (up to 2^31 - 1), row blocks on axis 1 (at most 65535
+    # on CUDA): more rows than 65535 of the smallest blocks go in several launches.
+    step = GRID_Y_MAX * 32
+    for r0 in range(0, m, step):
+        r1 = min(m, r0 + step)
+        x_r, y_r = x2[r0:r1], y[r0:r1]
+        grid = lambda meta, rows=r1 - r0: (triton.cdiv(n, meta["BN"]),  # noqa: E731
+                                           triton.cdiv(rows, meta["BM"]))
+        packed_gemm_kernel[grid](
+            x_r, pt.levels, widths, pt.tile_offsets, pt.scale,
+            bias if bias is not None else x_r, y_r, r1 - r0, n, k, g, pt.base,
+            x_r.stride(0), y_r.stride(0), size_bucket(r1 - r0),
+            F=f, T=pt.tile_groups, LOG_G=_log_g(g), LSQ=pt.scheme == "lsq",
+            R1=_ROUND.get(pt.record_dtype, 0), R2=_ROUND[pt.dtype], HAS_BIAS=bias is not None,
+            DOT_F32=x.dtype == torch.float32 or (INTERPRET and x.dtype == torch.bfloat16),
+            IS_BF16=x.dtype == torch.bfloat16, **_options())
     return y.view(*x.shape[:-1], n)

@@ -246,6 +246,17 @@ def test_linear_picks_gemv_or_gemm_by_rows(rows, kernel, monkeypatch):
     assert bool(((y[0].double() - y_ref).abs() <= bound).all())
 
 
+@pytest.mark.parametrize("rows", [3, 20], ids=["gemv", "gemm"])
+def test_linear_reads_a_strided_bias(rows):
+    pt = packed_weight((7, 9), 4)
+    bias = torch.randn(14, generator=torch.Generator().manual_seed(8)).to(DEVICE)[::2]
+    x = torch.randn(rows, 9, generator=torch.Generator().manual_seed(9)).to(DEVICE)
+    w = packed_ref.dequantize_packed(pt)
+    y_ref = F.linear(x.double(), w.double(), bias.double())
+    y = packed_k.linear(x, pt, bias)
+    assert bool(((y.double() - y_ref).abs() <= _gemv_bound(x, w, y_ref, torch.float32)).all())
+
+
 def test_gemm_refuses_bad_arguments():
     pt = packed_weight((7, 9), 4)
     with pytest.raises(ValueError, match="features"):
@@ -261,6 +272,7 @@ def test_gemm_refuses_bad_arguments():
 # ----------------------------------------------------------------------------- Embedding
 # Rows of odd length (groups cross rows), every group layout, widths 1–15 and one width.
 EMBEDDING_CASES = [((50, 37), 8, 1, 15), ((23, 300), 7, 1, 15), ((40, 13), 1, 1, 15),
+                   ((11, 600), 7, 1, 15),  # D past the interpreter's 512-entry step
                    ((31, 29), 0, 3, 3), ((20, 45), 64, 2, 9), ((9, 999), 2000, 1, 15),
                    ((64, 24), 8, 5, 5)]
 
