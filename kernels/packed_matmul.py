@@ -131,13 +131,9 @@ def gemv(x: torch.Tensor, pt, bias: torch.Tensor | None = None) -> torch.Tensor:
     n, k, m, bias = _check_linear(x, pt, bias)
     if m > MAX_GEMV_ROWS:
         raise ValueError(f"x has {m} rows, more than the GEMV's {MAX_GEMV_ROWS}")
-    x2 = x.reshape(m, k)
-    y = torch.empty(m, n, dtype=x.dtype, device=x.device)
-    if m == 0 or n == 0:
+    x2, y, done = _start(x, bias, n, k, m)
+    if done:
         return y.view(*x.shape[:-1], n)
-    if k == 0:
-        return y.zero_().add_(bias if bias is not None else 0).view(*x.shape[:-1], n)
-    x2 = x2.contiguous()
     widths, g, f = _layout(pt)
     piece = min(next_pow2(g), GEMV_MAX_PIECE)
     m_pad = next_pow2(m)
@@ -254,6 +250,18 @@ def _check_linear(x: torch.Tensor, pt, bias: torch.Tensor | None) -> tuple:
     return n, k, rows_of(x), bias
 
 
+def _start(x: torch.Tensor, bias: torch.Tensor | None, n: int, k: int, m: int) -> tuple:
+    """``(x as [m, k] contiguous, y [m, n], done)``; ``done`` when no kernel is needed (no
+    rows or features: ``y`` is empty; ``k = 0``: ``y`` is the bias, or zeros)."""
+    y = torch.empty(m, n, dtype=x.dtype, device=x.device)
+    if m == 0 or n == 0:
+        return x, y, True
+    if k == 0:
+        y.zero_().add_(bias if bias is not None else 0)
+        return x, y, True
+    return x.reshape(m, k).contiguous(), y, False
+
+
 def gemm(x: torch.Tensor, pt, bias: torch.Tensor | None = None) -> torch.Tensor:
     """``y = x Wᵀ + bias`` with ``W`` the packed ``[N, K]`` weight decoded in registers,
     tile by tile (1 launch; autotuned ``[BM, BN]`` blocks, ``BK`` entries per step).
@@ -275,13 +283,9 @@ def gemm(x: torch.Tensor, pt, bias: torch.Tensor | None = None) -> torch.Tensor:
     to ``T`` width fields per feature); ``x`` read ``⌈N/BN⌉`` times, ``y`` written once.
     """
     n, k, m, bias = _check_linear(x, pt, bias)
-    x2 = x.reshape(m, k)
-    y = torch.empty(m, n, dtype=x.dtype, device=x.device)
-    if m == 0 or n == 0:
+    x2, y, done = _start(x, bias, n, k, m)
+    if done:
         return y.view(*x.shape[:-1], n)
-    if k == 0:
-        return y.zero_().add_(bias if bias is not None else 0).view(*x.shape[:-1], n)
-    x2 = x2.contiguous()
     widths, g, f = _layout(pt)
     # Feature blocks on grid axis 0 (up to 2^31 - 1), row blocks on axis 1 (at most 65535
     # on CUDA): more rows than 65535 of the smallest blocks go in several launches.
