@@ -310,6 +310,48 @@ def _scenarios(rank: int, out: Path) -> dict:
         _train(model, q, opt, rank, model)
         result["triton_fsdp"] = _full_state(model)
 
+    # --- Built on the meta device (torchtitan's flow): quantizer, fully_shard, to_empty,
+    # the weights' init (here: the seed-0 model's weights), reset_parameters; then the
+    # same step, bit for bit, as the model created with those weights.
+    from torch.distributed.tensor import distribute_tensor
+
+    meta = {}
+    for name in ("diffq", "lsq"):
+        for on_meta in (True, False):
+            torch.manual_seed(0)
+            with torch.device("meta" if on_meta else "cpu"):
+                model = Net()
+            q = (diffq_triton.DiffQuantizer(model, min_size=0, group_size=GROUP)
+                 if name == "diffq" else diffq_triton.LSQ(model, bits=3, min_size=0))
+            for block in model.blocks:
+                fully_shard(block, mesh=mesh)
+            fully_shard(model, mesh=mesh)
+            if on_meta:
+                model.to_empty(device="cpu")
+                try:  # refused on every rank, before any collective
+                    q.model_size()
+                except RuntimeError as exc:
+                    meta[(name, "refused")] = str(exc)
+                with torch.no_grad():
+                    for key, p in model.named_parameters():
+                        if key in initial and not key.endswith("_diffq"):
+                            p.copy_(distribute_tensor(initial[key], mesh, p.placements))
+                q.reset_parameters()
+                meta[(name, "sharded")] = q._sharded
+            opt = torch.optim.Adam(model.parameters(), lr=1e-2)
+            q.setup_optimizer(opt)
+            before = _full_state(model)
+            torch.manual_seed(1234 + rank)
+            x, y = _batch(0, rank)
+            loss = nn.functional.cross_entropy(model(x).reshape(-1, VOCAB), y.reshape(-1))
+            if name == "diffq":
+                loss = loss + 1e-3 * q.model_size()
+            loss.backward()
+            grads = {k: full(p.grad).clone() for k, p in model.named_parameters()}
+            opt.step()
+            meta[(name, on_meta)] = (before, grads, _full_state(model))
+    result["meta"] = meta
+
     # --- The wrong orders are refused with what to do.
     errors = {}
     model, _ = _build()
@@ -533,6 +575,23 @@ def test_checkpointed_blocks_keep_the_gradients(ranks):
                 for name in a:
                     torch.testing.assert_close(b[name], a[name], rtol=1e-6, atol=1e-7,
                                                msg=f"{kind}, step {step}: {name}")
+
+
+def test_a_model_built_on_meta_trains_as_one_built_with_its_weights(ranks):
+    # fully_shard before to_empty: reset_parameters follows the sharded parameters, DiffQ's
+    # logits are filled per shard, LSQ's steps computed from the gathered weights.
+    results, _ = ranks
+    for result in results:
+        for name in ("diffq", "lsq"):
+            meta, plain = result["meta"][(name, True)], result["meta"][(name, False)]
+            for what, got, expected in zip(("initial", "grads", "after"), meta, plain,
+                                           strict=True):
+                assert got.keys() == expected.keys(), (name, what)
+                for key, value in expected.items():
+                    assert torch.equal(got[key], value), (name, what, key)
+            assert any(k.endswith(f"_{name}") for k in meta[0])
+            assert result["meta"][(name, "sharded")]
+            assert "quantizer.reset_parameters()" in result["meta"][(name, "refused")]
 
 
 def test_triton_path_matches_ddp(ranks):
