@@ -157,6 +157,8 @@ def _entry_points(model, q, kind) -> dict:
         "get_quantized_state": q.get_quantized_state,
         "save_quantized": lambda: diffq_triton.save_quantized(q, "never-written.safetensors"),
         "quantize": q.quantize,
+        "restore_quantized_state":
+            lambda: q.restore_quantized_state(_reference(kind)[1].get_quantized_state()),
     }
     if kind != "uniform":
         calls["setup_optimizer"] = lambda: q.setup_optimizer(torch.optim.SGD([nn.Parameter(
@@ -273,3 +275,15 @@ def test_a_quantizer_created_off_meta_resets_in_place():
         fresh.mid.weight.mul_(3)
     diffq_triton.LSQ(fresh, min_size=0, bits=3)
     assert torch.equal(step, fresh.mid.weight_lsq)
+
+
+def test_a_compiled_forward_refuses_too():
+    model, q = _on_meta("diffq")
+    model.to_empty(device="cpu")
+    model.tie()
+    q.no_optimizer()
+    compiled = torch.compile(model, backend="aot_eager")
+    for mode in ("train", "eval"):
+        getattr(model, mode)()
+        with pytest.raises(UsageError, match="reset_parameters"):
+            compiled(torch.zeros(2, 3, dtype=torch.long))

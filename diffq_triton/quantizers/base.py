@@ -23,6 +23,7 @@ from .. import validation
 from ..ops.reference import MEGABYTE_BITS
 from ..serialization.tensor_record import QuantizedTensor
 from . import live, sharding
+from .materialise import Materialise, check_not_meta
 from .module_swap import ModuleSwaps
 from .saved_state import QuantizerState
 from .swap import WeightSwap, _is_compiling
@@ -49,7 +50,7 @@ class QuantizedParam:
         return [self, *self.tied]
 
 
-class BaseQuantizer(WeightSwap, QuantizerState):
+class BaseQuantizer(WeightSwap, QuantizerState, Materialise):
     """Base of :class:`DiffQuantizer`, :class:`UniformQuantizer` and :class:`LSQ`.
 
     Args:
@@ -126,9 +127,8 @@ class BaseQuantizer(WeightSwap, QuantizerState):
         self._materialised = False
         self._find_params()
         # Built on the meta device (to be materialised by to_empty(), as torchtitan does):
-        # the records point at tensors to_empty() replaces and the quantizer's own
-        # parameters hold no values until reset_parameters(); until then every entry point
-        # that reads the records refuses (_follow_sharding).
+        # every entry point that reads the records refuses until reset_parameters()
+        # (materialise.py).
         self._meta_pending = any(p.is_meta for p in self._recorded_params())
         module_names = {id(m): n for n, m in model.named_modules()}
         self._swap_check = SwapCheck(
@@ -176,79 +176,6 @@ class BaseQuantizer(WeightSwap, QuantizerState):
     def _register_param(self, record: QuantizedParam) -> None:
         """Create the quantizer's state for a first use (logits, step...)."""
 
-    def _recorded_params(self) -> Iterator[torch.Tensor]:
-        """Every parameter the records hold: quantized uses, float ones, own ones."""
-        for record in self._qparams:
-            yield record.param
-            own = self._own_param(record) if record.first is None else None
-            if own is not None:
-                yield own
-        yield from (p for _, p in self._float16)
-        yield from (p for _, p in self._others)
-
-    # ----------------------------------------------------------------- materialising
-    def reset_parameters(self) -> None:
-        """Follow the model's current parameters and initialise the quantizer's own ones,
-        as a quantizer created on the model as it is now would.
-
-        For a model built on the ``meta`` device (torchtitan's flow): create the quantizer
-        there (before ``fully_shard``), materialise the model with
-        ``model.to_empty(device=...)``, initialise its weights, then call this, before
-        loading a checkpoint (which it would overwrite) and before creating the optimizer
-        (over ``model.parameters()``, as under ``fully_shard``: ``setup_optimizer`` moves
-        the quantizer's parameters to their own group). ``to_empty`` puts new tensors in
-        place of the parameters the quantizer recorded and leaves its own (bit logits, LSQ
-        steps) as uninitialised memory: this points the records at the model's parameters
-        (``fully_shard``'s sharded ones included) and sets the quantizer's own from the
-        weights now there (DiffQ: every logit at ``init_bits``; LSQ: each step from its
-        weight, gathered when sharded, so every rank must call it). Until it has run, a
-        quantizer created on meta weights refuses every call that reads its records. Also
-        usable on any model to start the quantizer's parameters afresh after
-        re-initialising the weights.
-
-        Raises:
-            UsageError: a parameter is still on the meta device (materialise it first); uses
-                of a parameter that was tied when the quantizer was created are separate
-                tensors now (``to_empty`` unties them: tie them again first); weights are
-                quantized in place (:meth:`unquantize` first).
-        """
-        if self._quantized:
-            raise validation.UsageError(
-                "reset_parameters() while the weights are quantized in place: call "
-                "unquantize() first")
-        self._restore_params()
-        # Whatever replaced the parameters (to_empty, fully_shard or both), where
-        # _follow_sharding's rebind follows fully_shard only.
-        self._sharded = sharding.follow_current(self)
-        self._materialised = self._materialised or self._meta_pending
-        self._meta_pending = False
-        if self._sharded:
-            self._use_module_swaps()
-        with torch.no_grad():
-            for record in self._first_uses():
-                self._init_own(record)
-        self._params_changed()
-
-    def _init_own(self, record: QuantizedParam) -> None:
-        """Set the quantizer's own tensor of a first use in place, as :meth:`_register_param`
-        creates it (on a sharded model, each rank its shard; under ``no_grad``)."""
-
-    def _refuse_meta(self) -> None:
-        """Raise: created on the meta device and not yet reset (the records are stale)."""
-        owner = type(self).__name__
-        own = f" and its {self._trained_name} hold no values yet" if self._own_attr else ""
-        if any(p.is_meta for p in self.model.parameters()):
-            todo = ("the model's parameters are still on the meta device: materialise them "
-                    "(model.to_empty(device=...)), initialise the weights, then call "
-                    "quantizer.reset_parameters()")
-        else:
-            todo = ("after model.to_empty(device=...) and the weights' init, call "
-                    "quantizer.reset_parameters()")
-        raise validation.UsageError(
-            f"{owner}: the model's weights were on the meta device when the quantizer was "
-            f"created: it does not follow the materialised parameters{own}; {todo} before "
-            "setup_optimizer, forwards, sizes or saving")
-
     def _first_uses(self) -> Iterator[QuantizedParam]:
         # Sizes, saving or an optimizer asked for after fully_shard, before any forward:
         # the records follow the sharded parameters first.
@@ -279,7 +206,7 @@ class BaseQuantizer(WeightSwap, QuantizerState):
         if self._sharded:
             sharding.check_optimizer(self, optimizer)
         elif self._materialised:
-            sharding.check_not_meta(self, optimizer)
+            check_not_meta(self, optimizer)
         if self._sharded or self._materialised:
             # Created after fully_shard or to_empty from model.parameters(), the optimizer
             # holds them already: they move to their own group.

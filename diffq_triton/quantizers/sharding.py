@@ -3,10 +3,9 @@
 The documented order is: the quantizer first (it registers its own parameters, which FSDP
 then shards with the rest), ``fully_shard`` on the blocks and the root, then the optimizer
 and ``setup_optimizer``. ``fully_shard`` replaces every parameter by a sharded ``DTensor``
-parameter; the quantizer then finds its records' parameters again (:func:`rebind`; or
-:func:`follow_current`, from ``reset_parameters`` after ``to_empty`` on a model built on
-the meta device, which replaces parameters too) and swaps module by module
-(:mod:`.module_swap`), between FSDP's all-gather and reshard.
+parameter; the quantizer then finds its records' parameters again (:func:`rebind`; after
+``to_empty`` on a model built on the meta device, :mod:`.materialise`) and swaps module by
+module (:mod:`.module_swap`), between FSDP's all-gather and reshard.
 Whatever needs whole tensors outside a forward (sizes, saving) gathers one tensor at a time
 (:func:`full`), so no rank ever holds the whole unsharded model.
 """
@@ -68,7 +67,7 @@ def needs_rebind(quantizer: BaseQuantizer, every: bool = False) -> bool:
     return False
 
 
-def _sharded_params(model: nn.Module) -> dict[tuple[int, str], torch.Tensor]:
+def sharded_params(model: nn.Module) -> dict[tuple[int, str], torch.Tensor]:
     """``(id(module), name) -> sharded parameter`` from the model's FSDP2 states: inside a
     forward a module holds FSDP's unsharded copy instead. Reads FSDP2's own records of its
     parameters (``FSDPParam``), kept by torch since 2.4."""
@@ -101,7 +100,7 @@ def rebind(quantizer: BaseQuantizer) -> bool:
     """
     owner = type(quantizer).__name__
     sharded = False
-    by_fsdp = _sharded_params(quantizer.model)
+    by_fsdp = sharded_params(quantizer.model)
     for record in quantizer._qparams:
         current = by_fsdp.get((id(record.module), record.name),
                               record.module._parameters.get(record.name))
@@ -130,12 +129,12 @@ def rebind(quantizer: BaseQuantizer) -> bool:
             record.param = current
     if not sharded:
         return False
-    _follow_floats(quantizer, by_fsdp)
+    follow_floats(quantizer, by_fsdp)
     quantizer._rnns = []  # FSDP2 does not shard cuDNN's flat RNN weights: nothing to refresh
     return True
 
 
-def _follow_floats(quantizer: BaseQuantizer, by_fsdp: dict) -> None:
+def follow_floats(quantizer: BaseQuantizer, by_fsdp: dict) -> None:
     """Point the float parameters' lists at the parameters the modules hold now."""
     modules = dict(quantizer.model.named_modules())
 
@@ -150,62 +149,6 @@ def _follow_floats(quantizer: BaseQuantizer, by_fsdp: dict) -> None:
     quantizer._others = [(n, now(n, p)) for n, p in quantizer._others]
     quantizer._float16_uses = [(m, n, by_fsdp.get((id(m), n), m._parameters.get(n, p)))
                                for m, n, p in quantizer._float16_uses]
-
-
-def follow_current(quantizer: BaseQuantizer) -> bool:
-    """Point every record at the parameter its module holds now, whatever replaced it
-    (``to_empty`` on a model built on the meta device, ``fully_shard``, both): for
-    ``reset_parameters``. Returns True when the model is sharded.
-
-    Raises:
-        UsageError: a parameter is gone or still on the meta device; uses tied when the
-            quantizer was created are separate tensors now.
-    """
-    owner = type(quantizer).__name__
-    by_fsdp = _sharded_params(quantizer.model)
-
-    def now(module: nn.Module, name: str) -> torch.Tensor | None:
-        return by_fsdp.get((id(module), name), module._parameters.get(name))
-
-    current = {}
-    for record in quantizer._qparams:
-        tensor = now(record.module, record.name)
-        if tensor is None:
-            raise validation.UsageError(
-                f"{owner}: parameter {record.full_name!r} is no longer in its module")
-        current[id(record)] = tensor
-    for record in quantizer._qparams:
-        first = record.first
-        # to_empty() gives each module a new tensor of its own: a tie is undone silently,
-        # and the quantizer would derive one weight from two tensors.
-        if first is not None and current[id(record)] is not current[id(first)]:
-            raise validation.UsageError(
-                f"{owner}: {record.full_name!r} and {first.full_name!r} were one (tied) "
-                "parameter when the quantizer was created and are two tensors now "
-                "(model.to_empty() unties shared parameters): tie them again "
-                f"(model.{record.full_name} = model.{first.full_name}) before "
-                "reset_parameters()")
-    own_name = quantizer._own_attr
-    for record in quantizer._qparams:
-        record.param = current[id(record)]
-        if own_name is not None and record.first is None:
-            own = now(record.module, record.name + quantizer._param_suffix)
-            if own is None:
-                raise validation.UsageError(
-                    f"{owner}: the {quantizer._trained_name} of {record.full_name!r} are no "
-                    "longer in its module (detach() was called?)")
-            setattr(record, own_name, own)
-    _follow_floats(quantizer, by_fsdp)
-    still = [name for name, p in quantizer.model.named_parameters() if p.is_meta]
-    if still:
-        raise validation.UsageError(
-            f"{owner}: parameter {still[0]!r} is still on the meta device: materialise the "
-            "model (model.to_empty(device=...)) and initialise its weights before "
-            "reset_parameters()")
-    sharded = any(is_sharded(record.param) for record in quantizer._qparams)
-    if sharded:
-        quantizer._rnns = []  # FSDP2 does not shard cuDNN's flat RNN weights
-    return sharded
 
 
 def local(tensor: torch.Tensor) -> torch.Tensor:
@@ -230,21 +173,6 @@ def check_optimizer(quantizer: BaseQuantizer, optimizer: torch.optim.Optimizer) 
                     "no longer has (created before fully_shard?): create the optimizer after "
                     "sharding, then call setup_optimizer"
                 )
-
-
-def check_not_meta(quantizer: BaseQuantizer, optimizer: torch.optim.Optimizer) -> None:
-    """After ``to_empty``: the optimizer must not hold the meta tensors it replaced.
-
-    Raises:
-        UsageError: it does (created before ``to_empty``: it would step nothing).
-    """
-    for group in optimizer.param_groups:
-        for p in group["params"]:
-            if p.is_meta:
-                raise validation.UsageError(
-                    f"{type(quantizer).__name__}: the optimizer holds parameters on the meta "
-                    "device (created before model.to_empty()?): create the optimizer after "
-                    "to_empty() and reset_parameters(), then call setup_optimizer")
 
 
 def is_writer() -> bool:
