@@ -39,6 +39,9 @@ class Tied(nn.Module):
 
 QUANTIZERS = {
     "diffq": (diffq_triton.DiffQuantizer, dict(min_size=0, group_size=8)),
+    # Float parameters too, stored as float16 (eval rounds them at each use).
+    "diffq-float16": (diffq_triton.DiffQuantizer,
+                      dict(min_size=0, group_size=8, float16=True, exclude=["*.bias"])),
     "lsq": (diffq_triton.LSQ, dict(min_size=0, bits=3)),
     "uniform": (diffq_triton.UniformQuantizer, dict(min_size=0, bits=3, qat=True)),
 }
@@ -163,7 +166,7 @@ def _entry_points(model, q, kind) -> dict:
     if kind != "uniform":
         calls["setup_optimizer"] = lambda: q.setup_optimizer(torch.optim.SGD([nn.Parameter(
             torch.zeros(1))], lr=0.1))
-    if kind == "diffq":
+    if kind.startswith("diffq"):
         calls["SizeBudget"] = lambda: diffq_triton.SizeBudget(q, 0.001)
         calls["size_penalty"] = lambda: q.size_penalty(0.001)
     return calls
