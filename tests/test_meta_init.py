@@ -290,3 +290,39 @@ def test_a_compiled_forward_refuses_too():
         getattr(model, mode)()
         with pytest.raises(UsageError, match="reset_parameters"):
             compiled(torch.zeros(2, 3, dtype=torch.long))
+
+
+@pytest.mark.parametrize("kind", ["diffq", "lsq"])
+def test_a_full_load_state_dict_stands_in_for_reset(kind):
+    # Resuming: to_empty, then the quantized model's checkpoint (logits or steps included).
+    ref_model, ref = _reference(kind)
+    _step(ref_model, ref, _optimizer(ref_model, ref, kind, created_after=False))
+    model, q = _on_meta(kind)
+    model.to_empty(device="cpu")
+    model.tie()
+    model.load_state_dict(ref_model.state_dict())
+    assert torch.equal(q.model_size(), ref.model_size())
+    assert torch.equal(_eval(model), _eval(ref_model))
+    opt = _optimizer(model, q, kind, created_after=True)
+    assert [len(g["params"]) for g in opt.param_groups] == [3, 3]  # weights, own
+
+
+def test_a_partial_load_state_dict_does_not():
+    ref_model, _ = _reference("diffq")
+    model, q = _on_meta("diffq")
+    model.to_empty(device="cpu")
+    model.tie()
+    weights = {k: v for k, v in ref_model.state_dict().items() if not k.endswith("_diffq")}
+    model.load_state_dict(weights, strict=False)
+    with pytest.raises(UsageError, match="reset_parameters"):
+        q.model_size()
+    q.reset_parameters()
+    assert torch.equal(_eval(model), _eval(ref_model))
+
+
+def test_a_full_load_into_untied_weights_is_refused():
+    ref_model, _ = _reference("diffq")
+    model, q = _on_meta("diffq")
+    model.to_empty(device="cpu")
+    with pytest.raises(UsageError, match="tie them again"):
+        model.load_state_dict(ref_model.state_dict())

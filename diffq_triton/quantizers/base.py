@@ -138,6 +138,9 @@ class BaseQuantizer(WeightSwap, QuantizerState, Materialise):
         self._pre_handle = model.register_forward_pre_hook(self._forward_pre_hook)
         self._post_handle = model.register_forward_hook(self._forward_hook, always_call=True)
         self._done_handle = model.register_forward_hook(self._forward_done)
+        # A full load_state_dict after to_empty() stands in for reset_parameters().
+        self._load_handle = (model.register_load_state_dict_post_hook(self._loaded)
+                             if self._meta_pending else None)
 
     # ----------------------------------------------------------------- discovery
     def _find_params(self) -> None:
@@ -341,6 +344,8 @@ class BaseQuantizer(WeightSwap, QuantizerState, Materialise):
         self._pre_handle.remove()
         self._post_handle.remove()
         self._done_handle.remove()
+        if self._load_handle is not None:
+            self._load_handle.remove()
         self._swap_check.finish()
         if self._module_swaps is not None:
             self._module_swaps.remove()

@@ -9,7 +9,7 @@ meta weights therefore sets a flag that every entry point reading the records ch
 one place they are followed, ``_follow_sharding``) and refuses until
 :meth:`Materialise.reset_parameters` has pointed the records at the model's current
 parameters and initialised the quantizer's own as a creation on the materialised model
-would.
+would, or until a ``load_state_dict`` of every key of the model has written them.
 """
 
 from __future__ import annotations
@@ -56,9 +56,11 @@ class Materialise:
         (``fully_shard``'s sharded ones included) and sets the quantizer's own from the
         weights now there (DiffQ: every logit at ``init_bits``; LSQ: each step from its
         weight, gathered when sharded, so every rank must call it). Until it has run, a
-        quantizer created on meta weights refuses every call that reads its records. Also
-        usable on any model to start the quantizer's parameters afresh after
-        re-initialising the weights.
+        quantizer created on meta weights refuses every call that reads its records. A
+        ``model.load_state_dict`` after ``to_empty`` that leaves no key of the model
+        missing (resuming from a checkpoint of the quantized model) stands in for it: the
+        quantizer then follows the loaded values. Also usable on any model to start the
+        quantizer's parameters afresh after re-initialising the weights.
 
         Raises:
             UsageError: a parameter is still on the meta device (materialise it first); uses
@@ -70,18 +72,38 @@ class Materialise:
             raise validation.UsageError(
                 "reset_parameters() while the weights are quantized in place: call "
                 "unquantize() first")
+        self._follow_materialised()
+        with torch.no_grad():
+            for record in self._first_uses():
+                self._init_own(record)
+        self._params_changed()
+
+    def _follow_materialised(self) -> None:
+        """Point the records at the model's current parameters; the meta flag is cleared."""
         self._restore_params()
         # Whatever replaced the parameters (to_empty, fully_shard or both), where
         # _follow_sharding's rebind follows fully_shard only.
         self._sharded = follow_current(self)
         self._materialised = self._materialised or self._meta_pending
         self._meta_pending = False
+        if self._load_handle is not None:
+            self._load_handle.remove()
+            self._load_handle = None
         if self._sharded:
             self._use_module_swaps()
-        with torch.no_grad():
-            for record in self._first_uses():
-                self._init_own(record)
         self._params_changed()
+
+    def _loaded(self, model: nn.Module, incompatible: object) -> None:
+        """After ``model.load_state_dict`` (a post-hook, kept while the quantizer waits
+        for :meth:`reset_parameters`): a load that left no key of the model missing wrote
+        every weight and every quantizer parameter, so the quantizer follows the loaded
+        values as they are (a resumed run: ``to_empty``, then the checkpoint); a partial
+        load still leaves the quantizer's parameters to :meth:`reset_parameters`."""
+        if not self._meta_pending or incompatible.missing_keys:
+            return
+        if any(p.is_meta for p in self.model.parameters()):
+            return  # loaded into meta tensors (nothing materialised yet)
+        self._follow_materialised()
 
     def _init_own(self, record: QuantizedParam) -> None:
         """Set the quantizer's own tensor of a first use in place, as :meth:`_register_param`
@@ -97,7 +119,9 @@ class Materialise:
                     "quantizer.reset_parameters()")
         else:
             todo = ("after model.to_empty(device=...) and the weights' init, call "
-                    "quantizer.reset_parameters()")
+                    "quantizer.reset_parameters() (then load any checkpoint: it would "
+                    "overwrite it; a load_state_dict of every key of the model stands in "
+                    "for it)")
         raise validation.UsageError(
             f"{owner}: the model's weights were on the meta device when the quantizer was "
             f"created: it does not follow the materialised parameters{own}; {todo} before "
@@ -143,7 +167,7 @@ def follow_current(quantizer: BaseQuantizer) -> bool:
                 "parameter when the quantizer was created and are two tensors now "
                 "(model.to_empty() unties shared parameters): tie them again "
                 f"(model.{record.full_name} = model.{first.full_name}) before "
-                "reset_parameters()")
+                "reset_parameters() or loading a checkpoint")
     own_name = quantizer._own_attr
     for record in quantizer._qparams:
         record.param = current[id(record)]
