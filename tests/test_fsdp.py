@@ -310,6 +310,54 @@ def _scenarios(rank: int, out: Path) -> dict:
         _train(model, q, opt, rank, model)
         result["triton_fsdp"] = _full_state(model)
 
+    # --- Built on the meta device (torchtitan's flow): quantizer, fully_shard, to_empty,
+    # the weights' init (here: the seed-0 model's weights), reset_parameters; then the
+    # same step, bit for bit, as the model created with those weights. Or, resuming, a
+    # load_state_dict of the whole (sharded) state in place of the init and the reset.
+    from torch.distributed.tensor import distribute_tensor
+
+    meta = {}
+    for name in ("diffq", "lsq"):
+        for how in ("plain", "reset", "loaded")[: 3 if name == "diffq" else 2]:
+            torch.manual_seed(0)
+            with torch.device("cpu" if how == "plain" else "meta"):
+                model = Net()
+            q = (diffq_triton.DiffQuantizer(model, min_size=0, group_size=GROUP)
+                 if name == "diffq" else diffq_triton.LSQ(model, bits=3, min_size=0))
+            for block in model.blocks:
+                fully_shard(block, mesh=mesh)
+            fully_shard(model, mesh=mesh)
+            if how == "plain":
+                saved = {k: v.detach().clone() for k, v in model.state_dict().items()}
+            else:
+                model.to_empty(device="cpu")
+                try:  # refused on every rank, before any collective
+                    q.model_size()
+                except RuntimeError as exc:
+                    meta[(name, "refused")] = str(exc)
+            if how == "reset":
+                with torch.no_grad():
+                    for key, p in model.named_parameters():
+                        if key in initial and not key.endswith("_diffq"):
+                            p.copy_(distribute_tensor(initial[key], mesh, p.placements))
+                q.reset_parameters()
+            elif how == "loaded":
+                model.load_state_dict(saved)
+            meta[(name, how, "sharded")] = q._sharded
+            opt = torch.optim.Adam(model.parameters(), lr=1e-2)
+            q.setup_optimizer(opt)
+            before = _full_state(model)
+            torch.manual_seed(1234 + rank)
+            x, y = _batch(0, rank)
+            loss = nn.functional.cross_entropy(model(x).reshape(-1, VOCAB), y.reshape(-1))
+            if name == "diffq":
+                loss = loss + 1e-3 * q.model_size()
+            loss.backward()
+            grads = {k: full(p.grad).clone() for k, p in model.named_parameters()}
+            opt.step()
+            meta[(name, how)] = (before, grads, _full_state(model))
+    result["meta"] = meta
+
     # --- The wrong orders are refused with what to do.
     errors = {}
     model, _ = _build()
@@ -533,6 +581,25 @@ def test_checkpointed_blocks_keep_the_gradients(ranks):
                 for name in a:
                     torch.testing.assert_close(b[name], a[name], rtol=1e-6, atol=1e-7,
                                                msg=f"{kind}, step {step}: {name}")
+
+
+def test_a_model_built_on_meta_trains_as_one_built_with_its_weights(ranks):
+    # fully_shard before to_empty: reset_parameters follows the sharded parameters, DiffQ's
+    # logits are filled per shard, LSQ's steps computed from the gathered weights; a load
+    # of the whole sharded state stands in for the init and the reset.
+    results, _ = ranks
+    for result in results:
+        for name, how in (("diffq", "reset"), ("diffq", "loaded"), ("lsq", "reset")):
+            got_run, plain = result["meta"][(name, how)], result["meta"][(name, "plain")]
+            for what, got, expected in zip(("initial", "grads", "after"), got_run, plain,
+                                           strict=True):
+                assert got.keys() == expected.keys(), (name, how, what)
+                for key, value in expected.items():
+                    assert torch.equal(got[key], value), (name, how, what, key)
+            assert any(k.endswith(f"_{name}") for k in got_run[0])
+            assert result["meta"][(name, how, "sharded")]
+        for name in ("diffq", "lsq"):
+            assert "quantizer.reset_parameters()" in result["meta"][(name, "refused")]
 
 
 def test_triton_path_matches_ddp(ranks):

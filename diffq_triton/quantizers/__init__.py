@@ -4,6 +4,7 @@
 - :mod:`.saved_state`: exporting records, ``get_quantized_state`` / ``restore_quantized_state``.
 - :mod:`.swap_check`: a module computing with a replaced weight fails the first forward.
 - :mod:`.live`: one quantizer per model; optimizer steps refresh the quantizers' caches.
+- :mod:`.materialise`: ``reset_parameters`` after ``to_empty`` on a model built on ``meta``.
 - :mod:`.diffq`, :mod:`.uniform`, :mod:`.lsq`: the three quantizers of diffq 0.2.4.
 - :mod:`.budget`: :class:`SizeBudget`, the self-tuning size penalty of a DiffQuantizer.
 

@@ -23,6 +23,7 @@ from .. import validation
 from ..ops.reference import MEGABYTE_BITS
 from ..serialization.tensor_record import QuantizedTensor
 from . import live, sharding
+from .materialise import Materialise, check_not_meta
 from .module_swap import ModuleSwaps
 from .saved_state import QuantizerState
 from .swap import WeightSwap, _is_compiling
@@ -49,7 +50,7 @@ class QuantizedParam:
         return [self, *self.tied]
 
 
-class BaseQuantizer(WeightSwap, QuantizerState):
+class BaseQuantizer(WeightSwap, QuantizerState, Materialise):
     """Base of :class:`DiffQuantizer`, :class:`UniformQuantizer` and :class:`LSQ`.
 
     Args:
@@ -120,7 +121,15 @@ class BaseQuantizer(WeightSwap, QuantizerState):
         self._sharded = False
         self._root_grad = True
         self._seed: torch.Tensor | None = None
+        self._meta_pending = False
+        # Reset after a creation on the meta device: the optimizer comes after, as under
+        # fully_shard (it may hold the quantizer's parameters: setup_optimizer moves them).
+        self._materialised = False
         self._find_params()
+        # Built on the meta device (to be materialised by to_empty(), as torchtitan does):
+        # every entry point that reads the records refuses until reset_parameters()
+        # (materialise.py).
+        self._meta_pending = any(p.is_meta for p in self._recorded_params())
         module_names = {id(m): n for n, m in model.named_modules()}
         self._swap_check = SwapCheck(
             [(module_names.get(id(r.module), ""), r.module, r.name) for r in self._qparams],
@@ -129,6 +138,9 @@ class BaseQuantizer(WeightSwap, QuantizerState):
         self._pre_handle = model.register_forward_pre_hook(self._forward_pre_hook)
         self._post_handle = model.register_forward_hook(self._forward_hook, always_call=True)
         self._done_handle = model.register_forward_hook(self._forward_done)
+        # A full load_state_dict after to_empty() stands in for reset_parameters().
+        self._load_handle = (model.register_load_state_dict_post_hook(self._loaded)
+                             if self._meta_pending else None)
 
     # ----------------------------------------------------------------- discovery
     def _find_params(self) -> None:
@@ -196,8 +208,11 @@ class BaseQuantizer(WeightSwap, QuantizerState):
         self._follow_sharding(every=True)
         if self._sharded:
             sharding.check_optimizer(self, optimizer)
-            # Created after fully_shard from model.parameters(), the optimizer holds them
-            # already: they move to their own group.
+        elif self._materialised:
+            check_not_meta(self, optimizer)
+        if self._sharded or self._materialised:
+            # Created after fully_shard or to_empty from model.parameters(), the optimizer
+            # holds them already: they move to their own group.
             self.clear_optimizer(optimizer)
         params = self._trained_params()
         held = {id(p) for g in optimizer.param_groups for p in g["params"]}
@@ -329,6 +344,8 @@ class BaseQuantizer(WeightSwap, QuantizerState):
         self._pre_handle.remove()
         self._post_handle.remove()
         self._done_handle.remove()
+        if self._load_handle is not None:
+            self._load_handle.remove()
         self._swap_check.finish()
         if self._module_swaps is not None:
             self._module_swaps.remove()
@@ -338,10 +355,15 @@ class BaseQuantizer(WeightSwap, QuantizerState):
 
     def _unregister_params(self) -> None:
         """Remove the quantizer's own parameters (logits, steps) from the modules."""
-        for record in self._first_uses():
+        # Not yet reset after to_empty(): the modules hold the quantizer's parameters under
+        # their names, but not the tensors the records hold (detach() must still work).
+        pending = self._meta_pending
+        firsts = [r for r in self._qparams if r.first is None] if pending else self._first_uses()
+        for record in firsts:
             own = self._own_param(record)
             name = f"{record.name}{self._param_suffix}"
-            if own is not None and record.module._parameters.get(name) is own:
+            held = record.module._parameters.get(name)
+            if own is not None and held is not None and (held is own or pending):
                 delattr(record.module, name)
 
     # ----------------------------------------------------------------- sizes

@@ -90,13 +90,21 @@ class DiffQuantizer(BaseQuantizer):
         super().__init__(model, min_size, float16, exclude, detect_bound)
 
     # ----------------------------------------------------------------- logits
-    def _register_param(self, record: QuantizedParam) -> None:
+    def _initial_logit(self) -> float:
+        """Every logit's value at creation: the width ``init_bits``."""
         t = reference.initial_fraction(self.init_bits, self.min_bits, self.max_bits, self.param)
         # The logit of the float32 fraction, so the logits equal diffq 0.2.4's bit for bit.
-        logit = torch.logit(torch.tensor(float(t)))
+        return torch.logit(torch.tensor(float(t))).item()
+
+    def _register_param(self, record: QuantizedParam) -> None:
         n = reference.num_groups(record.param.numel(), self.group_size)
-        record.logit = nn.Parameter(torch.full((n,), logit.item(), device=record.param.device))
+        record.logit = nn.Parameter(torch.full((n,), self._initial_logit(),
+                                               device=record.param.device))
         record.module.register_parameter(record.name + self.suffix, record.logit)
+
+    def _init_own(self, record: QuantizedParam) -> None:
+        # The same float as torch.full above wrote; each rank fills its own shard.
+        sharding.local(record.logit).fill_(self._initial_logit())
 
     _trained_name = "bit logits"
     _trains_widths = True

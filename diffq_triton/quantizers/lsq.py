@@ -11,6 +11,7 @@ from .. import validation
 from ..ops import reference
 from ..serialization.restore import register_quantizer
 from ..serialization.tensor_record import QuantizedTensor
+from . import sharding
 from .base import MEGABYTE_BITS, BaseQuantizer, QuantizedParam
 
 
@@ -56,17 +57,28 @@ class LSQ(BaseQuantizer):
         self._step_hooks: dict[int, object] = {}
         super().__init__(model, min_size, float16, exclude, detect_bound)
 
+    def _initial_step(self, weight: torch.Tensor) -> torch.Tensor:
+        """A step's value at creation, from its whole weight: ``[1]`` float32."""
+        step = 2 * weight.detach().abs().mean() / (2 ** (self.bits - 1)) ** 0.5
+        return step.float().reshape(1)
+
     def _register_param(self, record: QuantizedParam) -> None:
-        w = record.param.detach()
-        step = 2 * w.abs().mean() / (2 ** (self.bits - 1)) ** 0.5
         # One entry, not diffq's 0-dim tensor: FSDP2's fully_shard refuses scalar
         # parameters. State dicts of diffq's shape still load (the pre-hook reshapes them).
-        record.step = nn.Parameter(step.float().reshape(1))
+        record.step = nn.Parameter(self._initial_step(record.param))
         name = record.name + self.suffix
         record.module.register_parameter(name, record.step)
         if id(record.module) not in self._step_hooks:
             self._step_hooks[id(record.module)] = \
                 record.module._register_load_state_dict_pre_hook(self._load_scalar_steps)
+
+    def _init_own(self, record: QuantizedParam) -> None:
+        # From the whole weight, gathered when sharded (a collective: every rank calls
+        # reset_parameters), so the step equals an unsharded model's bit for bit; the
+        # rank holding the step's one entry writes it (the others' shards are empty).
+        step = self._initial_step(sharding.full(record.param.detach()))
+        held = sharding.local(record.step)
+        held.copy_(step.to(held.device).expand_as(held))
 
     def _unregister_params(self) -> None:
         super()._unregister_params()

@@ -3,8 +3,9 @@
 The documented order is: the quantizer first (it registers its own parameters, which FSDP
 then shards with the rest), ``fully_shard`` on the blocks and the root, then the optimizer
 and ``setup_optimizer``. ``fully_shard`` replaces every parameter by a sharded ``DTensor``
-parameter; the quantizer then finds its records' parameters again (:func:`rebind`) and
-swaps module by module (:mod:`.module_swap`), between FSDP's all-gather and reshard.
+parameter; the quantizer then finds its records' parameters again (:func:`rebind`; after
+``to_empty`` on a model built on the meta device, :mod:`.materialise`) and swaps module by
+module (:mod:`.module_swap`), between FSDP's all-gather and reshard.
 Whatever needs whole tensors outside a forward (sizes, saving) gathers one tensor at a time
 (:func:`full`), so no rank ever holds the whole unsharded model.
 """
@@ -66,7 +67,7 @@ def needs_rebind(quantizer: BaseQuantizer, every: bool = False) -> bool:
     return False
 
 
-def _sharded_params(model: nn.Module) -> dict[tuple[int, str], torch.Tensor]:
+def sharded_params(model: nn.Module) -> dict[tuple[int, str], torch.Tensor]:
     """``(id(module), name) -> sharded parameter`` from the model's FSDP2 states: inside a
     forward a module holds FSDP's unsharded copy instead. Reads FSDP2's own records of its
     parameters (``FSDPParam``), kept by torch since 2.4."""
@@ -99,7 +100,7 @@ def rebind(quantizer: BaseQuantizer) -> bool:
     """
     owner = type(quantizer).__name__
     sharded = False
-    by_fsdp = _sharded_params(quantizer.model)
+    by_fsdp = sharded_params(quantizer.model)
     for record in quantizer._qparams:
         current = by_fsdp.get((id(record.module), record.name),
                               record.module._parameters.get(record.name))
@@ -110,7 +111,9 @@ def rebind(quantizer: BaseQuantizer) -> bool:
                 f"{owner}: parameter {record.full_name!r} was replaced since the quantizer "
                 "was created, by something other than FSDP2's fully_shard (FSDP1's flat "
                 "parameters, another wrapper): the quantizer cannot follow it. Use "
-                "fully_shard (FSDP2) or DistributedDataParallel, created after the quantizer"
+                "fully_shard (FSDP2) or DistributedDataParallel, created after the quantizer "
+                "(a model materialised by to_empty() after the quantizer was created: call "
+                "quantizer.reset_parameters() after the weights' init)"
             )
         sharded = True
         if record.first is None:
@@ -126,6 +129,13 @@ def rebind(quantizer: BaseQuantizer) -> bool:
             record.param = current
     if not sharded:
         return False
+    follow_floats(quantizer, by_fsdp)
+    quantizer._rnns = []  # FSDP2 does not shard cuDNN's flat RNN weights: nothing to refresh
+    return True
+
+
+def follow_floats(quantizer: BaseQuantizer, by_fsdp: dict) -> None:
+    """Point the float parameters' lists at the parameters the modules hold now."""
     modules = dict(quantizer.model.named_modules())
 
     def now(full_name: str, old: torch.Tensor) -> torch.Tensor:
@@ -139,8 +149,12 @@ def rebind(quantizer: BaseQuantizer) -> bool:
     quantizer._others = [(n, now(n, p)) for n, p in quantizer._others]
     quantizer._float16_uses = [(m, n, by_fsdp.get((id(m), n), m._parameters.get(n, p)))
                                for m, n, p in quantizer._float16_uses]
-    quantizer._rnns = []  # FSDP2 does not shard cuDNN's flat RNN weights: nothing to refresh
-    return True
+
+
+def local(tensor: torch.Tensor) -> torch.Tensor:
+    """This rank's part of a sharded parameter (writable in place under ``no_grad``);
+    other tensors as they are."""
+    return tensor.to_local() if is_sharded(tensor) else tensor
 
 
 def check_optimizer(quantizer: BaseQuantizer, optimizer: torch.optim.Optimizer) -> None:

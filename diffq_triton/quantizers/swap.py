@@ -71,6 +71,10 @@ class WeightSwap:
 
     def _follow_sharding(self, every: bool = False) -> None:
         """After fully_shard: follow the sharded parameters, swap module by module."""
+        # Created on the meta device and not yet reset_parameters(): nothing may read the
+        # records (the one flag every entry point passes through).
+        if self._meta_pending:
+            self._refuse_meta()
         # Skipped while the root's swap is in place (the modules hold derived weights then)
         # and when tracing (sharding happens outside compiled code).
         if self._sharded or self._swapped or _is_compiling():
