@@ -29,6 +29,7 @@ from __future__ import annotations
 import torch
 import triton
 import triton.language as tl
+from triton.testing import do_bench as _do_bench
 
 from .common import INTERPRET, cast_out, next_pow2
 from .packed_matmul import MAX_GEMV_ROWS, gemm, gemv, rows_of
@@ -182,15 +183,44 @@ def dequantize(pt, first_tile: int = 0, stop_tile: int | None = None,
     return out.view(-1)
 
 
+# GEMV or GEMM for 2 to MAX_GEMV_ROWS rows, by (device, shape, dtype, rows, group size,
+# field bits): timed once per key on a GPU, kept for the process.
+_LINEAR_CHOICE: dict[tuple, str] = {}
+
+
 def linear(x: torch.Tensor, pt, bias: torch.Tensor | None = None) -> torch.Tensor:
     """``y = x Wᵀ + bias`` on a packed ``[N, K]`` weight, the kernel picked by the number of
-    rows ``M`` of ``x`` (all of its leading dimensions): :func:`gemv` for ``M ≤``
-    :data:`MAX_GEMV_ROWS` (decode: one program per feature, each weight's bits read once),
-    :func:`gemm` above (tiles; the weight decoded once per ``BM`` rows).
+    rows ``M`` of ``x`` (all of its leading dimensions): :func:`gemv` for one row (decode:
+    one program per feature, each weight's bits read once), :func:`gemm` above
+    :data:`MAX_GEMV_ROWS` (tiles; the weight decoded once per ``BM`` rows). In between, on
+    a GPU, the first call of each (shape, dtype, rows, layout) times both kernels on its
+    own inputs (``triton.testing.do_bench``, a few ms once) and keeps the faster; elsewhere,
+    and while a CUDA graph is captured (timing would sync), the GEMV.
 
     Args and returns as :func:`gemv` / :func:`gemm` (same tolerance against ``F.linear``).
     """
-    return gemv(x, pt, bias) if rows_of(x) <= MAX_GEMV_ROWS else gemm(x, pt, bias)
+    rows = rows_of(x)
+    if rows > MAX_GEMV_ROWS:
+        return gemm(x, pt, bias)
+    if rows <= 1 or not _may_time(x):
+        return gemv(x, pt, bias)
+    key = (x.device, tuple(pt.shape), x.dtype, rows, pt.group_size, pt.field_bits)
+    kernel = _LINEAR_CHOICE.get(key)
+    if kernel is None:
+        kernel = _LINEAR_CHOICE[key] = _faster(x, pt, bias)
+    return gemv(x, pt, bias) if kernel == "gemv" else gemm(x, pt, bias)
+
+
+def _may_time(x: torch.Tensor) -> bool:
+    return x.is_cuda and not torch.cuda.is_current_stream_capturing()
+
+
+def _faster(x: torch.Tensor, pt, bias: torch.Tensor | None) -> str:
+    """``"gemv"`` or ``"gemm"``, whichever runs this call faster (median of a few runs)."""
+    times = {name: _do_bench(lambda f=f: f(x, pt, bias), warmup=3, rep=15,
+                             return_mode="median")
+             for name, f in (("gemv", gemv), ("gemm", gemm))}
+    return min(times, key=times.get)
 
 
 # ----------------------------------------------------------------------------- Embedding

@@ -246,6 +246,36 @@ def test_linear_picks_gemv_or_gemm_by_rows(rows, kernel, monkeypatch):
     assert bool(((y[0].double() - y_ref).abs() <= bound).all())
 
 
+def test_linear_times_gemv_against_gemm_once_per_shape_on_a_gpu(monkeypatch):
+    # Between 2 and 16 rows on a GPU the dispatcher times both kernels once per key and
+    # keeps the faster: here the timer says the GEMM is faster for 4 rows.
+    calls = _counting(monkeypatch, "gemv", "gemm")
+    monkeypatch.setattr(packed_k, "_may_time", lambda x: True)
+    monkeypatch.setattr(packed_k, "_LINEAR_CHOICE", {})
+    timed = []
+
+    def bench(fn, **kwargs):
+        fn()
+        timed.append(calls[-1])
+        return {"gemv": 2.0, "gemm": 1.0}[calls[-1]]
+
+    monkeypatch.setattr(packed_k, "_do_bench", bench)
+    pt = packed_weight((7, 9), 4)
+    x = torch.randn(4, 9, generator=torch.Generator().manual_seed(10)).to(DEVICE)
+    for _ in range(2):
+        calls.clear()
+        y = packed_k.linear(x, pt)
+    assert timed == ["gemv", "gemm"]  # timed once, on the first call
+    assert calls == ["gemm"]
+    assert list(packed_k._LINEAR_CHOICE.values()) == ["gemm"]
+    calls.clear()
+    packed_k.linear(x[:1], pt)  # one row: the GEMV, untimed
+    assert calls == ["gemv"] and len(timed) == 2
+    y_ref = F.linear(x.double(), packed_ref.dequantize_packed(pt).double())
+    bound = _gemv_bound(x, packed_ref.dequantize_packed(pt), y_ref, torch.float32)
+    assert bool(((y.double() - y_ref).abs() <= bound).all())
+
+
 @pytest.mark.parametrize("rows", [3, 20], ids=["gemv", "gemm"])
 def test_linear_reads_a_strided_bias(rows):
     pt = packed_weight((7, 9), 4)
