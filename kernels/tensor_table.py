@@ -137,9 +137,22 @@ class TensorTable:
         self.fwd_map = _device_ints(fwd_map, device)
         self.bwd_map = _device_ints(bwd_map, device)
         self.max_partials = next_pow2(max(row[P_NUM] for row in rows))
+        self._group_bytes: dict[int, torch.Tensor] = {}  # group_pointers' offsets by item size
 
     def __len__(self) -> int:
         return len(self.numels)
+
+    def group_pointers(self, flat: torch.Tensor) -> torch.Tensor:
+        """int64 ``[T]``: where each tensor's groups start in ``flat``, a contiguous
+        ``[total_groups]`` buffer in the table's group order (the ``L_OFF`` column). One op
+        on the table's device: no host table to build and copy, as
+        :func:`pointer_table` would for the pieces."""
+        size = flat.element_size()
+        offsets = self._group_bytes.get(size)
+        if offsets is None:
+            offsets = self._group_bytes[size] = self.rows[:, L_OFF] * size
+        return offsets + flat.data_ptr()
+
 
 
 def _device_ints(values: list, device: torch.device) -> torch.Tensor:

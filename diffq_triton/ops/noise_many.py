@@ -101,6 +101,23 @@ class NoiseMany(torch.autograd.Function):
                                                        logits[0].dtype, min_bits, max_bits,
                                                        param)
         grads = grads[:count]
+        if all(g is not None for g in grads):  # every weight reached: the usual step
+            some_grads = [g.contiguous() for g in grads]
+            dws = [torch.empty_like(g) for g in some_grads]
+            # Every logit's gradient in one flat buffer, in the table's group order: the
+            # size term's own when there is one (the kernels add the noise term in place,
+            # each entry read then written by the same program), else a fresh one. Its
+            # pieces are the gradients: one call instead of one allocation per tensor
+            # (host time per step; unsafe_split: no view bookkeeping, the pieces are only
+            # handed to autograd).
+            flat = extra if extra is not None else torch.empty(
+                table.total_groups, dtype=logits[0].dtype, device=logits[0].device)
+            dls = flat.unsafe_split_with_sizes(table.n_groups)
+            if set(map(torch.Tensor.dim, logits)) != {1}:  # logits of another shape
+                dls = [piece.view(lg.shape) for piece, lg in zip(dls, logits, strict=True)]
+            kernels.noise_backward_many(table, some_grads, dws, flat, logits[0].dtype, seed,
+                                        stats, min_bits, max_bits, param, noise, extra=extra)
+            return (None, None, None, *dws, *dls)
         present = [t for t, g in enumerate(grads) if g is not None]
         grad_w: list[torch.Tensor | None] = [None] * count
         grad_l: list[torch.Tensor | None] = [None] * count
@@ -108,21 +125,19 @@ class NoiseMany(torch.autograd.Function):
             sizes = list(extra.split([lg.numel() for lg in logits]))
             grad_l = [part.view(lg.shape) for part, lg in zip(sizes, logits, strict=True)]
         if present:
-            every = len(present) == count
-            table = table if every else kernels.table_for(
+            # A subset (some weight got no gradient): a table of its own, whose group
+            # order differs from the size term's, added here.
+            table = kernels.table_for(
                 [weights[t] for t in present], [logits[t] for t in present], group_size,
                 kernels.BLOCKS, present if streams is None else [streams[t] for t in present])
             some_grads = [grads[t].contiguous() for t in present]
             dws = [torch.empty_like(g) for g in some_grads]
             dls = [torch.empty_like(logits[t]) for t in present]
             kernels.noise_backward_many(table, some_grads, dws, dls, logits[0].dtype, seed,
-                                        stats if every else stats[present], min_bits,
-                                        max_bits, param, noise,
-                                        extra=extra if every else None)
+                                        stats[present], min_bits, max_bits, param, noise)
             for t, dw, dl in zip(present, dws, dls, strict=True):
                 grad_w[t] = dw
-                # The subset's table has its own group order: its size term is added here.
-                grad_l[t] = dl if every or extra is None else dl + grad_l[t]
+                grad_l[t] = dl if extra is None else dl + grad_l[t]
         return (None,  # config: Python values
                 None,  # size_config: Python values
                 None,  # seed: integer
