@@ -19,6 +19,8 @@ from __future__ import annotations
 
 from collections import OrderedDict
 from dataclasses import dataclass
+from functools import reduce
+from operator import or_
 
 import torch
 import triton
@@ -39,6 +41,7 @@ _LOCAL_BITS = 32
 ALIGNMENT = 16
 # Tables kept per process (a model's training and eval layouts, a few models).
 _CACHE_SIZE = 16
+_DATA_PTR, _NUMEL = torch.Tensor.data_ptr, torch.Tensor.numel
 
 
 @triton.jit
@@ -154,7 +157,6 @@ class TensorTable:
         return offsets + flat.data_ptr()
 
 
-
 def _device_ints(values: list, device: torch.device) -> torch.Tensor:
     host = torch.tensor(values, dtype=torch.int64).reshape(-1)
     return host.to(device) if device.type != "cpu" else host
@@ -166,18 +168,33 @@ def pointer_table(tensors: list[torch.Tensor], device: torch.device
     whether every one is 16-byte aligned (the kernels then move 128 bits at a time).
 
     On CUDA the host copy is pinned, so the copy to the device is asynchronous (a pageable
-    source would make the host wait for the stream).
+    source would make the host wait for the stream). A table is kept by its pointers: the
+    caching allocator hands a step's outputs and gradients the same addresses step after
+    step, which then cost no copy. The kernels only read it; on CUDA it is kept per stream
+    (a kernel on another stream must not read it before its copy is done).
     """
-    pointers = [t.data_ptr() for t in tensors]
-    aligned = all(p % ALIGNMENT == 0 for p in pointers)
+    # Built with C-level loops (map, reduce): a step builds a few such tables.
+    pointers = tuple(map(_DATA_PTR, tensors))
+    stream = torch.cuda.current_stream(device).cuda_stream if device.type == "cuda" else None
+    key = (device, stream, pointers)
+    found = _POINTERS.get(key)
+    if found is not None:
+        _POINTERS.move_to_end(key)
+        return found
+    aligned = reduce(or_, pointers, 0) % ALIGNMENT == 0  # no pointer has a low bit set
     host = torch.tensor(pointers, dtype=torch.int64)
-    if device.type == "cpu":
-        return host, aligned
     if device.type == "cuda":
         host = host.pin_memory()
-    return host.to(device, non_blocking=True), aligned
+    found = (host if device.type == "cpu" else host.to(device, non_blocking=True), aligned)
+    _POINTERS[key] = found
+    if len(_POINTERS) > _POINTER_CACHE_SIZE:
+        _POINTERS.popitem(last=False)
+    return found
 
 
+# Pointer tables kept per process: a step's few (outputs, gradients), a few steps apart.
+_POINTER_CACHE_SIZE = 32
+_POINTERS: OrderedDict[tuple, tuple[torch.Tensor, bool]] = OrderedDict()
 _TABLES: OrderedDict[tuple, TensorTable] = OrderedDict()
 
 
@@ -186,8 +203,8 @@ def table_for(weights: list[torch.Tensor], logits: list[torch.Tensor] | None,
               ) -> TensorTable:
     """The cached :class:`TensorTable` of these tensors, rebuilt when a pointer, a length,
     the dtype or the layout changes (an optimizer's in-place step changes none)."""
-    key = (tuple((w.data_ptr(), w.numel()) for w in weights),
-           None if logits is None else tuple(lg.data_ptr() for lg in logits),
+    key = (tuple(map(_DATA_PTR, weights)), tuple(map(_NUMEL, weights)),
+           None if logits is None else tuple(map(_DATA_PTR, logits)),
            weights[0].dtype, weights[0].device, group_size, blocks,
            None if stream_ids is None else tuple(stream_ids))
     table = _TABLES.get(key)
