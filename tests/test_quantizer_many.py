@@ -303,3 +303,37 @@ def test_backward_after_the_logits_moved():
     got = [lg.grad for lg in logits] + [w.grad for w in weights]
     for a, b in zip(got, want, strict=True):
         assert torch.equal(a, b)
+
+
+def test_a_step_after_the_parameters_moved_reads_them_where_they_are():
+    # Tables are kept by the tensors' addresses: once the weights and logits move (a .to()
+    # round trip, load_state_dict into new storage), a step must not read the old storage
+    # (kept alive here, poisoned). The same seed then gives the same numbers.
+    torch.manual_seed(0)
+    model = mlp().to(DEVICE)
+    q = diffq_triton.DiffQuantizer(model, min_size=0, group_size=8)
+    q.no_optimizer()
+    x = torch.randn(4, 32, device=DEVICE)
+
+    def step():
+        model.zero_grad(set_to_none=True)
+        torch.manual_seed(1)
+        out = model(x)
+        size = q.model_size()
+        (out.pow(2).mean() + 1e-2 * size).backward()
+        return [out.detach(), size.detach()] + _grads(q)
+
+    with use_backend("triton"):
+        before = step()
+        model(x)  # a forward: its size serves model_size()...
+        assert q._size_of_this_step() is not None
+        old = [p.data for p in model.parameters()]
+        for p in model.parameters():
+            p.data = p.data.clone()
+        for data in old:
+            data.fill_(float("nan"))
+        assert q._size_of_this_step() is None  # ...until the logits move
+        after = step()
+    assert len(after) == len(before) == 2 + 2 * len(list(q._first_uses()))
+    for a, b in zip(before, after, strict=True):
+        assert torch.equal(a, b)

@@ -17,6 +17,8 @@ semantics are those of :mod:`.reference` either way.
 
 from __future__ import annotations
 
+from operator import attrgetter
+
 import torch
 
 from . import custom_ops, dispatch
@@ -95,6 +97,18 @@ def _launch_groups(weights: list[torch.Tensor], logits: list[torch.Tensor] | Non
         logit_dtype = None if logits is None else logits[t].dtype
         groups.setdefault((w.device, w.dtype, w.numel() > 0, logit_dtype), []).append(t)
     return groups
+
+
+_DEVICE, _DTYPE = attrgetter("device"), attrgetter("dtype")
+
+
+def _one_launch(weights: list[torch.Tensor], logits: list[torch.Tensor]) -> bool:
+    """Whether :func:`_launch_groups` would make one group of these (non-empty) weights:
+    one device, one dtype, no empty weight, one dtype of logits. C-level loops (map, set):
+    a whole model's call checks this every step."""
+    return (len(set(map(_DEVICE, weights))) == 1 and len(set(map(_DTYPE, weights))) == 1
+            and all(map(torch.Tensor.numel, weights))
+            and len(set(map(_DTYPE, logits))) == 1)
 
 
 def pseudo_quantize_many(
@@ -246,9 +260,8 @@ def pseudo_quantize_many_with_size(
         reaches the logits through the noise's backward (one gradient per logit per step),
         ``token.used`` once that backward ran; ``(noisy weights, None, None)`` otherwise.
     """
-    if (weights and not torch.compiler.is_compiling()
-            and len(_launch_groups(weights, logits)) == 1 and logits[0].dtype == torch.float32
-            and weights[0].numel() > 0 and _backend(weights[0]) == "triton"):
+    if (weights and not torch.compiler.is_compiling() and _one_launch(weights, logits)
+            and logits[0].dtype == torch.float32 and _backend(weights[0]) == "triton"):
         config = (int(group_size), float(min_bits), float(max_bits), param, noise)
         token = SizeToken()
         if seed is None:

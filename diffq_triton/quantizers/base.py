@@ -15,6 +15,7 @@ from collections.abc import Iterator, Sequence
 from contextlib import contextmanager
 from dataclasses import dataclass, field
 from fnmatch import fnmatch
+from operator import itemgetter
 
 import torch
 from torch import nn
@@ -121,6 +122,9 @@ class BaseQuantizer(WeightSwap, QuantizerState):
         self._root_grad = True
         self._seed: torch.Tensor | None = None
         self._find_params()
+        # The records that own a parameter's state, in order (the list never changes; a
+        # record's tensors may be replaced, by rebind, but not the record).
+        self._firsts = [qp for qp in self._qparams if qp.first is None]
         module_names = {id(m): n for n, m in model.named_modules()}
         self._swap_check = SwapCheck(
             [(module_names.get(id(r.module), ""), r.module, r.name) for r in self._qparams],
@@ -171,7 +175,7 @@ class BaseQuantizer(WeightSwap, QuantizerState):
         # Sizes, saving or an optimizer asked for after fully_shard, before any forward:
         # the records follow the sharded parameters first.
         self._follow_sharding()
-        return (qp for qp in self._qparams if qp.first is None)
+        return iter(self._firsts)
 
     def __repr__(self) -> str:
         args = ", ".join(f"{k}={v!r}" for k, v in self._kwargs.items())
@@ -346,8 +350,10 @@ class BaseQuantizer(WeightSwap, QuantizerState):
 
     # ----------------------------------------------------------------- sizes
     def _float_size_bits(self) -> float:
-        bits = sum(16 * p.numel() for _, p in self._float16)
-        return bits + sum(32 * p.numel() for _, p in self._others)
+        # C-level loops: model_size() counts these every step.
+        entries = [sum(map(torch.Tensor.numel, map(itemgetter(1), params)))
+                   for params in (self._float16, self._others)]
+        return 16 * entries[0] + 32 * entries[1]
 
     def model_size(self) -> torch.Tensor:
         """Size of the quantized model in MB (2^23 bits), as a 0-dim float32 tensor."""
