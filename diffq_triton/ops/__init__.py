@@ -22,7 +22,7 @@ from operator import attrgetter
 import torch
 
 from . import custom_ops, dispatch
-from .noise_many import NoiseMany, SizeToken
+from .noise_many import NoiseMany, SizeToken, apply_noise_many
 from .size_many import SizeMany
 
 # Largest seed drawn; Philox and torch.Generator both take it.
@@ -253,7 +253,9 @@ def pseudo_quantize_many_with_size(
     same call when the kernels can give it (Triton backend, eager mode, one dtype of weights
     and float32 logits).
 
-    ``seed`` and ``streams`` are those of :func:`pseudo_quantize_many`.
+    ``seed`` and ``streams`` are those of :func:`pseudo_quantize_many`. The weights and
+    logits are a model's parameters (the quantizer's step): the autograd node is made
+    without torch's pass for functorch's dead wrappers (:func:`.noise_many.apply_noise_many`).
 
     Returns:
         ``(noisy weights, size, token)``: ``size`` a one-entry float32 tensor whose gradient
@@ -268,8 +270,8 @@ def pseudo_quantize_many_with_size(
             seed = torch.randint(0, _SEED_HIGH, (1,), dtype=torch.int64,
                                  device=weights[0].device)
         config = (*config, None if streams is None else [int(i) for i in streams])
-        *noisy, size = NoiseMany.apply(config, (float(extra_bits), token), seed, *weights,
-                                       *logits)
+        *noisy, size = apply_noise_many(config, (float(extra_bits), token), seed, *weights,
+                                        *logits)
         return noisy, size, token
     noisy = pseudo_quantize_many(weights, logits, group_size=group_size, min_bits=min_bits,
                                  max_bits=max_bits, param=param, noise=noise, seed=seed,
