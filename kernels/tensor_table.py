@@ -17,6 +17,7 @@ Pointers that change every call (outputs, incoming gradients) are passed in sepa
 
 from __future__ import annotations
 
+from array import array
 from collections import OrderedDict
 from dataclasses import dataclass
 from functools import reduce
@@ -182,7 +183,9 @@ def pointer_table(tensors: list[torch.Tensor], device: torch.device
         _POINTERS.move_to_end(key)
         return found
     aligned = reduce(or_, pointers, 0) % ALIGNMENT == 0  # no pointer has a low bit set
-    host = torch.tensor(pointers, dtype=torch.int64)
+    # Through an int64 array: torch.tensor reads a sequence of ints ~4× slower.
+    host = (torch.frombuffer(array("q", pointers), dtype=torch.int64) if pointers
+            else torch.zeros(0, dtype=torch.int64))
     if device.type == "cuda":
         host = host.pin_memory()
     found = (host if device.type == "cpu" else host.to(device, non_blocking=True), aligned)
