@@ -169,35 +169,21 @@ def pointer_table(tensors: list[torch.Tensor], device: torch.device
     whether every one is 16-byte aligned (the kernels then move 128 bits at a time).
 
     On CUDA the host copy is pinned, so the copy to the device is asynchronous (a pageable
-    source would make the host wait for the stream). A table is kept by its pointers: the
-    caching allocator hands a step's outputs and gradients the same addresses step after
-    step, which then cost no copy. The kernels only read it; on CUDA it is kept per stream
-    (a kernel on another stream must not read it before its copy is done).
+    source would make the host wait for the stream).
     """
-    # Built with C-level loops (map, reduce): a step builds a few such tables.
-    pointers = tuple(map(_DATA_PTR, tensors))
-    stream = torch.cuda.current_stream(device).cuda_stream if device.type == "cuda" else None
-    key = (device, stream, pointers)
-    found = _POINTERS.get(key)
-    if found is not None:
-        _POINTERS.move_to_end(key)
-        return found
+    # C-level loops (map, reduce) and an int64 array (torch.tensor reads a sequence of
+    # Python ints ~4× slower): a step builds up to three such tables.
+    pointers = array("q", map(_DATA_PTR, tensors))
     aligned = reduce(or_, pointers, 0) % ALIGNMENT == 0  # no pointer has a low bit set
-    # Through an int64 array: torch.tensor reads a sequence of ints ~4× slower.
-    host = (torch.frombuffer(array("q", pointers), dtype=torch.int64) if pointers
+    host = (torch.frombuffer(pointers, dtype=torch.int64) if pointers
             else torch.zeros(0, dtype=torch.int64))
+    if device.type == "cpu":
+        return host, aligned
     if device.type == "cuda":
         host = host.pin_memory()
-    found = (host if device.type == "cpu" else host.to(device, non_blocking=True), aligned)
-    _POINTERS[key] = found
-    if len(_POINTERS) > _POINTER_CACHE_SIZE:
-        _POINTERS.popitem(last=False)
-    return found
+    return host.to(device, non_blocking=True), aligned
 
 
-# Pointer tables kept per process: a step's few (outputs, gradients), a few steps apart.
-_POINTER_CACHE_SIZE = 32
-_POINTERS: OrderedDict[tuple, tuple[torch.Tensor, bool]] = OrderedDict()
 _TABLES: OrderedDict[tuple, TensorTable] = OrderedDict()
 
 

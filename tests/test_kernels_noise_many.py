@@ -240,20 +240,17 @@ def test_logit_gradients_into_one_flat_buffer(group_size):
             assert torch.equal(a, b)
 
 
-def test_pointer_tables_follow_the_tensors():
-    # Kept by their pointers: a list of other tensors (moved weights, fresh outputs) gets
-    # its own table, never a kept one of other addresses.
+def test_pointer_table_holds_the_pointers_and_their_alignment():
     from diffq_triton.kernels.tensor_table import pointer_table
 
-    first = [torch.empty(n, device=DEVICE) for n in (3, 40, 7)]
-    table, _ = pointer_table(first, DEVICE)
-    assert table.tolist() == [t.data_ptr() for t in first]
-    assert pointer_table(first, DEVICE)[0] is table  # the same addresses: kept
-    moved = [first[0], first[1].clone(), first[2]]
-    again, _ = pointer_table(moved, DEVICE)
-    assert again.tolist() == [t.data_ptr() for t in moved] != table.tolist()
-    unaligned = [torch.empty(9, device=DEVICE)[1:]]
-    assert pointer_table(unaligned, DEVICE)[1] is False
+    tensors = [torch.empty(n, device=DEVICE) for n in (3, 40, 7)]
+    table, aligned = pointer_table(tensors, DEVICE)
+    assert table.dtype == torch.int64 and table.tolist() == [t.data_ptr() for t in tensors]
+    assert aligned is all(t.data_ptr() % 16 == 0 for t in tensors)
+    unaligned = [tensors[1], torch.empty(9, device=DEVICE)[1:]]
+    table, aligned = pointer_table(unaligned, DEVICE)
+    assert table.tolist() == [t.data_ptr() for t in unaligned] and aligned is False
+    assert pointer_table([], DEVICE)[0].numel() == 0
 
 
 def test_group_pointers_are_those_of_the_pieces():
