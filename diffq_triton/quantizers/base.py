@@ -350,10 +350,20 @@ class BaseQuantizer(WeightSwap, QuantizerState):
 
     # ----------------------------------------------------------------- sizes
     def _float_size_bits(self) -> float:
-        # C-level loops: model_size() counts these every step.
-        entries = [sum(map(torch.Tensor.numel, map(itemgetter(1), params)))
-                   for params in (self._float16, self._others)]
-        return 16 * entries[0] + 32 * entries[1]
+        """Bits of the parameters kept in float: 16 or 32 per entry.
+
+        Counted once per set of lists (made at construction, made anew by rebind after
+        fully_shard; moving the parameters keeps their sizes): model_size() adds this every
+        step, and reading ~100 parameters that the step does not touch otherwise costs
+        more there than the multi-tensor call's own checks."""
+        lists = (self._float16, self._others)
+        cached = getattr(self, "_float_bits", None)
+        if cached is None or cached[0][0] is not lists[0] or cached[0][1] is not lists[1]:
+            entries = [sum(map(torch.Tensor.numel, map(itemgetter(1), params)))
+                       for params in lists]
+            # The lists are held: a list made later cannot take the address of one counted.
+            cached = self._float_bits = (lists, 16 * entries[0] + 32 * entries[1])
+        return cached[1]
 
     def model_size(self) -> torch.Tensor:
         """Size of the quantized model in MB (2^23 bits), as a 0-dim float32 tensor."""
