@@ -337,3 +337,27 @@ def test_a_step_after_the_parameters_moved_reads_them_where_they_are():
     assert len(after) == len(before) == 2 + 2 * len(list(q._first_uses()))
     for a, b in zip(before, after, strict=True):
         assert torch.equal(a, b)
+
+
+@pytest.mark.parametrize("float16", [False, True], ids=["float32", "float16"])
+def test_size_from_the_noise_call_is_the_figure_of_the_size_kernels_bit_for_bit(float16):
+    # The noise call's kernel gives the size in MB, float parameters included, and takes
+    # ∂L/∂MB: the same bits as bits / 2^23 + floats and its backward in torch.
+    torch.manual_seed(0)
+    model = mlp().to(DEVICE)
+    q = diffq_triton.DiffQuantizer(model, min_size=0.001, float16=float16, group_size=8,
+                                   extra_bits=-0.4)  # the biases stay float: 10 + 64 entries
+    q.no_optimizer()
+    grads = []
+    with use_backend("triton"):
+        apart = q.model_size()  # no forward yet: the size kernels' own call
+        model(torch.randn(4, 32, device=DEVICE))
+        fused = q.model_size()
+        assert q._size_of_this_step() is not None  # from the forward's noise call
+        for size in (apart, fused):
+            (7.5 * size).backward()
+            grads.append([r.logit.grad.clone() for r in q._first_uses()])
+            model.zero_grad(set_to_none=True)
+    assert fused.shape == apart.shape == () and torch.equal(fused, apart)
+    for a, b in zip(*grads, strict=True):
+        assert torch.equal(a, b)

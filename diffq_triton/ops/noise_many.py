@@ -36,11 +36,12 @@ def _kernels_size():
 class NoiseMany(torch.autograd.Function):
     """Autograd of the Triton multi-tensor noise (eager mode: no custom-op dispatch).
 
-    Outputs the noisy weights and, when ``size_config = (extra_bits, token)`` is given, the
-    model size in bits of the same tensors (one-entry float32, 2 more launches): its
-    gradient is then added to the logits' gradients inside the noise backward, so each
-    logit receives one gradient per step instead of one from the noise and one from the
-    size (a tensor addition each on the host).
+    Outputs the noisy weights and, when ``size_config = (extra_bits, token, mb_plus)`` is
+    given, the model size of the same tensors (2 more launches): in bits (one-entry
+    float32), or with ``mb_plus`` not None in MB plus ``mb_plus`` (0-dim, the figure of
+    ``bits / 2^23 + mb_plus``). Its gradient is then added to the logits' gradients inside
+    the noise backward, so each logit receives one gradient per step instead of one from
+    the noise and one from the size (a tensor addition each on the host).
     """
 
     @staticmethod
@@ -73,7 +74,8 @@ class NoiseMany(torch.autograd.Function):
         if size_config is None:
             return tuple(outputs)
         size = _kernels_size().sizes_forward(ctx.table, logits[0].dtype, size_config[0],
-                                             min_bits, max_bits, param, exact=False)
+                                             min_bits, max_bits, param, exact=False,
+                                             mb_plus=size_config[2])
         return (*outputs, size)
 
     @staticmethod
@@ -99,7 +101,8 @@ class NoiseMany(torch.autograd.Function):
             if grads[count] is not None:  # ∂L/∂l of the size term, every group of every tensor
                 extra = _kernels_size().sizes_backward(table, grads[count].contiguous(),
                                                        logits[0].dtype, min_bits, max_bits,
-                                                       param)
+                                                       param,
+                                                       in_mb=ctx.size_config[2] is not None)
         grads = grads[:count]
         if all(g is not None for g in grads):  # every weight reached: the usual step
             some_grads = [g.contiguous() for g in grads]

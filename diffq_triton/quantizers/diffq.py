@@ -188,7 +188,8 @@ class DiffQuantizer(BaseQuantizer):
         # The same call gives the model size, whose gradient then joins the logits' in the
         # noise's backward: model_size() returns it while the logits are unchanged.
         noisy, size, token = ops.pseudo_quantize_many_with_size(
-            weights, logits, extra_bits=self.extra_bits, **kwargs)
+            weights, logits, extra_bits=self.extra_bits,
+            mb_plus=self._float_size_bits() / MEGABYTE_BITS, **kwargs)
         # A forward without gradients (torch.no_grad) leaves nothing to reuse: a size taken
         # from it would not train the logits.
         usable = size is not None and size.requires_grad
@@ -201,7 +202,8 @@ class DiffQuantizer(BaseQuantizer):
 
     def _size_of_this_step(self, logits: list[torch.Tensor] | None = None
                            ) -> torch.Tensor | None:
-        """The size the last training forward computed, if it still holds: no optimizer step
+        """The size the last training forward computed (in MB, the float parameters
+        included: what :meth:`model_size` returns), if it still holds: no optimizer step
         and no in-place change of the logits (``logits``: every first use's, when the
         caller has them) since, and its graph not yet used by a backward."""
         cached = getattr(self, "_step_size", None)
@@ -249,12 +251,17 @@ class DiffQuantizer(BaseQuantizer):
         # All tensors at once: a fixed number of small ops whatever their number (host time
         # per step), on the logits' device (a Python float joins without a copy).
         logits = [r.logit for r in records]
-        total = None if exact else self._size_of_this_step(logits)
+        step = None if exact else self._size_of_this_step(logits)
+        if step is not None:
+            # A copy: the caller may scale its size in place (penalty *= λ), and a second
+            # call in the same step must not see that.
+            return step.clone()
+        total = None
         if self._sharded:
             # Whole logits, gathered one tensor at a time (differentiable: each rank's shard
             # gets its part of the gradient); the same figure on every rank.
             logits = [sharding.full(lg) for lg in logits]
-        elif total is None and type(self).get_bits is DiffQuantizer.get_bits:
+        elif type(self).get_bits is DiffQuantizer.get_bits:
             # The kernels know these widths.
             total = ops.diffq_size_bits(
                 [r.param for r in records], logits,
