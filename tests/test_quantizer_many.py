@@ -361,3 +361,29 @@ def test_size_from_the_noise_call_is_the_figure_of_the_size_kernels_bit_for_bit(
     assert fused.shape == apart.shape == () and torch.equal(fused, apart)
     for a, b in zip(*grads, strict=True):
         assert torch.equal(a, b)
+
+
+def test_sizes_handed_out_in_one_step_stay_apart():
+    # The step's first model_size() is the forward's tensor, later ones copies: a caller
+    # scaling its size in place (penalty *= λ) changes no other, and a size asked for after
+    # such a write is computed afresh.
+    torch.manual_seed(0)
+    model = mlp().to(DEVICE)
+    q = diffq_triton.DiffQuantizer(model, min_size=0, group_size=8)
+    q.no_optimizer()
+    with use_backend("triton"):
+        true = q.model_size()  # apart, before the forward
+        (6 * true).backward()
+        want = [r.logit.grad.clone() for r in q._first_uses()]
+        model.zero_grad(set_to_none=True)
+        model(torch.randn(4, 32, device=DEVICE))
+        first, second = q.model_size(), q.model_size()
+        first *= 2
+        assert torch.equal(second, true)
+        third = q.model_size()
+        assert torch.equal(third, true) and torch.equal(first, 2 * true)
+        second *= 3
+        assert torch.equal(first, 2 * true) and torch.equal(third, true)
+        (first + second + third).backward()
+    for record, grad in zip(q._first_uses(), want, strict=True):
+        torch.testing.assert_close(record.logit.grad, grad, rtol=1e-6, atol=0)

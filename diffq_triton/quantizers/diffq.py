@@ -193,7 +193,11 @@ class DiffQuantizer(BaseQuantizer):
         # A forward without gradients (torch.no_grad) leaves nothing to reuse: a size taken
         # from it would not train the logits.
         usable = size is not None and size.requires_grad
-        self._step_size = (size, token, _versions(logits)) if usable else None
+        # The size's own version too: a caller may write into the size model_size() handed
+        # out (penalty *= λ), which then no longer is this step's size.
+        self._step_size = ((size, token, _versions(logits), size._version) if usable
+                           else None)
+        self._step_size_handed = False
         return noisy
 
     def _params_changed(self) -> None:
@@ -209,10 +213,10 @@ class DiffQuantizer(BaseQuantizer):
         cached = getattr(self, "_step_size", None)
         if cached is None or _is_compiling():
             return None
-        size, token, versions = cached
+        size, token, versions, version = cached
         if logits is None:
             logits = [r.logit for r in self._first_uses()]
-        if token.used or versions != _versions(logits):
+        if token.used or size._version != version or versions != _versions(logits):
             self._step_size = None
             return None
         return size if torch.is_grad_enabled() else size.detach()
@@ -253,9 +257,13 @@ class DiffQuantizer(BaseQuantizer):
         logits = [r.logit for r in records]
         step = None if exact else self._size_of_this_step(logits)
         if step is not None:
-            # A copy: the caller may scale its size in place (penalty *= λ), and a second
-            # call in the same step must not see that.
-            return step.clone()
+            # The step's first call hands out the forward's tensor itself, later calls a copy:
+            # each caller may scale its size in place (penalty *= λ) without another seeing
+            # it (a write into the first is noticed by its version: then computed afresh).
+            if getattr(self, "_step_size_handed", False):
+                return step.clone()
+            self._step_size_handed = True
+            return step
         total = None
         if self._sharded:
             # Whole logits, gathered one tensor at a time (differentiable: each rank's shard
