@@ -325,7 +325,7 @@ def noise_backward_many(
     table: TensorTable,
     grads: list[torch.Tensor],
     grad_weights: list[torch.Tensor],
-    grad_logits: list[torch.Tensor],
+    grad_logits: list[torch.Tensor] | torch.Tensor,
     logits_dtype: torch.dtype,
     seed: torch.Tensor,
     stats: torch.Tensor,
@@ -342,7 +342,10 @@ def noise_backward_many(
     Args:
         table: the forward's table (:func:`table_for` with the same arguments).
         grads: ``T`` contiguous ``∂L/∂ŵ``, each of its weight's shape and dtype.
-        grad_weights, grad_logits: ``T`` contiguous outputs like the weights and the logits.
+        grad_weights, grad_logits: ``T`` contiguous outputs like the weights and the logits;
+            or ``grad_logits`` one contiguous ``[Σ n_groups]`` tensor of the logits' dtype,
+            every tensor's groups at its offset in the table's group order (it may be
+            ``extra`` itself: each entry is read, then written, by one program).
         logits_dtype: the logits' dtype.
         seed, stats: the forward's seed and statistics.
         min_bits, max_bits, param, noise: as in the forward.
@@ -356,7 +359,10 @@ def noise_backward_many(
     param_noise, gaussian = param == "noise", noise == "gaussian"
     gptr, g_aligned = pointer_table(grads, device)
     dwptr, dw_aligned = pointer_table(grad_weights, device)
-    dlptr, _ = pointer_table(grad_logits, device)
+    if isinstance(grad_logits, torch.Tensor):
+        dlptr = table.group_pointers(grad_logits)
+    else:
+        dlptr, _ = pointer_table(grad_logits, device)
     aligned = g_aligned and dw_aligned
     part = torch.empty(max(table.bwd_parts, 1), dtype=torch.float32, device=device)
     grid = (table.bwd_map.numel(),)

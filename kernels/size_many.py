@@ -33,6 +33,8 @@ BLOCK_FIN = 1024
 # A constexpr: a jitted function may read a global only as one (the interpreter lets a
 # plain float through, the compiler does not).
 LN2 = tl.constexpr(0.6931471805599453)
+# Bits to MB (1 MB = 2^23 bits, spec §3): a power of two, so scaling by it is exact.
+PER_MB = tl.constexpr(2.0**-23)
 
 
 
@@ -90,10 +92,13 @@ def size_many_fwd_kernel(
 
 @triton.jit
 def size_many_finalize_kernel(
-    p_rows, p_spans, p_part, p_out, n_tensors, min_bits, BLOCK: tl.constexpr,
+    p_rows, p_spans, p_part, p_out, n_tensors, min_bits, mb_plus,
+    IN_MB: tl.constexpr, BLOCK: tl.constexpr,
 ):
     """One program: tensor by tensor (``spans[t] = (first partial, count)``), the payload
-    in float64, the width field, then the total in bits to ``out[0]`` (float32)."""
+    in float64, the width field, then the total in bits to ``out[0]`` (float32); with
+    ``IN_MB``, in MB plus ``mb_plus``: ``bits·2^-23 + mb_plus`` in float32, the operations of
+    ``bits / 2^23 + mb_plus`` in torch (the product is exact: fused or not, one rounding)."""
     o_b = tl.arange(0, BLOCK)
     total = tl.zeros([1], tl.float64)
     for t in range(0, n_tensors):
@@ -112,20 +117,27 @@ def size_many_finalize_kernel(
         field = tl.ceil(tl.log2(1.0 + span))
         n_groups = tl.load(p_rows + t * C_NCOLS + C_N_GROUPS).to(tl.float64)
         total += tl.sum(b_pay, axis=0) + 72.0 + field.to(tl.float64) * n_groups
-    tl.store(p_out + tl.arange(0, 1), total.to(tl.float32))
+    size = total.to(tl.float32)
+    if IN_MB:
+        size = size * PER_MB + mb_plus
+    tl.store(p_out + tl.arange(0, 1), size)
 
 
 @triton.jit
 def size_many_bwd_kernel(
     p_rows, p_map, p_grad, p_dl, min_bits, max_bits, log_u_lo, log_u_hi,
     PARAM_NOISE: tl.constexpr, L_DTYPE: tl.constexpr, BLOCK: tl.constexpr,
+    IN_MB: tl.constexpr,
 ):
     """``∂L/∂l_s = grad·len(s)·db_s/dl_s`` for block ``j`` of tensor ``t``'s groups, into the
-    flat ``dl`` at the tensor's group offset."""
+    flat ``dl`` at the tensor's group offset; with ``IN_MB``, ``grad`` is ``∂L/∂MB`` and
+    becomes ``∂L/∂bits = grad·2^-23`` first (exact, as ``grad / 2^23``)."""
     t, j, row = program_piece(p_map, p_rows)
     o_s, m_s, b_l, b_len = _groups_block(row, j, L_DTYPE, BLOCK)
     _, b_db = _widths_and_slopes(b_l, min_bits, max_bits, log_u_lo, log_u_hi, PARAM_NOISE)
     grad = tl.load(p_grad).to(tl.float32)
+    if IN_MB:
+        grad = grad * PER_MB
     tl.store(p_dl + tl.load(row + C_L_OFF) + o_s, (grad * b_len * b_db).to(p_dl.dtype.element_ty),
              mask=m_s)
 
@@ -147,32 +159,37 @@ def _group_blocks(table: TensorTable) -> tuple[torch.Tensor, torch.Tensor]:
 
 
 def sizes_forward(table: TensorTable, logits_dtype: torch.dtype, extra_bits: float,
-                  min_bits: float, max_bits: float, param: str, exact: bool) -> torch.Tensor:
+                  min_bits: float, max_bits: float, param: str, exact: bool,
+                  mb_plus: float | None = None) -> torch.Tensor:
     """Total size in bits of the tensors of ``table`` (its logits), float32 ``[1]``
-    (2 launches)."""
+    (2 launches); with ``mb_plus``, in MB plus ``mb_plus``, 0-dim: the figure of
+    ``bits.reshape(()) / 2**23 + mb_plus``, bit for bit, without those 3 torch ops."""
     gmap, spans = _group_blocks(table)
     device = table.rows.device
     part = torch.empty((gmap.numel(), 3), dtype=torch.float32, device=device)
-    out = torch.empty(1, dtype=torch.float32, device=device)
+    out = torch.empty(1 if mb_plus is None else (), dtype=torch.float32, device=device)
     lo, hi = log_units(min_bits, max_bits)
     size_many_fwd_kernel[(gmap.numel(),)](
         table.rows, gmap, part, float(extra_bits), float(min_bits), float(max_bits), lo, hi,
         EXACT=exact, PARAM_NOISE=param == "noise", L_DTYPE=tl_dtype(logits_dtype), BLOCK=BLOCK,
     )
     size_many_finalize_kernel[(1,)](table.rows, spans, part, out, len(table), float(min_bits),
+                                    float(mb_plus or 0.0), IN_MB=mb_plus is not None,
                                     BLOCK=BLOCK_FIN)
     return out
 
 
 def sizes_backward(table: TensorTable, grad: torch.Tensor, logits_dtype: torch.dtype,
-                   min_bits: float, max_bits: float, param: str) -> torch.Tensor:
+                   min_bits: float, max_bits: float, param: str, in_mb: bool = False
+                   ) -> torch.Tensor:
     """``∂L/∂l`` of every group of every tensor, flat ``[Σ n_groups]`` (1 launch), from
-    ``grad = ∂L/∂size`` (a one-entry tensor)."""
+    ``grad = ∂L/∂size`` (a one-entry tensor; ``in_mb``: of the size in MB)."""
     gmap, _ = _group_blocks(table)
     dl = torch.empty(table.total_groups, dtype=logits_dtype, device=grad.device)
     lo, hi = log_units(min_bits, max_bits)
     size_many_bwd_kernel[(gmap.numel(),)](
         table.rows, gmap, grad, dl, float(min_bits), float(max_bits), lo, hi,
         PARAM_NOISE=param == "noise", L_DTYPE=tl_dtype(logits_dtype), BLOCK=BLOCK,
+        IN_MB=in_mb,
     )
     return dl

@@ -214,3 +214,52 @@ def test_pseudo_quantize_many_groups_dtypes_and_keeps_order():
         assert o.dtype == w.dtype and o.shape == w.shape
         assert not torch.equal(o, w) and (o.float() - w.float()).abs().max() < 0.1
         assert w.grad is not None and lg.grad is not None
+
+
+@pytest.mark.parametrize("group_size", [0, 8, 2000], ids=lambda g: f"g{g}")
+def test_logit_gradients_into_one_flat_buffer(group_size):
+    # The quantizer's step hands the kernels one [Σ n_groups] buffer (the size term's own,
+    # which the kernels then add to in place) instead of a tensor per logit: the same bits.
+    weights = _weights(torch.float32)
+    logits = _logits(weights, group_size)
+    _, stats, _ = _forward(weights, logits, group_size)
+    grads = [_randn(w.numel()) for w in weights]
+    table = noise_many.table_for(weights, logits, group_size, noise_many.BLOCKS)
+    n_groups = [lg.numel() for lg in logits]
+    extra = _randn(sum(n_groups))
+    for with_extra in (False, True):
+        by_list = [torch.full_like(lg, float("nan")) for lg in logits]
+        flat = extra.clone() if with_extra else torch.full_like(extra, float("nan"))
+        for grad_l in (by_list, flat):
+            grad_w = [torch.empty_like(g) for g in grads]
+            with poisoned_empty():
+                noise_many.noise_backward_many(table, grads, grad_w, grad_l, torch.float32,
+                                               _seed(123), stats, MIN_BITS, MAX_BITS, "bits",
+                                               "gaussian", extra=flat if with_extra else None)
+        for a, b in zip(by_list, flat.split(n_groups), strict=True):
+            assert torch.equal(a, b)
+
+
+def test_pointer_table_holds_the_pointers_and_their_alignment():
+    from diffq_triton.kernels.tensor_table import pointer_table
+
+    tensors = [torch.empty(n, device=DEVICE) for n in (3, 40, 7)]
+    table, aligned = pointer_table(tensors, DEVICE)
+    assert table.dtype == torch.int64 and table.tolist() == [t.data_ptr() for t in tensors]
+    assert aligned is all(t.data_ptr() % 16 == 0 for t in tensors)
+    unaligned = [tensors[1], torch.empty(9, device=DEVICE)[1:]]
+    table, aligned = pointer_table(unaligned, DEVICE)
+    assert table.tolist() == [t.data_ptr() for t in unaligned] and aligned is False
+    assert pointer_table([], DEVICE)[0].numel() == 0
+
+
+def test_group_pointers_are_those_of_the_pieces():
+    weights = _weights(torch.float32)
+    logits = _logits(weights, 8)
+    table = noise_many.table_for(weights, logits, 8, noise_many.BLOCKS)
+    for dtype in (torch.float32, torch.bfloat16):
+        flat = torch.empty(table.total_groups, dtype=dtype, device=DEVICE)
+        pieces = flat.split([lg.numel() for lg in logits])
+        assert table.group_pointers(flat).tolist() == [p.data_ptr() for p in pieces]
+    other = torch.empty(table.total_groups, device=DEVICE)  # another buffer, its own
+    assert table.group_pointers(other)[0].item() == other.data_ptr()

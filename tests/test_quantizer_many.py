@@ -303,3 +303,87 @@ def test_backward_after_the_logits_moved():
     got = [lg.grad for lg in logits] + [w.grad for w in weights]
     for a, b in zip(got, want, strict=True):
         assert torch.equal(a, b)
+
+
+def test_a_step_after_the_parameters_moved_reads_them_where_they_are():
+    # Tables are kept by the tensors' addresses: once the weights and logits move (a .to()
+    # round trip, load_state_dict into new storage), a step must not read the old storage
+    # (kept alive here, poisoned). The same seed then gives the same numbers.
+    torch.manual_seed(0)
+    model = mlp().to(DEVICE)
+    q = diffq_triton.DiffQuantizer(model, min_size=0, group_size=8)
+    q.no_optimizer()
+    x = torch.randn(4, 32, device=DEVICE)
+
+    def step():
+        model.zero_grad(set_to_none=True)
+        torch.manual_seed(1)
+        out = model(x)
+        size = q.model_size()
+        (out.pow(2).mean() + 1e-2 * size).backward()
+        return [out.detach(), size.detach()] + _grads(q)
+
+    with use_backend("triton"):
+        before = step()
+        model(x)  # a forward: its size serves model_size()...
+        assert q._size_of_this_step() is not None
+        old = [p.data for p in model.parameters()]
+        for p in model.parameters():
+            p.data = p.data.clone()
+        for data in old:
+            data.fill_(float("nan"))
+        assert q._size_of_this_step() is None  # ...until the logits move
+        after = step()
+    assert len(after) == len(before) == 2 + 2 * len(list(q._first_uses()))
+    for a, b in zip(before, after, strict=True):
+        assert torch.equal(a, b)
+
+
+@pytest.mark.parametrize("float16", [False, True], ids=["float32", "float16"])
+def test_size_from_the_noise_call_is_the_figure_of_the_size_kernels_bit_for_bit(float16):
+    # The noise call's kernel gives the size in MB, float parameters included, and takes
+    # ∂L/∂MB: the same bits as bits / 2^23 + floats and its backward in torch.
+    torch.manual_seed(0)
+    model = mlp().to(DEVICE)
+    q = diffq_triton.DiffQuantizer(model, min_size=0.001, float16=float16, group_size=8,
+                                   extra_bits=-0.4)  # the biases stay float: 10 + 64 entries
+    q.no_optimizer()
+    grads = []
+    with use_backend("triton"):
+        apart = q.model_size()  # no forward yet: the size kernels' own call
+        model(torch.randn(4, 32, device=DEVICE))
+        fused = q.model_size()
+        assert q._size_of_this_step() is not None  # from the forward's noise call
+        for size in (apart, fused):
+            (7.5 * size).backward()
+            grads.append([r.logit.grad.clone() for r in q._first_uses()])
+            model.zero_grad(set_to_none=True)
+    assert fused.shape == apart.shape == () and torch.equal(fused, apart)
+    for a, b in zip(*grads, strict=True):
+        assert torch.equal(a, b)
+
+
+def test_sizes_handed_out_in_one_step_stay_apart():
+    # The step's first model_size() is the forward's tensor, later ones copies: a caller
+    # scaling its size in place (penalty *= λ) changes no other, and a size asked for after
+    # such a write is computed afresh.
+    torch.manual_seed(0)
+    model = mlp().to(DEVICE)
+    q = diffq_triton.DiffQuantizer(model, min_size=0, group_size=8)
+    q.no_optimizer()
+    with use_backend("triton"):
+        true = q.model_size()  # apart, before the forward
+        (6 * true).backward()
+        want = [r.logit.grad.clone() for r in q._first_uses()]
+        model.zero_grad(set_to_none=True)
+        model(torch.randn(4, 32, device=DEVICE))
+        first, second = q.model_size(), q.model_size()
+        first *= 2
+        assert torch.equal(second, true)
+        third = q.model_size()
+        assert torch.equal(third, true) and torch.equal(first, 2 * true)
+        second *= 3
+        assert torch.equal(first, 2 * true) and torch.equal(third, true)
+        (first + second + third).backward()
+    for record, grad in zip(q._first_uses(), want, strict=True):
+        torch.testing.assert_close(record.logit.grad, grad, rtol=1e-6, atol=0)

@@ -407,3 +407,16 @@ def test_lsq_state_dicts_of_diffq_shape_load():
     for (name, a), b in zip(theirs.state_dict().items(), ours.state_dict().values(),
                             strict=True):
         assert torch.equal(a.reshape(b.shape), b), name
+
+
+def test_float_parameters_are_counted_again_when_their_lists_are_made_anew():
+    # model_size() counts the float parameters once per set of lists: rebind (after
+    # fully_shard) makes new lists, counted afresh; moving the parameters keeps sizes.
+    model = mlp()
+    q = diffq_triton.DiffQuantizer(model, min_size=0.001)  # the biases stay float
+    assert [name for name, _ in q._others] == ["0.bias", "2.bias"]
+    size = q.model_size().item()
+    model.to(torch.float64).to(torch.float32)
+    assert q.model_size().item() == size
+    q._others = q._others[:1]  # a new list, as rebind makes: without "2.bias" (10 entries)
+    assert q.model_size().item() == pytest.approx(size - 10 * 32 / 2**23, rel=1e-6)

@@ -17,10 +17,12 @@ semantics are those of :mod:`.reference` either way.
 
 from __future__ import annotations
 
+from operator import attrgetter
+
 import torch
 
 from . import custom_ops, dispatch
-from .noise_many import NoiseMany, SizeToken
+from .noise_many import NoiseMany, SizeToken, apply_noise_many
 from .size_many import SizeMany
 
 # Largest seed drawn; Philox and torch.Generator both take it.
@@ -95,6 +97,18 @@ def _launch_groups(weights: list[torch.Tensor], logits: list[torch.Tensor] | Non
         logit_dtype = None if logits is None else logits[t].dtype
         groups.setdefault((w.device, w.dtype, w.numel() > 0, logit_dtype), []).append(t)
     return groups
+
+
+_DEVICE, _DTYPE = attrgetter("device"), attrgetter("dtype")
+
+
+def _one_launch(weights: list[torch.Tensor], logits: list[torch.Tensor]) -> bool:
+    """Whether :func:`_launch_groups` would make one group of these (non-empty) weights:
+    one device, one dtype, no empty weight, one dtype of logits. C-level loops (map, set):
+    a whole model's call checks this every step."""
+    return (len(set(map(_DEVICE, weights))) == 1 and len(set(map(_DTYPE, weights))) == 1
+            and all(map(torch.Tensor.numel, weights))
+            and len(set(map(_DTYPE, logits))) == 1)
 
 
 def pseudo_quantize_many(
@@ -234,29 +248,36 @@ def pseudo_quantize_many_with_size(
     extra_bits: float,
     seed: torch.Tensor | None = None,
     streams: list[int] | None = None,
+    mb_plus: float | None = None,
 ) -> tuple[list[torch.Tensor], torch.Tensor | None, SizeToken | None]:
     """:func:`pseudo_quantize_many`, and the DiffQ size in bits of the same tensors from the
     same call when the kernels can give it (Triton backend, eager mode, one dtype of weights
     and float32 logits).
 
-    ``seed`` and ``streams`` are those of :func:`pseudo_quantize_many`.
+    ``seed`` and ``streams`` are those of :func:`pseudo_quantize_many`. The weights and
+    logits are a model's parameters (the quantizer's step): the autograd node is made
+    without torch's pass for functorch's dead wrappers (:func:`.noise_many.apply_noise_many`).
+
+    With ``mb_plus`` the size comes in MB (2^23 bits) plus ``mb_plus``: a 0-dim tensor, bit
+    for bit ``bits.reshape(()) / 2**23 + mb_plus``, which the kernel computes instead of 3
+    torch ops and their 3 backward nodes (host time per step).
 
     Returns:
-        ``(noisy weights, size, token)``: ``size`` a one-entry float32 tensor whose gradient
-        reaches the logits through the noise's backward (one gradient per logit per step),
-        ``token.used`` once that backward ran; ``(noisy weights, None, None)`` otherwise.
+        ``(noisy weights, size, token)``: ``size`` a one-entry float32 tensor (0-dim with
+        ``mb_plus``) whose gradient reaches the logits through the noise's backward (one
+        gradient per logit per step), ``token.used`` once that backward ran;
+        ``(noisy weights, None, None)`` otherwise.
     """
-    if (weights and not torch.compiler.is_compiling()
-            and len(_launch_groups(weights, logits)) == 1 and logits[0].dtype == torch.float32
-            and weights[0].numel() > 0 and _backend(weights[0]) == "triton"):
+    if (weights and not torch.compiler.is_compiling() and _one_launch(weights, logits)
+            and logits[0].dtype == torch.float32 and _backend(weights[0]) == "triton"):
         config = (int(group_size), float(min_bits), float(max_bits), param, noise)
         token = SizeToken()
         if seed is None:
             seed = torch.randint(0, _SEED_HIGH, (1,), dtype=torch.int64,
                                  device=weights[0].device)
         config = (*config, None if streams is None else [int(i) for i in streams])
-        *noisy, size = NoiseMany.apply(config, (float(extra_bits), token), seed, *weights,
-                                       *logits)
+        size_config = (float(extra_bits), token, None if mb_plus is None else float(mb_plus))
+        *noisy, size = apply_noise_many(config, size_config, seed, *weights, *logits)
         return noisy, size, token
     noisy = pseudo_quantize_many(weights, logits, group_size=group_size, min_bits=min_bits,
                                  max_bits=max_bits, param=param, noise=noise, seed=seed,

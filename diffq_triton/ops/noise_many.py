@@ -36,11 +36,12 @@ def _kernels_size():
 class NoiseMany(torch.autograd.Function):
     """Autograd of the Triton multi-tensor noise (eager mode: no custom-op dispatch).
 
-    Outputs the noisy weights and, when ``size_config = (extra_bits, token)`` is given, the
-    model size in bits of the same tensors (one-entry float32, 2 more launches): its
-    gradient is then added to the logits' gradients inside the noise backward, so each
-    logit receives one gradient per step instead of one from the noise and one from the
-    size (a tensor addition each on the host).
+    Outputs the noisy weights and, when ``size_config = (extra_bits, token, mb_plus)`` is
+    given, the model size of the same tensors (2 more launches): in bits (one-entry
+    float32), or with ``mb_plus`` not None in MB plus ``mb_plus`` (0-dim, the figure of
+    ``bits / 2^23 + mb_plus``). Its gradient is then added to the logits' gradients inside
+    the noise backward, so each logit receives one gradient per step instead of one from
+    the noise and one from the size (a tensor addition each on the host).
     """
 
     @staticmethod
@@ -73,7 +74,8 @@ class NoiseMany(torch.autograd.Function):
         if size_config is None:
             return tuple(outputs)
         size = _kernels_size().sizes_forward(ctx.table, logits[0].dtype, size_config[0],
-                                             min_bits, max_bits, param, exact=False)
+                                             min_bits, max_bits, param, exact=False,
+                                             mb_plus=size_config[2])
         return (*outputs, size)
 
     @staticmethod
@@ -99,8 +101,26 @@ class NoiseMany(torch.autograd.Function):
             if grads[count] is not None:  # ∂L/∂l of the size term, every group of every tensor
                 extra = _kernels_size().sizes_backward(table, grads[count].contiguous(),
                                                        logits[0].dtype, min_bits, max_bits,
-                                                       param)
+                                                       param,
+                                                       in_mb=ctx.size_config[2] is not None)
         grads = grads[:count]
+        if all(g is not None for g in grads):  # every weight reached: the usual step
+            some_grads = [g.contiguous() for g in grads]
+            dws = [torch.empty_like(g) for g in some_grads]
+            # Every logit's gradient in one flat buffer, in the table's group order: the
+            # size term's own when there is one (the kernels add the noise term in place,
+            # each entry read then written by the same program), else a fresh one. Its
+            # pieces are the gradients: one call instead of one allocation per tensor
+            # (host time per step; unsafe_split: no view bookkeeping, the pieces are only
+            # handed to autograd).
+            flat = extra if extra is not None else torch.empty(
+                table.total_groups, dtype=logits[0].dtype, device=logits[0].device)
+            dls = flat.unsafe_split_with_sizes(table.n_groups)
+            if set(map(torch.Tensor.dim, logits)) != {1}:  # logits of another shape
+                dls = [piece.view(lg.shape) for piece, lg in zip(dls, logits, strict=True)]
+            kernels.noise_backward_many(table, some_grads, dws, flat, logits[0].dtype, seed,
+                                        stats, min_bits, max_bits, param, noise, extra=extra)
+            return (None, None, None, *dws, *dls)
         present = [t for t, g in enumerate(grads) if g is not None]
         grad_w: list[torch.Tensor | None] = [None] * count
         grad_l: list[torch.Tensor | None] = [None] * count
@@ -108,22 +128,36 @@ class NoiseMany(torch.autograd.Function):
             sizes = list(extra.split([lg.numel() for lg in logits]))
             grad_l = [part.view(lg.shape) for part, lg in zip(sizes, logits, strict=True)]
         if present:
-            every = len(present) == count
-            table = table if every else kernels.table_for(
+            # A subset (some weight got no gradient): a table of its own, whose group
+            # order differs from the size term's, added here.
+            table = kernels.table_for(
                 [weights[t] for t in present], [logits[t] for t in present], group_size,
                 kernels.BLOCKS, present if streams is None else [streams[t] for t in present])
             some_grads = [grads[t].contiguous() for t in present]
             dws = [torch.empty_like(g) for g in some_grads]
             dls = [torch.empty_like(logits[t]) for t in present]
             kernels.noise_backward_many(table, some_grads, dws, dls, logits[0].dtype, seed,
-                                        stats if every else stats[present], min_bits,
-                                        max_bits, param, noise,
-                                        extra=extra if every else None)
+                                        stats[present], min_bits, max_bits, param, noise)
             for t, dw, dl in zip(present, dws, dls, strict=True):
                 grad_w[t] = dw
-                # The subset's table has its own group order: its size term is added here.
-                grad_l[t] = dl if every or extra is None else dl + grad_l[t]
+                grad_l[t] = dl if extra is None else dl + grad_l[t]
         return (None,  # config: Python values
                 None,  # size_config: Python values
                 None,  # seed: integer
                 *grad_w, *grad_l)
+
+
+# torch's Function.apply first hands every argument to functorch's unwrap_dead_wrappers (a
+# Python pass over the 2T + 3 arguments: ~30 µs for a 62-tensor model, every step), which
+# swaps in the tensor under a wrapper that a finished functorch transform left behind.
+# The whole-model call passes the model's parameters and a seed drawn for it, never such
+# wrappers: outside functorch transforms it calls the C++ apply directly, as
+# Function.apply does after that pass; under a transform, torch's own path.
+_C_APPLY = super(torch.autograd.Function, NoiseMany).apply
+
+
+def apply_noise_many(*args: object) -> tuple:
+    """``NoiseMany.apply(*args)`` for arguments that hold no functorch wrapper."""
+    if torch._C._are_functorch_transforms_active():
+        return NoiseMany.apply(*args)
+    return _C_APPLY(*args)

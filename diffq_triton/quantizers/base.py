@@ -15,6 +15,7 @@ from collections.abc import Iterator, Sequence
 from contextlib import contextmanager
 from dataclasses import dataclass, field
 from fnmatch import fnmatch
+from operator import itemgetter
 
 import torch
 from torch import nn
@@ -130,6 +131,9 @@ class BaseQuantizer(WeightSwap, QuantizerState, Materialise):
         # every entry point that reads the records refuses until reset_parameters()
         # (materialise.py).
         self._meta_pending = any(p.is_meta for p in self._recorded_params())
+        # The records that own a parameter's state, in order (the list never changes; a
+        # record's tensors may be replaced, by rebind, but not the record).
+        self._firsts = [qp for qp in self._qparams if qp.first is None]
         module_names = {id(m): n for n, m in model.named_modules()}
         self._swap_check = SwapCheck(
             [(module_names.get(id(r.module), ""), r.module, r.name) for r in self._qparams],
@@ -183,7 +187,7 @@ class BaseQuantizer(WeightSwap, QuantizerState, Materialise):
         # Sizes, saving or an optimizer asked for after fully_shard, before any forward:
         # the records follow the sharded parameters first.
         self._follow_sharding()
-        return (qp for qp in self._qparams if qp.first is None)
+        return iter(self._firsts)
 
     def __repr__(self) -> str:
         args = ", ".join(f"{k}={v!r}" for k, v in self._kwargs.items())
@@ -368,8 +372,20 @@ class BaseQuantizer(WeightSwap, QuantizerState, Materialise):
 
     # ----------------------------------------------------------------- sizes
     def _float_size_bits(self) -> float:
-        bits = sum(16 * p.numel() for _, p in self._float16)
-        return bits + sum(32 * p.numel() for _, p in self._others)
+        """Bits of the parameters kept in float: 16 or 32 per entry.
+
+        Counted once per set of lists (made at construction, made anew by rebind after
+        fully_shard; moving the parameters keeps their sizes): model_size() adds this every
+        step, and reading ~100 parameters that the step does not touch otherwise costs
+        more there than the multi-tensor call's own checks."""
+        lists = (self._float16, self._others)
+        cached = getattr(self, "_float_bits", None)
+        if cached is None or cached[0][0] is not lists[0] or cached[0][1] is not lists[1]:
+            entries = [sum(map(torch.Tensor.numel, map(itemgetter(1), params)))
+                       for params in lists]
+            # The lists are held: a list made later cannot take the address of one counted.
+            cached = self._float_bits = (lists, 16 * entries[0] + 32 * entries[1])
+        return cached[1]
 
     def model_size(self) -> torch.Tensor:
         """Size of the quantized model in MB (2^23 bits), as a 0-dim float32 tensor."""

@@ -3,6 +3,7 @@
 from __future__ import annotations
 
 from collections.abc import Sequence
+from operator import attrgetter
 
 import torch
 from torch import nn
@@ -14,6 +15,14 @@ from ..serialization.tensor_record import QuantizedTensor, quantize_minmax
 from . import sharding
 from .base import MEGABYTE_BITS, BaseQuantizer, QuantizedParam, _is_compiling
 from .budget import SizeBudget
+
+_VERSION, _DATA_PTR = attrgetter("_version"), torch.Tensor.data_ptr
+
+
+def _versions(logits: list[torch.Tensor]) -> tuple:
+    """What tells that logits changed: their version counters (an in-place write) and
+    their data pointers (a new tensor). C-level loops: computed twice per step."""
+    return tuple(map(_VERSION, logits)), tuple(map(_DATA_PTR, logits))
 
 
 @register_quantizer
@@ -187,30 +196,35 @@ class DiffQuantizer(BaseQuantizer):
         # The same call gives the model size, whose gradient then joins the logits' in the
         # noise's backward: model_size() returns it while the logits are unchanged.
         noisy, size, token = ops.pseudo_quantize_many_with_size(
-            weights, logits, extra_bits=self.extra_bits, **kwargs)
+            weights, logits, extra_bits=self.extra_bits,
+            mb_plus=self._float_size_bits() / MEGABYTE_BITS, **kwargs)
         # A forward without gradients (torch.no_grad) leaves nothing to reuse: a size taken
         # from it would not train the logits.
         usable = size is not None and size.requires_grad
-        self._step_size = (size, token, self._logit_versions()) if usable else None
+        # The size's own version too: a caller may write into the size model_size() handed
+        # out (penalty *= λ), which then no longer is this step's size.
+        self._step_size = ((size, token, _versions(logits), size._version) if usable
+                           else None)
+        self._step_size_handed = False
         return noisy
-
-    def _logit_versions(self) -> tuple:
-        return tuple((record.logit._version, record.logit.data_ptr())
-                     for record in self._first_uses())
 
     def _params_changed(self) -> None:
         super()._params_changed()
         self._step_size = None
 
-    def _size_of_this_step(self) -> torch.Tensor | None:
-        """The size the last training forward computed, if it still holds: no optimizer step
-        and no in-place change of the logits since, and its graph not yet used by a
-        backward."""
+    def _size_of_this_step(self, logits: list[torch.Tensor] | None = None
+                           ) -> torch.Tensor | None:
+        """The size the last training forward computed (in MB, the float parameters
+        included: what :meth:`model_size` returns), if it still holds: no optimizer step
+        and no in-place change of the logits (``logits``: every first use's, when the
+        caller has them) since, and its graph not yet used by a backward."""
         cached = getattr(self, "_step_size", None)
         if cached is None or _is_compiling():
             return None
-        size, token, versions = cached
-        if token.used or versions != self._logit_versions():
+        size, token, versions, version = cached
+        if logits is None:
+            logits = [r.logit for r in self._first_uses()]
+        if token.used or size._version != version or versions != _versions(logits):
             self._step_size = None
             return None
         return size if torch.is_grad_enabled() else size.detach()
@@ -248,13 +262,22 @@ class DiffQuantizer(BaseQuantizer):
             return super().model_size()
         # All tensors at once: a fixed number of small ops whatever their number (host time
         # per step), on the logits' device (a Python float joins without a copy).
-        total = None if exact else self._size_of_this_step()
         logits = [r.logit for r in records]
+        step = None if exact else self._size_of_this_step(logits)
+        if step is not None:
+            # The step's first call hands out the forward's tensor itself, later calls a copy:
+            # each caller may scale its size in place (penalty *= λ) without another seeing
+            # it (a write into the first is noticed by its version: then computed afresh).
+            if getattr(self, "_step_size_handed", False):
+                return step.clone()
+            self._step_size_handed = True
+            return step
+        total = None
         if self._sharded:
             # Whole logits, gathered one tensor at a time (differentiable: each rank's shard
             # gets its part of the gradient); the same figure on every rank.
             logits = [sharding.full(lg) for lg in logits]
-        elif total is None and type(self).get_bits is DiffQuantizer.get_bits:
+        elif type(self).get_bits is DiffQuantizer.get_bits:
             # The kernels know these widths.
             total = ops.diffq_size_bits(
                 [r.param for r in records], logits,
