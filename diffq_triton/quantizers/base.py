@@ -122,14 +122,12 @@ class BaseQuantizer(WeightSwap, QuantizerState, Materialise):
         self._sharded = False
         self._root_grad = True
         self._seed: torch.Tensor | None = None
-        self._meta_pending = False
         # Reset after a creation on the meta device: the optimizer comes after, as under
         # fully_shard (it may hold the quantizer's parameters: setup_optimizer moves them).
         self._materialised = False
         self._find_params()
         # Built on the meta device (to be materialised by to_empty(), as torchtitan does):
-        # every entry point that reads the records refuses until reset_parameters()
-        # (materialise.py).
+        # entry points that read the records refuse until reset_parameters() (materialise.py).
         self._meta_pending = any(p.is_meta for p in self._recorded_params())
         # The records that own a parameter's state, in order (the list never changes; a
         # record's tensors may be replaced, by rebind, but not the record).
@@ -372,12 +370,9 @@ class BaseQuantizer(WeightSwap, QuantizerState, Materialise):
 
     # ----------------------------------------------------------------- sizes
     def _float_size_bits(self) -> float:
-        """Bits of the parameters kept in float: 16 or 32 per entry.
-
-        Counted once per set of lists (made at construction, made anew by rebind after
-        fully_shard; moving the parameters keeps their sizes): model_size() adds this every
-        step, and reading ~100 parameters that the step does not touch otherwise costs
-        more there than the multi-tensor call's own checks."""
+        """Bits of the parameters kept in float: 16 or 32 per entry, counted once per set of
+        lists (new lists after a rebind; moves keep sizes): model_size() adds this every
+        step, and reading ~100 parameters the step does not touch otherwise costs more."""
         lists = (self._float16, self._others)
         cached = getattr(self, "_float_bits", None)
         if cached is None or cached[0][0] is not lists[0] or cached[0][1] is not lists[1]:
