@@ -161,10 +161,12 @@ else:
 
 
 def _prune_gemm_configs(configs, named_args, **kwargs):
-    # A float32 dot holds twice the operand registers: its 128-row blocks spilled on sm_80
-    # (the GPU report), so float32 inputs keep blocks of at most 64 rows.
+    # A float32 dot holds twice the operand registers: 128-row blocks spilled on sm_80, and
+    # 64-row blocks with 4 warps on sm_80/sm_90 at g = 1 and one group (the GPU report).
     if kwargs.get("DOT_F32", named_args.get("DOT_F32")):
-        configs = [c for c in configs if c.kwargs["BM"] <= 64] or configs[:1]
+        configs = [c for c in configs
+                   if c.kwargs["BM"] <= 32 or (c.kwargs["BM"] <= 64 and c.num_warps >= 8)]
+        configs = configs or _GEMM_CONFIGS[:1]
     return configs
 
 
