@@ -382,3 +382,16 @@ def test_bits_per_weight_counts_model_parameters_only(tiny_demo):
     assert {r.params for r in results} == {results[0].params}
     for r in results:
         assert r.bits_per_weight == pytest.approx(r.size_mb * 2**23 / r.params)
+
+
+def test_packed_check_verdicts():
+    # CPU: identical; CUDA's fused packed kernels: within float32 rounding; else DIFFERENT.
+    from diffq_triton.demo.packed_check import PackedCheck, describe
+
+    def check(packed_ppl):
+        return PackedCheck("DiffQ", 0.1, 0.1, 0, packed_ppl, 9.5)
+
+    assert check(9.5).verdict == "identical"
+    assert check(9.5 * (1 + 3e-6)).verdict == "within float32 rounding"
+    assert check(9.6).verdict == "DIFFERENT"
+    assert describe(check(9.6)).endswith("(DIFFERENT)")
