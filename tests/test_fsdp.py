@@ -190,6 +190,11 @@ def _scenarios(rank: int, out: Path) -> dict:
     diffq_triton.save_quantized(q, out / "sharded.safetensors")
     result["state"] = q.get_quantized_state()
     result["wrote"] = (out / "sharded.safetensors").exists()
+    # Rank 0 cannot write (no such directory): every rank raises, none goes on.
+    try:
+        diffq_triton.save_quantized(q, out / "missing" / "sharded.safetensors")
+    except (OSError, RuntimeError) as exc:
+        result["failed_save"] = f"{type(exc).__name__}: {exc}"
 
     # --- Mixed precision: bf16 parameters in the forward, float32 shards and logits.
     model, q = _build()
@@ -521,6 +526,13 @@ def test_mixed_precision_trains_with_noise(ranks):
         assert deviation.abs().max() > 0
         assert all(torch.isfinite(torch.tensor(s["size"])) for s in result["mp_log"])
     assert results[0]["mp_log"][-1]["size"] == results[1]["mp_log"][-1]["size"]
+
+
+def test_a_failed_write_raises_on_every_rank(ranks):
+    results, _ = ranks
+    assert results[0]["failed_save"].startswith(("FileNotFoundError", "OSError"))
+    assert results[1]["failed_save"].startswith("RuntimeError: save_quantized: rank 0 failed")
+    assert "FileNotFoundError" in results[1]["failed_save"]
 
 
 def test_wrong_orders_are_refused(ranks):

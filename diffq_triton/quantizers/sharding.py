@@ -178,3 +178,16 @@ def check_optimizer(quantizer: BaseQuantizer, optimizer: torch.optim.Optimizer) 
 def is_writer() -> bool:
     """Whether this process writes files: rank 0, or the only process."""
     return not (dist.is_available() and dist.is_initialized()) or dist.get_rank() == 0
+
+
+def share_write_outcome(error: BaseException | None) -> None:
+    """After rank 0's write of a sharded model's file: every rank learns its outcome (one
+    broadcast, called by every rank; rank 0 passes its exception or None). A rank other
+    than 0 raises ``RuntimeError`` when rank 0's write failed, so no rank goes on as if
+    the file existed."""
+    if not (dist.is_available() and dist.is_initialized()):
+        return
+    outcome = [None if error is None else f"{type(error).__name__}: {error}"]
+    dist.broadcast_object_list(outcome, src=0)
+    if outcome[0] is not None and error is None:
+        raise RuntimeError(f"save_quantized: rank 0 failed to write the file: {outcome[0]}")

@@ -110,6 +110,11 @@ class WeightSwap:
         """Whether save_quantized writes here: on a sharded model rank 0 only."""
         return not self._sharded or sharding.is_writer()
 
+    def _share_write_outcome(self, error: BaseException | None) -> None:
+        """Every rank of a sharded model learns whether rank 0 wrote the file (a collective:
+        :func:`sharding.share_write_outcome`)."""
+        sharding.share_write_outcome(error)
+
     def _forward_done(self, module: nn.Module, inputs: object, output: object) -> None:
         # Called only when a forward returned (not always_call): a forward that raised
         # leaves the check on, so that a retry is checked again.

@@ -51,7 +51,8 @@ def save_quantized(quantizer, path: str | os.PathLike | BinaryIO) -> None:
         quantizer: a :class:`DiffQuantizer`, :class:`UniformQuantizer` or :class:`LSQ`
             (anything with ``export_quantized()`` and ``export_float()``). On a model sharded
             by ``fully_shard`` every rank must call it (each tensor is gathered in turn);
-            rank 0 writes the file.
+            rank 0 writes the file, then every rank learns whether it could (the other
+            ranks raise ``RuntimeError`` when it could not).
         path: file name, or a writable binary file object.
     """
     # Torch on one thread inside, the codec on the cpu_pool threads: torch's OpenMP threads, still
@@ -60,9 +61,26 @@ def save_quantized(quantizer, path: str | os.PathLike | BinaryIO) -> None:
     model = getattr(quantizer, "model", None)
     with cpu_threads():
         quantized, floats = quantizer.export_quantized(), quantizer.export_float()
-        # A sharded model: every rank took part in gathering the tensors; rank 0 writes.
-        if not getattr(quantizer, "_writes_files", True):
-            return
+    # A sharded model: every rank took part in gathering the tensors; rank 0 writes, then
+    # tells every rank whether it could (so that none goes on without the file).
+    share = getattr(quantizer, "_share_write_outcome", None)
+    if share is None or not getattr(quantizer, "_sharded", False):
+        _write(model, quantized, floats, path)
+        return
+    if not quantizer._writes_files:
+        share(None)  # raises if rank 0's write failed
+        return
+    try:
+        _write(model, quantized, floats, path)
+    except BaseException as exc:
+        share(exc)
+        raise
+    share(None)
+
+
+def _write(model: nn.Module | None, quantized: list, floats: list,
+           path: str | os.PathLike | BinaryIO) -> None:
+    with cpu_threads():
         entries, meta = _encode(quantized, floats, _other_names(model), _buffers_to_save(model))
     chunks = container.chunks(entries, {
         "format": FORMAT, META_KEY: meta, "crc32": str(zlib.crc32(meta.encode())),
