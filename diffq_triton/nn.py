@@ -58,12 +58,43 @@ class _DiffQWeight:
 
     def _init_logits(self, config: DiffQConfig) -> None:
         self.config = config
-        t = reference.initial_fraction(config.init_bits, config.min_bits, config.max_bits,
-                                       config.param)
         n = reference.num_groups(self.weight.numel(), config.group_size)
-        logit = torch.logit(torch.tensor(float(t))).item()
-        self.weight_diffq = nn.Parameter(torch.full((n,), logit, device=self.weight.device))
+        self.weight_diffq = nn.Parameter(torch.full((n,), self._initial_logit(),
+                                                    device=self.weight.device))
         self._eval_cache: tuple | None = None
+        # Made on the meta device: once to_empty() gives the logits memory, they hold
+        # garbage until reset_parameters() (or a state dict holding them) sets them.
+        self._logits_pending = self.weight.is_meta
+
+    def _initial_logit(self) -> float:
+        c = self.config
+        t = reference.initial_fraction(c.init_bits, c.min_bits, c.max_bits, c.param)
+        # On the CPU whatever the default device (a layer built under torch.device("meta")).
+        return torch.logit(torch.tensor(float(t), device="cpu")).item()
+
+    def reset_parameters(self) -> None:
+        """The float layer's initialisation, then the logits' (at ``config.init_bits``):
+        what a model built on the ``meta`` device calls after ``to_empty()``."""
+        super().reset_parameters()
+        logits = self.__dict__.get("_parameters", {}).get("weight_diffq")
+        if logits is not None:  # None while the float layer's __init__ runs
+            with torch.no_grad():
+                logits.fill_(self._initial_logit())
+            self._logits_pending = False
+            self._eval_cache = None
+
+    def _load_from_state_dict(self, state_dict, prefix, *args, **kwargs) -> None:
+        super()._load_from_state_dict(state_dict, prefix, *args, **kwargs)
+        if prefix + "weight_diffq" in state_dict:
+            self._logits_pending = False
+            self._eval_cache = None
+
+    def _check_logits(self) -> None:
+        if self._logits_pending and not self.weight_diffq.is_meta:
+            raise validation.UsageError(
+                f"{type(self).__name__}: built on the meta device, its bit logits were given "
+                "memory (to_empty) but never set: call reset_parameters() on the layer (or "
+                "load a state dict holding weight_diffq) before using it")
 
     def bits(self) -> torch.Tensor:
         """Current widths ``[n_groups]`` (float, differentiable)."""
@@ -80,6 +111,7 @@ class _DiffQWeight:
     def effective_weight(self) -> torch.Tensor:
         """Noisy weight in training, quantized weight (cached) in eval."""
         c = self.config
+        self._check_logits()
         if self.training:
             return ops.pseudo_quantize(
                 self.weight, self.weight_diffq, group_size=c.group_size, min_bits=c.min_bits,
@@ -100,6 +132,7 @@ class _DiffQWeight:
 
         On a layer sharded by ``fully_shard`` the logits are gathered first (a collective,
         differentiable): every rank gets the whole layer's size."""
+        self._check_logits()
         logits = self.weight_diffq
         if hasattr(logits, "full_tensor"):  # a DTensor shard
             logits = logits.full_tensor()

@@ -92,3 +92,46 @@ def test_bad_config_names_argument():
         qnn.DiffQConfig(min_bits=4, init_bits=3)
     with pytest.raises(ValueError, match="noise"):
         qnn.DiffQConfig(noise="pink")
+
+
+def _meta_layers() -> nn.Module:
+    return nn.Sequential(qnn.DiffQEmbedding(20, 12), qnn.DiffQLinear(12, 16),
+                         qnn.DiffQConv1d(16, 8, 3), qnn.DiffQConv2d(8, 4, 1))
+
+
+def test_layers_built_on_meta_refuse_until_their_logits_are_set():
+    # Built on the meta device then given memory by to_empty(): the logits hold garbage
+    # until reset_parameters() (or a state dict) sets them; every use refuses until then.
+    with torch.device("meta"):
+        model = _meta_layers()
+    model.to_empty(device="cpu")
+    for layer in model:
+        with pytest.raises(diffq_triton.validation.UsageError, match="reset_parameters"):
+            layer.size_bits()
+        layer.eval()
+        with pytest.raises(diffq_triton.validation.UsageError, match="meta device"):
+            layer.effective_weight()
+    for layer in model:
+        layer.reset_parameters()
+    torch.manual_seed(0)
+    reference_model = _meta_layers()
+    for (name, got), (_, want) in zip(model.named_parameters(),
+                                      reference_model.named_parameters(), strict=True):
+        if name.endswith("_diffq"):
+            assert torch.equal(got, want), name
+    assert torch.equal(qnn.model_size(model), qnn.model_size(reference_model))
+
+
+def test_layers_built_on_meta_take_their_logits_from_a_state_dict():
+    torch.manual_seed(0)
+    trained = _meta_layers()
+    with torch.no_grad():
+        for p in trained.parameters():
+            p.add_(0.25)
+    with torch.device("meta"):
+        model = _meta_layers()
+    model.to_empty(device="cpu")
+    model.load_state_dict(trained.state_dict())
+    model.eval(), trained.eval()
+    ids = torch.tensor([[1, 5, 7]])
+    assert torch.equal(model[1](model[0](ids)), trained[1](trained[0](ids)))
